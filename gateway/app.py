@@ -1,0 +1,215 @@
+"""The data plane: one pure ASGI callable, built once, that proxies every request.
+
+A request's life, in Pingora's phases: match the route, build the upstream request
+(headers, body, deadline), run the route's handler chain, stream the response back,
+and in every case end in one place that records what happened. Gateway errors become
+problem+json in one place (`send_problem`); nothing else ever reaches the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from gateway.errors import (
+    BodyTooLarge,
+    GatewayError,
+    InternalError,
+    RequestTimeout,
+    ShuttingDown,
+)
+from gateway.pipeline import Deadline, GatewayRequest, GatewayResponse
+from gateway.proxy import (
+    REPLAY_LIMIT,
+    BodyReader,
+    IncomingHeaders,
+    add_forwarded,
+    parse_incoming,
+    send_problem,
+    send_response,
+)
+from gateway.routing import normalize_path
+from gateway.runtime import ProxyRoute, Runtime
+from gateway.types import Receive, Scope, Send
+
+__all__ = ["DataPlane", "Exchange", "GatewayState"]
+
+log = logging.getLogger("gateway.app")
+
+
+class GatewayState:
+    """The one mutable reference a reload swaps, plus the drain flag."""
+
+    def __init__(self, runtime: Runtime | None = None) -> None:
+        self.runtime = runtime
+        self.draining = False
+
+    def __repr__(self) -> str:
+        return f"GatewayState(runtime={self.runtime!r}, draining={self.draining})"
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What happened to one request; filled as it goes, read once at the end."""
+
+    started: float
+    method: str
+    path: str
+    request_id: str
+    route: str | None = None
+    upstream: str | None = None
+    target: str | None = None
+    status: int = 0
+    bytes_out: int = 0
+    error: str | None = None
+    response_started: bool = False
+
+
+class DataPlane:
+    def __init__(self, state: GatewayState) -> None:
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+        elif scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        runtime = self.state.runtime
+        incoming = parse_incoming(scope["headers"])
+        raw_path = scope.get("raw_path")
+        path = raw_path.decode("latin-1") if raw_path else scope["path"]
+        exchange = Exchange(time.monotonic(), scope["method"], path, incoming.request_id)
+        try:
+            if self.state.draining or runtime is None:
+                raise ShuttingDown("the gateway is draining; retry on another instance")
+            path = normalize_path(path)
+            match = runtime.router.match(incoming.host, scope["method"], path)
+            route = match.route
+            exchange.route = route.name
+            exchange.upstream = route.upstream
+            if route.rewrite is not None:
+                path = route.rewrite.fill(match.params)
+            await self._proxy(route, path, scope, receive, send, incoming, exchange)
+        except GatewayError as exc:
+            await self._fail(send, exc, exchange)
+        except Exception as exc:  # a bug: log it whole, tell the client nothing about it
+            log.exception("unexpected error serving %s %s", exchange.method, exchange.path)
+            await self._fail(send, InternalError("unexpected gateway error"), exchange)
+            del exc
+
+    async def _fail(self, send: Send, error: GatewayError, exchange: Exchange) -> None:
+        exchange.error = error.code
+        if exchange.response_started:
+            return  # too late for an error document: ending early aborts the connection
+        if error.route is None:
+            error.route = exchange.route
+        if error.upstream is None and error.code.startswith("upstream"):
+            error.upstream = exchange.upstream
+        exchange.status = error.status
+        exchange.response_started = True
+        exchange.bytes_out = await send_problem(send, error, exchange.request_id)
+
+    async def _proxy(
+        self,
+        route: ProxyRoute,
+        path: str,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        incoming: IncomingHeaders,
+        exchange: Exchange,
+    ) -> None:
+        length = incoming.content_length
+        if length is not None and length > route.max_body_size:
+            raise BodyTooLarge(
+                f"Content-Length {length} exceeds max_body_size ({route.max_body_size} bytes)"
+            )
+        timeout = route.timeout
+        if incoming.timeout_ms is not None:
+            timeout = min(timeout, incoming.timeout_ms / 1000)
+        deadline = Deadline.after(timeout)
+        add_forwarded(incoming, scope, route.trusted_proxies)
+        reader = BodyReader(receive, route.max_body_size)
+        request = GatewayRequest(
+            method=scope["method"],
+            path=path,
+            query=scope.get("query_string", b""),
+            headers=incoming.upstream,
+            deadline=deadline,
+            request_id=incoming.request_id,
+            route=route.name,
+            host=incoming.host if route.preserve_host else None,
+        )
+        if (length or 0) > 0 or incoming.chunked:
+            if length is not None and length <= REPLAY_LIMIT:
+                try:
+                    async with asyncio.timeout(max(deadline.remaining(), 0)):
+                        request.body = await reader.read_all()
+                except TimeoutError:
+                    raise RequestTimeout(
+                        "the request body did not arrive within the deadline"
+                    ) from None
+            else:
+                request.stream = reader.stream()
+        else:
+            reader.done = True
+
+        task = asyncio.current_task()
+        assert task is not None
+        watcher = asyncio.create_task(reader.watch_disconnect(task))
+        response: GatewayResponse | None = None
+        try:
+            try:
+                response = await route.handler(request)
+            except GatewayError:
+                if reader.too_large:
+                    raise BodyTooLarge(
+                        f"the request body exceeds max_body_size ({route.max_body_size} bytes)"
+                    ) from None
+                raise
+            exchange.target = response.target
+            exchange.status = response.status
+            exchange.response_started = True
+            await self._stream(send, response, reader, exchange)
+        except asyncio.CancelledError:
+            if watcher.done() and not watcher.cancelled() and task.cancelling():
+                task.uncancel()  # the client went away: nothing more to do for it
+                exchange.error = "client_disconnected"
+                return
+            raise
+        finally:
+            watcher.cancel()
+            if response is not None:
+                await response.close()
+
+    async def _stream(
+        self, send: Send, response: GatewayResponse, reader: BodyReader, exchange: Exchange
+    ) -> None:
+        rid = exchange.request_id.encode("ascii")
+        try:
+            exchange.bytes_out = await send_response(send, response, rid, reader)
+        except GatewayError as exc:
+            # The upstream failed mid-body: the status line is gone, so the only honest
+            # signal left is to end the connection without completing the response.
+            exchange.error = exc.code
+            log.warning(
+                "upstream body failed after the response started: %s",
+                exc.detail,
+                extra={"request_id": exchange.request_id, "route": exchange.route},
+            )
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

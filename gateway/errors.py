@@ -1,0 +1,204 @@
+"""The gateway's own errors, and the one place where they become problem+json responses.
+
+    GatewayError                      (status, code)
+    ├── BadRequest                    400 bad_request
+    ├── Unauthorized                  401 unauthorized
+    ├── RouteNotFound                 404 route_not_found
+    ├── MethodNotAllowed              405 method_not_allowed
+    ├── RequestTimeout                408 request_timeout
+    ├── BodyTooLarge                  413 body_too_large
+    ├── RateLimited                   429 rate_limited
+    ├── InternalError                 500 internal_error
+    ├── UpstreamError
+    │   ├── UpstreamUnavailable       502 upstream_unavailable   (refused, reset, bad HTTP)
+    │   ├── UpstreamTimeout           504 upstream_timeout       (the deadline passed)
+    │   ├── UpstreamSaturated         503 upstream_saturated     (queue full / queue_timeout)
+    │   └── UpstreamUnhealthy         503 upstream_unhealthy     (circuit open / no healthy target)
+    └── ShuttingDown                  503 shutting_down
+
+Foreign exceptions (httpx's) are translated at the boundary by `map_httpx_errors`, which
+also records the retry-relevant `outcome` of the failure (`connect_error`, `timeout`,
+`reset`), as Pingora's errors carry their retry decision.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import ClassVar
+
+import httpx
+
+__all__ = [
+    "BadRequest",
+    "BodyTooLarge",
+    "GatewayError",
+    "InternalError",
+    "MethodNotAllowed",
+    "RateLimited",
+    "RequestTimeout",
+    "RouteNotFound",
+    "ShuttingDown",
+    "Unauthorized",
+    "UpstreamError",
+    "UpstreamSaturated",
+    "UpstreamTimeout",
+    "UpstreamUnavailable",
+    "UpstreamUnhealthy",
+    "map_httpx_errors",
+    "problem_body",
+]
+
+PROBLEM_TYPE = "https://gateway.dev/problems/"
+Headers = list[tuple[bytes, bytes]]
+
+
+class GatewayError(Exception):
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+    title: ClassVar[str] = "Internal gateway error"
+
+    def __init__(
+        self,
+        detail: str = "",
+        *,
+        route: str | None = None,
+        upstream: str | None = None,
+        headers: Headers | None = None,
+    ) -> None:
+        super().__init__(detail or self.title)
+        self.detail = detail or self.title
+        self.route = route
+        self.upstream = upstream
+        self.headers: Headers = headers or []
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.status} {self.code}: {self.detail!r})"
+
+
+class BadRequest(GatewayError):
+    status, code, title = 400, "bad_request", "Bad request"
+
+
+class Unauthorized(GatewayError):
+    status, code, title = 401, "unauthorized", "Missing or bad credentials"
+
+
+class RequestTimeout(GatewayError):
+    status, code, title = 408, "request_timeout", "Request body not received in time"
+
+
+class RouteNotFound(GatewayError):
+    status, code, title = 404, "route_not_found", "No route matches"
+
+
+class MethodNotAllowed(GatewayError):
+    status, code, title = 405, "method_not_allowed", "Method not allowed"
+
+    def __init__(self, allow: list[str], **kw: str | None) -> None:
+        super().__init__(f"allowed methods: {', '.join(allow)}", **kw)  # type: ignore[arg-type]
+        self.headers.append((b"allow", ", ".join(allow).encode()))
+
+
+class BodyTooLarge(GatewayError):
+    status, code, title = 413, "body_too_large", "Request body too large"
+
+
+class RateLimited(GatewayError):
+    status, code, title = 429, "rate_limited", "Rate limit exceeded"
+
+
+class InternalError(GatewayError):
+    status, code, title = 500, "internal_error", "Internal gateway error"
+
+
+class UpstreamError(GatewayError):
+    """A failure talking to an upstream. `outcome` is what retry policies match on."""
+
+    outcome: str = "error"
+
+
+class UpstreamUnavailable(UpstreamError):
+    status, code, title = 502, "upstream_unavailable", "Upstream unavailable"
+
+    def __init__(self, detail: str = "", *, outcome: str = "connect_error", **kw: str | None):
+        super().__init__(detail, **kw)  # type: ignore[arg-type]
+        self.outcome = outcome
+
+
+class UpstreamTimeout(UpstreamError):
+    status, code, title = 504, "upstream_timeout", "Upstream timed out"
+    outcome = "timeout"
+
+
+class UpstreamSaturated(UpstreamError):
+    status, code, title = 503, "upstream_saturated", "Upstream saturated"
+    outcome = "saturated"
+
+    def __init__(self, detail: str = "", *, retry_after: int = 1, **kw: str | None) -> None:
+        super().__init__(detail, **kw)  # type: ignore[arg-type]
+        self.headers.append((b"retry-after", str(retry_after).encode()))
+
+
+class UpstreamUnhealthy(UpstreamError):
+    status, code, title = 503, "upstream_unhealthy", "Upstream unhealthy"
+    outcome = "unhealthy"
+
+    def __init__(self, detail: str = "", *, retry_after: int = 1, **kw: str | None) -> None:
+        super().__init__(detail, **kw)  # type: ignore[arg-type]
+        self.headers.append((b"retry-after", str(max(1, retry_after)).encode()))
+
+
+class ShuttingDown(GatewayError):
+    status, code, title = 503, "shutting_down", "Gateway is shutting down"
+
+    def __init__(self, detail: str = "", **kw: str | None) -> None:
+        super().__init__(detail, **kw)  # type: ignore[arg-type]
+        self.headers.append((b"connection", b"close"))
+
+
+def problem_body(error: GatewayError, request_id: str) -> bytes:
+    """RFC 9457 problem details, plus the contract's `code`, `request_id`, `route`, `upstream`."""
+    doc: dict[str, object] = {
+        "type": PROBLEM_TYPE + error.code,
+        "title": error.title,
+        "status": error.status,
+        "detail": error.detail,
+        "code": error.code,
+        "request_id": request_id,
+    }
+    if error.route is not None:
+        doc["route"] = error.route
+    if error.upstream is not None:
+        doc["upstream"] = error.upstream
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+@contextmanager
+def map_httpx_errors(upstream: str, target: str) -> Iterator[None]:
+    """Translate httpx's exceptions into the gateway's, naming the upstream and target."""
+    try:
+        yield
+    except httpx.TimeoutException as exc:
+        if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
+            raise UpstreamUnavailable(
+                f"connect to {target} timed out", upstream=upstream, outcome="connect_error"
+            ) from exc
+        raise UpstreamTimeout(f"{target} did not answer in time", upstream=upstream) from exc
+    except httpx.ConnectError as exc:
+        raise UpstreamUnavailable(
+            f"cannot connect to {target}: {exc}".rstrip(": "),
+            upstream=upstream,
+            outcome="connect_error",
+        ) from exc
+    except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+        raise UpstreamUnavailable(
+            f"{target} closed the connection or spoke bad HTTP: {exc}".rstrip(": "),
+            upstream=upstream,
+            outcome="reset",
+        ) from exc
+    except httpx.HTTPError as exc:
+        raise UpstreamUnavailable(
+            f"{target}: {type(exc).__name__}: {exc}", upstream=upstream, outcome="reset"
+        ) from exc

@@ -1,0 +1,95 @@
+"""The handler chain's types: one request in, one streamed response out.
+
+A handler is `async (GatewayRequest) -> GatewayResponse`; a policy is `(Handler) -> Handler`.
+Policies are composed once per route at build time (see `runtime.build_route_handler`),
+outermost first: deadline, retry, breaker, bulkhead, upstream try.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+__all__ = [
+    "Deadline",
+    "GatewayRequest",
+    "GatewayResponse",
+    "Handler",
+    "Headers",
+    "Policy",
+    "empty_body",
+]
+
+Headers = list[tuple[bytes, bytes]]
+
+
+class Deadline:
+    """An absolute point on the monotonic clock by which the request must be answered."""
+
+    __slots__ = ("expires_at",)
+
+    def __init__(self, expires_at: float) -> None:
+        self.expires_at = expires_at
+
+    @classmethod
+    def after(cls, seconds: float) -> Deadline:
+        return cls(time.monotonic() + seconds)
+
+    def remaining(self) -> float:
+        return self.expires_at - time.monotonic()
+
+    def expired(self) -> bool:
+        return time.monotonic() >= self.expires_at
+
+    def __repr__(self) -> str:
+        return f"Deadline(remaining={self.remaining():.3f}s)"
+
+
+async def _no_body() -> AsyncIterator[bytes]:
+    return
+    yield b""  # pragma: no cover - makes this an async generator
+
+
+def empty_body() -> AsyncIterator[bytes]:
+    return _no_body()
+
+
+@dataclass(slots=True)
+class GatewayRequest:
+    """What one upstream try needs. `path` is the upstream path, already rewritten and
+    percent-encoded; `query` is the raw query string; `headers` are already filtered
+    for the upstream (hop-by-hop removed, X-Forwarded-* and X-Request-ID set)."""
+
+    method: str
+    path: str
+    query: bytes
+    headers: Headers
+    deadline: Deadline
+    request_id: str
+    route: str
+    # The body: `body` is the full bytes when it was small enough to keep for replay,
+    # otherwise `stream` yields it once (and a retry after it started is not safe).
+    body: bytes | None = None
+    stream: AsyncIterator[bytes] | None = None
+    host: str | None = None  # the incoming Host, for preserve_host
+    attempt: int = 0
+    exclude_targets: set[str] = field(default_factory=set)
+
+    @property
+    def replayable(self) -> bool:
+        return self.stream is None
+
+
+@dataclass(slots=True)
+class GatewayResponse:
+    status: int
+    headers: Headers
+    body: AsyncIterator[bytes]
+    close: Callable[[], Awaitable[None]]
+    upstream: str | None = None
+    target: str | None = None
+
+
+Handler = Callable[[GatewayRequest], Awaitable[GatewayResponse]]
+Policy = Callable[[Handler], Handler]

@@ -1,0 +1,1 @@
+"""Resilience policies: each wraps a handler, `(Handler) -> Handler`, building its state once."""

@@ -1,0 +1,280 @@
+"""Headers both ways, request bodies, and streaming a response back to the client.
+
+Everything here runs per request, so it works on ASGI's raw `(bytes, bytes)` header
+lists and precomputed constants, and allocates only what the request itself needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from gateway.errors import BodyTooLarge, GatewayError
+from gateway.pipeline import GatewayResponse, Headers
+from gateway.settings import IPNetwork
+from gateway.types import Receive, Scope, Send
+
+__all__ = [
+    "REPLAY_LIMIT",
+    "BodyReader",
+    "IncomingHeaders",
+    "parse_incoming",
+    "response_headers",
+    "send_response",
+]
+
+# Request bodies up to this size are read whole before the first try, so retries can
+# replay them; larger or unknown-length bodies stream once and are never retried.
+REPLAY_LIMIT = 64 * 1024
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+# Replaced by the gateway's own values rather than forwarded as they came.
+_REPLACED = frozenset(
+    {
+        b"host",
+        b"x-request-id",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"x-request-timeout-ms",
+        b"expect",
+    }
+)
+_DROP_UP = HOP_BY_HOP | _REPLACED
+_DROP_DOWN = HOP_BY_HOP | {b"x-request-id"}
+
+
+def _connection_tokens(value: bytes) -> set[bytes]:
+    return {t.strip().lower() for t in value.split(b",") if t.strip()}
+
+
+def new_request_id() -> str:
+    return os.urandom(16).hex()
+
+
+def sane_request_id(value: bytes) -> str | None:
+    if 0 < len(value) <= 128 and all(0x21 <= c <= 0x7E for c in value):
+        return value.decode("ascii")
+    return None
+
+
+@dataclass(slots=True)
+class IncomingHeaders:
+    """What the gateway reads from the client's headers, in one pass."""
+
+    upstream: Headers
+    host: str
+    request_id: str
+    content_length: int | None
+    chunked: bool
+    timeout_ms: int | None
+    forwarded_for: bytes | None
+    forwarded_proto: bytes | None
+    forwarded_host: bytes | None
+
+
+def parse_incoming(raw: list[tuple[bytes, bytes]]) -> IncomingHeaders:
+    """Split the client's headers into what goes upstream and what the gateway needs."""
+    drop = _DROP_UP
+    for name, value in raw:
+        if name == b"connection":
+            drop = drop | _connection_tokens(value)
+    upstream: Headers = []
+    host = ""
+    request_id: str | None = None
+    content_length: int | None = None
+    chunked = False
+    timeout_ms: int | None = None
+    xff = xfp = xfh = None
+    for name, value in raw:
+        if name not in drop:
+            upstream.append((name, value))
+            if name == b"content-length":
+                try:
+                    content_length = int(value)
+                except ValueError:
+                    content_length = None
+            continue
+        if name == b"host":
+            host = value.decode("latin-1")
+        elif name == b"x-request-id":
+            request_id = sane_request_id(value)
+        elif name == b"transfer-encoding":
+            chunked = b"chunked" in value.lower()
+        elif name == b"x-request-timeout-ms":
+            try:
+                timeout_ms = max(0, int(value))
+            except ValueError:
+                timeout_ms = None
+        elif name == b"x-forwarded-for":
+            xff = value if xff is None else xff + b", " + value
+        elif name == b"x-forwarded-proto":
+            xfp = value
+        elif name == b"x-forwarded-host":
+            xfh = value
+        elif name == b"content-length":  # named in Connection: still needed for framing
+            upstream.append((name, value))
+    return IncomingHeaders(
+        upstream=upstream,
+        host=host,
+        request_id=request_id or new_request_id(),
+        content_length=content_length,
+        chunked=chunked,
+        timeout_ms=timeout_ms,
+        forwarded_for=xff,
+        forwarded_proto=xfp,
+        forwarded_host=xfh,
+    )
+
+
+def client_is_trusted(client: str, trusted: tuple[IPNetwork, ...]) -> bool:
+    if not trusted or not client:
+        return False
+    try:
+        address = ipaddress.ip_address(client)
+    except ValueError:
+        return False
+    return any(address in net for net in trusted)
+
+
+def add_forwarded(
+    incoming: IncomingHeaders, scope: Scope, trusted: tuple[IPNetwork, ...]
+) -> None:
+    """X-Forwarded-For is appended to; -Proto and -Host are kept from a trusted proxy,
+    otherwise set from this connection."""
+    client = scope.get("client")
+    client_ip = client[0] if client else ""
+    headers = incoming.upstream
+    xff = incoming.forwarded_for
+    ip = client_ip.encode("latin-1")
+    headers.append((b"x-forwarded-for", xff + b", " + ip if xff else ip))
+    from_proxy = (incoming.forwarded_proto or incoming.forwarded_host) and client_is_trusted(
+        client_ip, trusted
+    )
+    proto = incoming.forwarded_proto if from_proxy and incoming.forwarded_proto else None
+    headers.append((b"x-forwarded-proto", proto or scope.get("scheme", "http").encode()))
+    fhost = incoming.forwarded_host if from_proxy and incoming.forwarded_host else None
+    headers.append((b"x-forwarded-host", fhost or incoming.host.encode("latin-1")))
+    headers.append((b"x-request-id", incoming.request_id.encode("ascii")))
+
+
+def response_headers(raw: Headers, request_id: bytes) -> Headers:
+    """The upstream's headers minus hop-by-hop ones (and those Connection names)."""
+    drop = _DROP_DOWN
+    for name, value in raw:
+        if name.lower() == b"connection":
+            drop = drop | _connection_tokens(value)
+    out = [(n, v) for n, v in raw if n.lower() not in drop]
+    out.append((b"x-request-id", request_id))
+    return out
+
+
+class BodyReader:
+    """Reads the client's body from ASGI `receive`, enforcing `max_body_size` as it goes.
+
+    Once the body is complete, `watch_disconnect` takes over `receive` to notice a client
+    that goes away, so the upstream request can be cancelled and its connection freed.
+    """
+
+    __slots__ = ("_complete", "_receive", "done", "finished", "limit", "received", "too_large")
+
+    def __init__(self, receive: Receive, limit: int) -> None:
+        self._receive = receive
+        self.limit = limit
+        self.received = 0
+        self.done = False  # the whole request body has been read
+        self.finished = False  # the response is complete: a disconnect now is normal
+        self.too_large = False
+        self._complete: asyncio.Event | None = None
+
+    async def _next(self) -> bytes:
+        message = await self._receive()
+        if message["type"] == "http.disconnect":
+            raise asyncio.CancelledError("client disconnected")
+        chunk: bytes = message.get("body", b"")
+        self.received += len(chunk)
+        if self.received > self.limit:
+            self.too_large = True
+            raise BodyTooLarge(f"the request body exceeds max_body_size ({self.limit} bytes)")
+        if not message.get("more_body", False):
+            self.done = True
+            if self._complete is not None:
+                self._complete.set()
+        return chunk
+
+    async def read_all(self) -> bytes:
+        parts = []
+        while not self.done:
+            chunk = await self._next()
+            if chunk:
+                parts.append(chunk)
+        return b"".join(parts)
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        while not self.done:
+            chunk = await self._next()
+            if chunk:
+                yield chunk
+
+    async def watch_disconnect(self, victim: asyncio.Task[None]) -> None:
+        """Cancel `victim` when the client disconnects before the response is complete."""
+        if not self.done:  # the body is still streaming upstream; `receive` is busy
+            self._complete = asyncio.Event()
+            await self._complete.wait()
+        while True:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                if not self.finished:
+                    victim.cancel("client disconnected")
+                return
+
+
+async def send_response(
+    send: Send, response: GatewayResponse, request_id: bytes, reader: BodyReader
+) -> int:
+    """Stream the upstream's response to the client; returns the body bytes sent."""
+    await send(
+        {
+            "type": "http.response.start",
+            "status": response.status,
+            "headers": response_headers(response.headers, request_id),
+        }
+    )
+    sent = 0
+    async for chunk in response.body:
+        if chunk:
+            sent += len(chunk)
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    reader.finished = True
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+    return sent
+
+
+async def send_problem(send: Send, error: GatewayError, request_id: str) -> int:
+    from gateway.errors import problem_body
+
+    body = problem_body(error, request_id)
+    headers = [
+        (b"content-type", b"application/problem+json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"x-request-id", request_id.encode("ascii")),
+        *error.headers,
+    ]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+    return len(body)

@@ -1,0 +1,161 @@
+"""The transport under each upstream's `httpx.AsyncClient`: one small replaceable class.
+
+httpx's own pool (httpcore) collapses under concurrency on this workload (see README,
+"Choosing the HTTP client"), so each client runs on aiohttp's connector instead. This
+transport does only what a proxy needs: it sends the URL exactly as encoded, adds no
+headers of its own (no User-Agent, no Accept-Encoding), never decompresses, streams both
+bodies, and translates aiohttp's exceptions into httpx's so the rest of the gateway sees
+one exception tree. `GATEWAY_TRANSPORT=httpx` selects httpx's default transport instead
+(used by the benchmark to show the difference).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import aiohttp
+import httpx
+from yarl import URL
+
+__all__ = ["AiohttpTransport", "TransportSettings", "make_transport"]
+
+# aiohttp would otherwise invent these when the client did not send them.
+_SKIP_AUTO_HEADERS = frozenset({"Accept", "Accept-Encoding", "User-Agent", "Content-Type"})
+_HTTP11 = {"http_version": b"HTTP/1.1"}
+
+
+@dataclass(frozen=True, slots=True)
+class TransportSettings:
+    max_connections: int
+    max_keepalive: int
+    keepalive_expiry: float
+    connect_timeout: float
+    read_timeout: float
+
+
+@contextmanager
+def _map_aiohttp_errors() -> Iterator[None]:
+    try:
+        yield
+    except aiohttp.ConnectionTimeoutError as exc:
+        raise httpx.ConnectTimeout(str(exc) or "connect timeout") from exc
+    except aiohttp.ClientConnectorError as exc:
+        raise httpx.ConnectError(str(exc.os_error) if exc.os_error else str(exc)) from exc
+    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+        raise httpx.ReadTimeout(str(exc) or "read timeout") from exc
+    except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError) as exc:
+        raise httpx.RemoteProtocolError(str(exc) or type(exc).__name__) from exc
+    except aiohttp.ClientOSError as exc:
+        raise httpx.ReadError(str(exc) or type(exc).__name__) from exc
+    except aiohttp.ClientError as exc:
+        raise httpx.RemoteProtocolError(str(exc) or type(exc).__name__) from exc
+
+
+class _ResponseStream(httpx.AsyncByteStream):
+    __slots__ = ("_response",)
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        content = self._response.content
+        with _map_aiohttp_errors():
+            while True:
+                chunk = await content.readany()
+                if not chunk:
+                    return
+                yield chunk
+
+    async def aclose(self) -> None:
+        response = self._response
+        if response.content.at_eof():
+            response.release()  # body complete: the connection goes back to the pool
+        else:
+            response.close()  # abandoned mid-body: the connection cannot be reused
+
+
+class AiohttpTransport(httpx.AsyncBaseTransport):
+    """An httpx transport on one pooled `aiohttp.ClientSession` (pools are per target)."""
+
+    def __init__(self, settings: TransportSettings) -> None:
+        self._settings = settings
+        self._session: aiohttp.ClientSession | None = None
+        self._timeout = aiohttp.ClientTimeout(
+            total=None,
+            sock_connect=settings.connect_timeout,
+            sock_read=settings.read_timeout,
+        )
+
+    def _open(self) -> aiohttp.ClientSession:
+        s = self._settings
+        connector = aiohttp.TCPConnector(
+            limit=s.max_connections,
+            limit_per_host=0,
+            keepalive_timeout=s.keepalive_expiry if s.max_keepalive > 0 else None,
+            force_close=s.max_keepalive == 0,
+            ttl_dns_cache=10,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=False,
+            skip_auto_headers=_SKIP_AUTO_HEADERS,
+            timeout=self._timeout,
+            trust_env=False,
+        )
+        return self._session
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        session = self._session or self._open()
+        data: bytes | httpx.AsyncByteStream | None
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw]
+        if isinstance(request.stream, httpx.ByteStream):
+            data = request.content or None
+        else:
+            data = request.stream  # type: ignore[assignment]
+            # aiohttp frames the body itself (chunked unless Content-Length is given).
+            headers = [h for h in headers if h[0].lower() != "transfer-encoding"]
+        with _map_aiohttp_errors():
+            response = await session.request(
+                request.method,
+                URL(str(request.url), encoded=True),
+                headers=headers,
+                data=data,
+                allow_redirects=False,
+                compress=None,
+            )
+        extensions: dict[str, object] = dict(_HTTP11)
+        if response.reason:
+            extensions["reason_phrase"] = response.reason.encode("latin-1", "replace")
+        return httpx.Response(
+            status_code=response.status,
+            headers=response.raw_headers,
+            stream=_ResponseStream(response),
+            request=request,
+            extensions=extensions,
+        )
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def __repr__(self) -> str:
+        state = "closed" if self._session is None else repr(self._session.connector)
+        return f"AiohttpTransport({state})"
+
+
+def make_transport(settings: TransportSettings) -> httpx.AsyncBaseTransport:
+    if os.environ.get("GATEWAY_TRANSPORT", "aiohttp") == "httpx":
+        return httpx.AsyncHTTPTransport(
+            limits=httpx.Limits(
+                max_connections=settings.max_connections,
+                max_keepalive_connections=settings.max_keepalive,
+                keepalive_expiry=settings.keepalive_expiry,
+            ),
+            retries=0,
+        )
+    return AiohttpTransport(settings)

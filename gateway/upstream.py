@@ -1,0 +1,141 @@
+"""An upstream: its targets, its pooled `httpx.AsyncClient`, and one try against one target.
+
+Per-target state (in-flight count, health) lives on the `Target` itself, as Caddy keeps it
+on its hosts; the balancer (`balancers.py`) only reads it. Resilience policies
+(`policies/`) wrap `Upstream.send`, the single try.
+"""
+
+from __future__ import annotations
+
+import http.cookiejar
+
+import httpx
+
+from gateway.balancers import Balancer, make_balancer
+from gateway.errors import UpstreamUnhealthy, map_httpx_errors
+from gateway.pipeline import GatewayRequest, GatewayResponse
+from gateway.settings import UpstreamSettings
+from gateway.transport import TransportSettings, make_transport
+
+__all__ = ["Target", "Upstream"]
+
+
+class Target:
+    """One upstream address with its live state."""
+
+    __slots__ = ("base", "healthy", "host", "inflight", "url", "weight")
+
+    def __init__(self, url: str, weight: int = 1) -> None:
+        self.url = url
+        self.base = url.rstrip("/")
+        self.host = httpx.URL(url).netloc.decode("ascii")
+        self.weight = weight
+        self.inflight = 0
+        self.healthy = True
+
+    def __repr__(self) -> str:
+        state = "healthy" if self.healthy else "UNHEALTHY"
+        return f"Target({self.url} w={self.weight} inflight={self.inflight} {state})"
+
+
+def _no_cookies() -> httpx.Cookies:
+    # A proxy must never remember one client's Set-Cookie and replay it for another.
+    policy = http.cookiejar.DefaultCookiePolicy(allowed_domains=[])
+    return httpx.Cookies(http.cookiejar.CookieJar(policy=policy))
+
+
+class Upstream:
+    """Owns the pooled client for all its targets; `send` is one try on one target."""
+
+    def __init__(self, name: str, settings: UpstreamSettings) -> None:
+        self.name = name
+        self.settings = settings
+        self.targets = [Target(t.url, t.weight) for t in settings.targets]
+        self.balancer: Balancer = make_balancer(settings.balancer, self.targets)
+        self.client = httpx.AsyncClient(
+            transport=make_transport(
+                TransportSettings(
+                    max_connections=settings.max_connections,
+                    max_keepalive=settings.max_keepalive,
+                    keepalive_expiry=settings.keepalive_expiry,
+                    connect_timeout=settings.connect_timeout,
+                    read_timeout=settings.read_timeout,
+                )
+            ),
+            cookies=_no_cookies(),
+            follow_redirects=False,
+            trust_env=False,
+        )
+        # For httpx's own transport, which reads timeouts from the request.
+        self._timeouts = {
+            "connect": settings.connect_timeout,
+            "read": settings.read_timeout,
+            "write": settings.read_timeout,
+            "pool": settings.queue_timeout,
+        }
+
+    def pick(self, exclude: set[str]) -> Target:
+        target = self.balancer.select(exclude)
+        if target is None:
+            raise UpstreamUnhealthy(
+                f"upstream {self.name!r} has no healthy target", upstream=self.name
+            )
+        return target
+
+    async def send(self, request: GatewayRequest) -> GatewayResponse:
+        """One try: choose a target (another than those already tried when there is one),
+        send, and return as soon as the response headers are in; the body streams."""
+        target = self.pick(request.exclude_targets)
+        request.exclude_targets.add(target.url)
+        url = target.base + request.path
+        if request.query:
+            url += "?" + request.query.decode("latin-1")
+        headers = request.headers.copy()
+        if request.host is not None:
+            headers.append((b"host", request.host.encode("latin-1")))
+        remaining_ms = max(1, int(request.deadline.remaining() * 1000))
+        headers.append((b"x-request-timeout-ms", str(remaining_ms).encode()))
+        content = request.body if request.stream is None else request.stream
+        upstream_request = httpx.Request(
+            request.method,
+            url,
+            headers=headers,
+            content=content,
+            extensions={"timeout": self._timeouts},
+        )
+        target.inflight += 1
+        try:
+            with map_httpx_errors(self.name, target.url):
+                response = await self.client.send(upstream_request, stream=True)
+        except BaseException:
+            target.inflight -= 1
+            raise
+
+        released = False
+
+        async def close() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                target.inflight -= 1
+                await response.aclose()
+
+        async def body() -> object:
+            with map_httpx_errors(self.name, target.url):
+                async for chunk in response.aiter_raw():
+                    yield chunk
+
+        return GatewayResponse(
+            status=response.status_code,
+            headers=response.headers.raw,
+            body=body(),  # type: ignore[arg-type]
+            close=close,
+            upstream=self.name,
+            target=target.url,
+        )
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    def __repr__(self) -> str:
+        return f"Upstream({self.name!r}, targets={self.targets!r})"
