@@ -13,6 +13,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+from gateway.aggregate import AggregateRoute
 from gateway.errors import (
     BodyTooLarge,
     GatewayError,
@@ -93,6 +94,9 @@ class DataPlane:
             route = match.route
             exchange.route = route.name
             exchange.upstream = route.upstream
+            if isinstance(route, AggregateRoute):
+                await self._aggregate(route, match.params, scope, receive, send, incoming, exchange)
+                return
             if route.rewrite is not None:
                 path = route.rewrite.fill(match.params)
             await self._proxy(route, path, scope, receive, send, incoming, exchange)
@@ -130,10 +134,7 @@ class DataPlane:
             raise BodyTooLarge(
                 f"Content-Length {length} exceeds max_body_size ({route.max_body_size} bytes)"
             )
-        timeout = route.timeout
-        if incoming.timeout_ms is not None:
-            timeout = min(timeout, incoming.timeout_ms / 1000)
-        deadline = Deadline.after(timeout)
+        deadline = _deadline(route.timeout, incoming)
         add_forwarded(incoming, scope, route.trusted_proxies)
         reader = BodyReader(receive, route.max_body_size)
         request = GatewayRequest(
@@ -160,33 +161,24 @@ class DataPlane:
         else:
             reader.done = True
 
-        task = asyncio.current_task()
-        assert task is not None
-        watcher = asyncio.create_task(reader.watch_disconnect(task))
         response: GatewayResponse | None = None
-        try:
+        async with _CancelOnDisconnect(reader, exchange):
             try:
-                response = await route.handler(request)
-            except GatewayError:
-                if reader.too_large:
-                    raise BodyTooLarge(
-                        f"the request body exceeds max_body_size ({route.max_body_size} bytes)"
-                    ) from None
-                raise
-            exchange.target = response.target
-            exchange.status = response.status
-            exchange.response_started = True
-            await self._stream(send, response, reader, exchange)
-        except asyncio.CancelledError:
-            if watcher.done() and not watcher.cancelled() and task.cancelling():
-                task.uncancel()  # the client went away: nothing more to do for it
-                exchange.error = "client_disconnected"
-                return
-            raise
-        finally:
-            watcher.cancel()
-            if response is not None:
-                await response.close()
+                try:
+                    response = await route.handler(request)
+                except GatewayError:
+                    if reader.too_large:
+                        raise BodyTooLarge(
+                            f"the request body exceeds max_body_size ({route.max_body_size} bytes)"
+                        ) from None
+                    raise
+                exchange.target = response.target
+                exchange.status = response.status
+                exchange.response_started = True
+                await self._stream(send, response, reader, exchange)
+            finally:
+                if response is not None:
+                    await response.close()
 
     async def _stream(
         self, send: Send, response: GatewayResponse, reader: BodyReader, exchange: Exchange
@@ -203,6 +195,72 @@ class DataPlane:
                 exc.detail,
                 extra={"request_id": exchange.request_id, "route": exchange.route},
             )
+
+    async def _aggregate(
+        self,
+        route: AggregateRoute,
+        params: dict[str, str],
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        incoming: IncomingHeaders,
+        exchange: Exchange,
+    ) -> None:
+        deadline = _deadline(route.timeout, incoming)
+        add_forwarded(incoming, scope, route.trusted_proxies)
+        reader = BodyReader(receive, route.max_body_size)
+        reader.done = True  # backends are called with GET; a request body is not forwarded
+        async with _CancelOnDisconnect(reader, exchange):
+            status, headers, body = await route.run(
+                params, incoming.upstream, deadline, incoming.request_id
+            )
+        if exchange.error == "client_disconnected":
+            return
+        headers.append((b"x-request-id", incoming.request_id.encode("ascii")))
+        exchange.status = status
+        exchange.response_started = True
+        exchange.bytes_out = len(body)
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _CancelOnDisconnect:
+    """While the body runs, a watcher cancels this task if the client goes away; the
+    resulting CancelledError is swallowed here so the request simply ends (the upstream
+    request it cancelled has released its connection on the way out)."""
+
+    __slots__ = ("_exchange", "_reader", "_task", "_watcher")
+
+    def __init__(self, reader: BodyReader, exchange: Exchange) -> None:
+        self._reader = reader
+        self._exchange = exchange
+
+    async def __aenter__(self) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self._watcher = asyncio.create_task(self._reader.watch_disconnect(task))
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, *_: object) -> bool:
+        watcher = self._watcher
+        watcher.cancel()
+        if (
+            exc_type is asyncio.CancelledError
+            and watcher.done()
+            and not watcher.cancelled()
+            and self._task.cancelling()
+        ):
+            self._task.uncancel()
+            self._exchange.error = "client_disconnected"
+            return True
+        return False
+
+
+def _deadline(route_timeout: float, incoming: IncomingHeaders) -> Deadline:
+    """The route's deadline, which an incoming X-Request-Timeout-Ms can only shorten."""
+    if incoming.timeout_ms is not None:
+        return Deadline.after(min(route_timeout, incoming.timeout_ms / 1000))
+    return Deadline.after(route_timeout)
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:

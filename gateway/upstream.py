@@ -47,13 +47,19 @@ def _no_cookies() -> httpx.Cookies:
 class Upstream:
     """Owns the pooled client for all its targets; `send` is one try on one target."""
 
-    def __init__(self, name: str, settings: UpstreamSettings) -> None:
+    def __init__(
+        self,
+        name: str,
+        settings: UpstreamSettings,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
         self.name = name
         self.settings = settings
         self.targets = [Target(t.url, t.weight) for t in settings.targets]
         self.balancer: Balancer = make_balancer(settings.balancer, self.targets)
         self.client = httpx.AsyncClient(
-            transport=make_transport(
+            transport=transport
+            or make_transport(
                 TransportSettings(
                     max_connections=settings.max_connections,
                     max_keepalive=settings.max_keepalive,

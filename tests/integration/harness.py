@@ -1,0 +1,166 @@
+"""Real servers on loopback for integration tests.
+
+`UpstreamServer` runs any ASGI app under uvicorn in a background thread (its own event
+loop) on a free 127.0.0.1 port; `GatewayProcess` runs the real `gateway run -c FILE` as
+a subprocess and waits for its admin `/readyz`. Both stop by themselves on exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+import yaml
+
+__all__ = ["GatewayProcess", "UpstreamServer", "free_port"]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class _QuietServer(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class UpstreamServer:
+    """An ASGI app served by uvicorn on 127.0.0.1 in a thread of its own."""
+
+    def __init__(self, app: Any, port: int | None = None, **config: Any) -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cfg = uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            lifespan="off",
+            loop="asyncio",
+            timeout_graceful_shutdown=1,
+            **config,
+        )
+        self.server = _QuietServer(cfg)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        asyncio.run(self.server.serve())
+
+    def start(self) -> UpstreamServer:
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError(f"upstream on port {self.port} did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> UpstreamServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class GatewayProcess:
+    """`python -m gateway run -c FILE` with its ports filled in; stopped on exit."""
+
+    def __init__(
+        self,
+        config: dict[str, Any] | str,
+        tmp_path: Path,
+        env: dict[str, str] | None = None,
+        args: list[str] | None = None,
+    ) -> None:
+        self.port = free_port()
+        self.admin_port = free_port()
+        if isinstance(config, str):
+            config = yaml.safe_load(config) or {}
+        server = config.setdefault("server", {})
+        server.setdefault("host", "127.0.0.1")
+        server.setdefault("port", self.port)
+        server.setdefault("admin_host", "127.0.0.1")
+        server.setdefault("admin_port", self.admin_port)
+        server.setdefault("drain_timeout", "5s")
+        self.port = server["port"]
+        self.admin_port = server["admin_port"]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.admin_url = f"http://127.0.0.1:{self.admin_port}"
+        self.config_path = tmp_path / f"gateway-{self.port}.yaml"
+        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        self.stdout_path = tmp_path / f"gateway-{self.port}.out"
+        self.stderr_path = tmp_path / f"gateway-{self.port}.err"
+        self.env = {**os.environ, **(env or {})}
+        self.args = args or []
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 15.0) -> GatewayProcess:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "run", "-c", str(self.config_path), *self.args],
+            stdout=self.stdout_path.open("wb"),
+            stderr=self.stderr_path.open("wb"),
+            env=self.env,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited {self.proc.returncode}: {self.stderr}")
+            try:
+                if httpx.get(self.admin_url + "/readyz", timeout=0.5).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"gateway did not become ready: {self.stderr}")
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
+
+    @property
+    def stdout(self) -> str:
+        return self.stdout_path.read_text(errors="replace") if self.stdout_path.exists() else ""
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 15.0) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout=timeout)
+
+    def stop(self) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(timeout=5)
+
+    def __enter__(self) -> GatewayProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
