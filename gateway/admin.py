@@ -1,9 +1,18 @@
-"""The admin listener (a separate port): health, readiness, and later metrics and reload.
+"""The admin listener (a separate port, never the data port): health, readiness,
+metrics, the running config (secrets redacted) and reload.
 
-Off the hot path, so it is an ordinary Starlette app.
+Off the hot path, so it is an ordinary Starlette app. When `admin_token_env` names a
+set environment variable, every path but /healthz, /readyz and /metrics requires
+`Authorization: Bearer <token>`.
 """
 
 from __future__ import annotations
+
+import hmac
+import os
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -11,11 +20,45 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gateway.app import GatewayState
+from gateway.metrics import CONTENT_TYPE_LATEST, render
+from gateway.settings import GatewaySettings
 
-__all__ = ["build_admin_app"]
+__all__ = ["build_admin_app", "redact"]
+
+Reload = Callable[[], Awaitable[list[str]]]
+REDACTED = "***"
+_OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+_SECRET_KEY = re.compile(r"(secret|password|passwd|token|api_?key|^keys$)", re.IGNORECASE)
+_URL_PASSWORD = re.compile(r"^([a-z][a-z0-9+.-]*://[^:/@]*):[^@/]*@", re.IGNORECASE)
 
 
-def build_admin_app(state: GatewayState) -> Starlette:
+def redact(value: Any, key: str = "") -> Any:
+    """The config as JSON with secrets replaced: listed API keys, secrets and
+    passwords, and the password part of any URL. Names of environment variables
+    (`*_env`) are kept: they say where a secret is, not what it is."""
+    if isinstance(value, dict):
+        return {k: redact(v, k) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        if key and _SECRET_KEY.search(key) and not key.endswith("_env"):
+            return [REDACTED for _ in value]
+        return [redact(v, key) for v in value]
+    if isinstance(value, str):
+        if key and _SECRET_KEY.search(key) and not key.endswith("_env"):
+            return REDACTED
+        return _URL_PASSWORD.sub(rf"\1:{REDACTED}@", value)
+    return value
+
+
+def build_admin_app(
+    state: GatewayState,
+    reload: Reload | None = None,
+    settings: Callable[[], GatewaySettings | None] | None = None,
+) -> Starlette:
+    def current() -> GatewaySettings | None:
+        if settings is not None:
+            return settings()
+        return state.runtime.settings if state.runtime is not None else None
+
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
@@ -26,9 +69,50 @@ def build_admin_app(state: GatewayState) -> Starlette:
             return JSONResponse({"status": "draining"}, status_code=503)
         return JSONResponse({"status": "ready"})
 
+    async def metrics(request: Request) -> Response:
+        return Response(render(state.metrics), media_type=CONTENT_TYPE_LATEST)
+
+    async def config(request: Request) -> Response:
+        if (denied := _check_token(request, current())) is not None:
+            return denied
+        running = current()
+        if running is None:
+            return JSONResponse({"error": "no config loaded"}, status_code=503)
+        return JSONResponse(redact(running.model_dump(mode="json")))
+
+    async def do_reload(request: Request) -> Response:
+        if (denied := _check_token(request, current())) is not None:
+            return denied
+        if reload is None:
+            return JSONResponse({"status": "error", "errors": ["reload unavailable"]}, 503)
+        errors = await reload()
+        if errors:
+            return JSONResponse({"status": "error", "errors": errors}, status_code=400)
+        return JSONResponse({"status": "reloaded"})
+
     return Starlette(
         routes=[
             Route("/healthz", healthz, methods=["GET", "HEAD"]),
             Route("/readyz", readyz, methods=["GET", "HEAD"]),
+            Route("/metrics", metrics, methods=["GET"]),
+            Route("/config", config, methods=["GET"]),
+            Route("/reload", do_reload, methods=["POST"]),
         ]
+    )
+
+
+def _check_token(request: Request, settings: GatewaySettings | None) -> Response | None:
+    if request.url.path in _OPEN_PATHS or settings is None:
+        return None
+    env = settings.server.admin_token_env
+    token = os.environ.get(env) if env else None
+    if not token:
+        return None
+    given = request.headers.get("authorization", "")
+    if hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        return None
+    return JSONResponse(
+        {"error": "admin token required"},
+        status_code=401,
+        headers={"WWW-Authenticate": 'Bearer realm="gateway-admin"'},
     )

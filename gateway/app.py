@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from gateway.aggregate import AggregateRoute
 from gateway.errors import (
@@ -21,6 +22,8 @@ from gateway.errors import (
     RequestTimeout,
     ShuttingDown,
 )
+from gateway.metrics import Metrics
+from gateway.observability import AccessLog, utc_now_iso
 from gateway.pipeline import Deadline, GatewayRequest, GatewayResponse
 from gateway.proxy import (
     REPLAY_LIMIT,
@@ -39,13 +42,24 @@ __all__ = ["DataPlane", "Exchange", "GatewayState"]
 
 log = logging.getLogger("gateway.app")
 
+# Requests the gateway refused on an upstream's behalf, counted as upstream outcomes.
+_SHED = {"upstream_saturated": "saturated", "upstream_unhealthy": "unhealthy"}
+
 
 class GatewayState:
-    """The one mutable reference a reload swaps, plus the drain flag."""
+    """The one mutable reference a reload swaps, plus the drain flag and what every
+    request reports to (metrics, access log)."""
 
-    def __init__(self, runtime: Runtime | None = None) -> None:
+    def __init__(
+        self,
+        runtime: Runtime | None = None,
+        metrics: Metrics | None = None,
+        access_log: AccessLog | None = None,
+    ) -> None:
         self.runtime = runtime
         self.draining = False
+        self.metrics = metrics or Metrics()
+        self.access_log = access_log
 
     def __repr__(self) -> str:
         return f"GatewayState(runtime={self.runtime!r}, draining={self.draining})"
@@ -71,6 +85,7 @@ class Exchange:
 class DataPlane:
     def __init__(self, state: GatewayState) -> None:
         self.state = state
+        self._request_series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -86,6 +101,25 @@ class DataPlane:
         raw_path = scope.get("raw_path")
         path = raw_path.decode("latin-1") if raw_path else scope["path"]
         exchange = Exchange(time.monotonic(), scope["method"], path, incoming.request_id)
+        if runtime is not None:
+            runtime.active += 1
+        try:
+            await self._serve(runtime, path, scope, receive, send, incoming, exchange)
+        finally:
+            if runtime is not None:
+                runtime.leave()
+            self._finish(exchange, scope, runtime)
+
+    async def _serve(
+        self,
+        runtime: Runtime | None,
+        path: str,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        incoming: IncomingHeaders,
+        exchange: Exchange,
+    ) -> None:
         try:
             if self.state.draining or runtime is None:
                 raise ShuttingDown("the gateway is draining; retry on another instance")
@@ -106,6 +140,45 @@ class DataPlane:
             log.exception("unexpected error serving %s %s", exchange.method, exchange.path)
             await self._fail(send, InternalError("unexpected gateway error"), exchange)
             del exc
+
+    def _finish(self, exchange: Exchange, scope: Scope, runtime: Runtime | None) -> None:
+        """The logging phase: metrics and the access log, whatever happened."""
+        elapsed = time.monotonic() - exchange.started
+        route = exchange.route or "(none)"
+        status = exchange.status or 499  # nginx's code for a client that went away
+        key = (route, exchange.method, status)
+        series = self._request_series.get(key)
+        metrics = self.state.metrics
+        if series is None:
+            series = (
+                metrics.requests.labels(route, exchange.method, str(status)),
+                metrics.duration.labels(route),
+            )
+            if len(self._request_series) < 10_000:
+                self._request_series[key] = series
+        series[0].inc()
+        series[1].observe(elapsed)
+        if exchange.error in _SHED and exchange.upstream:
+            metrics.upstream_requests.labels(exchange.upstream, _SHED[exchange.error]).inc()
+        access_log = self.state.access_log
+        if access_log is not None and (runtime is None or runtime.access_log):
+            client = scope.get("client")
+            access_log.write(
+                {
+                    "time": utc_now_iso(),
+                    "request_id": exchange.request_id,
+                    "client": client[0] if client else None,
+                    "method": exchange.method,
+                    "path": exchange.path,
+                    "route": exchange.route,
+                    "upstream": exchange.upstream,
+                    "target": exchange.target,
+                    "status": status,
+                    "bytes_out": exchange.bytes_out,
+                    "duration_ms": round(elapsed * 1000, 3),
+                    "error": exchange.error,
+                }
+            )
 
     async def _fail(self, send: Send, error: GatewayError, exchange: Exchange) -> None:
         exchange.error = error.code

@@ -100,7 +100,7 @@ class _Quiet(uvicorn.Server):
         yield
 
 
-def start_demo_upstreams(ports: list[int]) -> list[uvicorn.Server]:
+def start_demo_upstreams(ports: list[int]) -> list[_Quiet]:
     servers = [
         _Quiet(
             uvicorn.Config(

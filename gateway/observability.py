@@ -1,13 +1,16 @@
-"""Structured logs: every application log line is one JSON object on stderr."""
+"""Structured logs: application logs are JSON lines on stderr; the access log is one
+JSON line per request on stdout."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
 import time
+from typing import TextIO
 
-__all__ = ["JsonFormatter", "configure_logging"]
+__all__ = ["AccessLog", "JsonFormatter", "configure_logging", "utc_now_iso"]
 
 _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "color_message"}
 
@@ -42,3 +45,45 @@ def configure_logging(level: str) -> None:
     logging.getLogger("uvicorn.access").disabled = True
     # httpx logs every upstream request at INFO; the access log already says it once.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+class AccessLog:
+    """One JSON line per request on stdout, written in small batches so a busy event
+    loop makes one write per batch instead of one per request."""
+
+    __slots__ = ("_buffer", "_flush_scheduled", "_stream")
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self._stream = stream or sys.stdout
+        self._buffer: list[str] = []
+        self._flush_scheduled = False
+
+    def write(self, record: dict[str, object]) -> None:
+        self._buffer.append(json.dumps(record, separators=(",", ":")))
+        if len(self._buffer) >= 256:
+            self.flush()
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            try:
+                asyncio.get_running_loop().call_later(0.05, self.flush)
+            except RuntimeError:
+                self.flush()
+
+    def flush(self) -> None:
+        self._flush_scheduled = False
+        if self._buffer:
+            lines = "\n".join(self._buffer) + "\n"
+            self._buffer.clear()
+            try:
+                self._stream.write(lines)
+                self._stream.flush()
+            except (OSError, ValueError):  # stdout closed: never fail a request over it
+                pass
+
+    def __repr__(self) -> str:
+        return f"AccessLog(pending={len(self._buffer)})"
+
+
+def utc_now_iso() -> str:
+    now = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"

@@ -152,9 +152,7 @@ def client_is_trusted(client: str, trusted: tuple[IPNetwork, ...]) -> bool:
     return any(address in net for net in trusted)
 
 
-def add_forwarded(
-    incoming: IncomingHeaders, scope: Scope, trusted: tuple[IPNetwork, ...]
-) -> None:
+def add_forwarded(incoming: IncomingHeaders, scope: Scope, trusted: tuple[IPNetwork, ...]) -> None:
     """X-Forwarded-For is appended to; -Proto and -Host are kept from a trusted proxy,
     otherwise set from this connection."""
     client = scope.get("client")

@@ -7,19 +7,24 @@ one reference, so requests in flight keep the runtime they started with.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ipaddress
 import logging
+import re
 from dataclasses import dataclass
 
+from gateway.aggregate import AggregateRoute, Backend, BackendTemplate
 from gateway.pipeline import Handler, Policy
 from gateway.policies.deadline import deadline
 from gateway.routing import CompiledTemplate, Router
-from gateway.settings import GatewaySettings, RouteSettings
+from gateway.settings import GatewaySettings, RouteSettings, ServerSettings
 from gateway.upstream import Upstream
 
 __all__ = ["ProxyRoute", "Runtime", "build_route_handler", "build_runtime", "unsupported"]
 
 log = logging.getLogger("gateway.runtime")
+_PATH_PARAM = re.compile(r"{([a-zA-Z_][a-zA-Z0-9_]*)(:[a-zA-Z_]+)?}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,50 +67,124 @@ def unsupported(settings: GatewaySettings) -> list[str]:
                 problems.append(f"routes.{i}.{key}: not implemented in this version")
         if route.auth != "none":
             problems.append(f"routes.{i}.auth: not implemented in this version")
-        if route.aggregate is not None:
-            problems.append(f"routes.{i}.aggregate: not implemented in this version")
     return problems
 
 
 class Runtime:
+    """One compiled config. `active` counts the requests that started on it, so a
+    reload can close what only this runtime used once its last request finishes."""
+
     def __init__(
         self,
         settings: GatewaySettings,
-        router: Router[ProxyRoute],
+        router: Router[ProxyRoute | AggregateRoute],
         upstreams: dict[str, Upstream],
     ) -> None:
         self.settings = settings
         self.router = router
         self.upstreams = upstreams
+        self.access_log = settings.server.access_log
+        self.active = 0
+        self._idle: asyncio.Event | None = None  # set up only once a reload retires us
+
+    def leave(self) -> None:
+        """A request that started on this runtime has finished."""
+        self.active -= 1
+        if self.active == 0 and self._idle is not None:
+            self._idle.set()
 
     async def start(self) -> None:
         """Start background work (health checks) inside the running event loop."""
+        for upstream in self.upstreams.values():
+            await upstream.start()
 
     async def aclose(self) -> None:
         for upstream in self.upstreams.values():
             await upstream.aclose()
 
+    async def retire(self, successor: Runtime, grace: float) -> None:
+        """After a reload: wait for this runtime's requests to finish (up to `grace`
+        seconds), then close the upstreams the successor does not keep."""
+        if self.active > 0:
+            self._idle = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace):
+                    await self._idle.wait()
+        kept = {id(u) for u in successor.upstreams.values()}
+        for upstream in self.upstreams.values():
+            if id(upstream) not in kept:
+                await upstream.aclose()
+
     def __repr__(self) -> str:
-        return f"Runtime({len(self.router)} routes, upstreams={sorted(self.upstreams)})"
+        return (
+            f"Runtime({len(self.router)} routes, upstreams={sorted(self.upstreams)}, "
+            f"active={self.active})"
+        )
 
 
-def build_runtime(settings: GatewaySettings) -> Runtime:
-    upstreams = {name: Upstream(name, s) for name, s in settings.upstreams.items()}
-    router: Router[ProxyRoute] = Router()
+def build_runtime(settings: GatewaySettings, previous: Runtime | None = None) -> Runtime:
+    """Compile `settings`. Upstreams whose settings did not change are taken over from
+    `previous` as they are: their pools, breakers and health checks carry on."""
+    upstreams: dict[str, Upstream] = {}
+    for name, upstream_settings in settings.upstreams.items():
+        old = previous.upstreams.get(name) if previous is not None else None
+        if old is not None and old.settings == upstream_settings:
+            upstreams[name] = old
+        else:
+            upstreams[name] = Upstream(name, upstream_settings)
+    router: Router[ProxyRoute | AggregateRoute] = Router()
     server = settings.server
     for route in settings.routes:
-        assert route.upstream is not None  # aggregate routes are refused by `unsupported`
-        upstream = upstreams[route.upstream]
-        compiled = ProxyRoute(
-            name=route.name,
-            upstream=upstream.name,
-            handler=build_route_handler(route, upstream),
-            rewrite=CompiledTemplate(route.rewrite) if route.rewrite else None,
-            timeout=route.timeout,
-            preserve_host=route.preserve_host,
-            max_body_size=server.max_body_size,
-            trusted_proxies=server.trusted_proxies,
-        )
         methods = frozenset(route.methods) if route.methods else None
+        compiled: ProxyRoute | AggregateRoute
+        if route.aggregate is not None:
+            compiled = build_aggregate_route(route, upstreams, server)
+        else:
+            assert route.upstream is not None  # the settings model guarantees one
+            upstream = upstreams[route.upstream]
+            compiled = ProxyRoute(
+                name=route.name,
+                upstream=upstream.name,
+                handler=build_route_handler(route, upstream),
+                rewrite=CompiledTemplate(route.rewrite) if route.rewrite else None,
+                timeout=route.timeout,
+                preserve_host=route.preserve_host,
+                max_body_size=server.max_body_size,
+                trusted_proxies=server.trusted_proxies,
+            )
         router.add(compiled, route.path, methods, route.host)
     return Runtime(settings, router, upstreams)
+
+
+def build_aggregate_route(
+    route: RouteSettings, upstreams: dict[str, Upstream], server: ServerSettings
+) -> AggregateRoute:
+    aggregate = route.aggregate
+    assert aggregate is not None
+    path_params = frozenset(
+        name for name, kind in _PATH_PARAM.findall(route.path) if kind == ":path"
+    )
+    backends = [
+        Backend(
+            index=i,
+            upstream=b.upstream,
+            template=BackendTemplate(b.path, path_params),
+            handler=build_route_handler(route, upstreams[b.upstream]),
+            key=b.key,
+            required=b.required,
+            timeout=b.timeout,
+            fields=frozenset(b.fields) if b.fields is not None else None,
+            rename=dict(b.rename),
+        )
+        for i, b in enumerate(aggregate.backends)
+    ]
+    return AggregateRoute(
+        route.name,
+        backends,
+        partial=aggregate.partial,
+        timeout=route.timeout,
+        max_response_size=aggregate.max_response_size,
+        forward_authorization=route.forward_authorization,
+        max_body_size=server.max_body_size,
+        trusted_proxies=server.trusted_proxies,
+    )

@@ -72,6 +72,8 @@ class Upstream:
             follow_redirects=False,
             trust_env=False,
         )
+        self._started = False
+        self._closed = False
         # For httpx's own transport, which reads timeouts from the request.
         self._timeouts = {
             "connect": settings.connect_timeout,
@@ -140,7 +142,17 @@ class Upstream:
             target=target.url,
         )
 
+    async def start(self) -> None:
+        """Start this upstream's background work (health checks); idempotent."""
+        if self._started:
+            return
+        self._started = True
+
     async def aclose(self) -> None:
+        """Stop background work and close the pool; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         await self.client.aclose()
 
     def __repr__(self) -> str:

@@ -1,0 +1,112 @@
+"""Prometheus metrics (prometheus-client), one `Metrics` object per process.
+
+With several workers, prometheus-client's multiprocess mode is used: every worker
+writes its figures to files under `PROMETHEUS_MULTIPROC_DIR` and the admin listener
+sums them. A worker that dies keeps its counters on disk (nothing is lost) and its
+replacement writes new files under its own pid (nothing is counted twice); live
+gauges of a dead worker are dropped with `mark_process_dead`.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics", "multiprocess_dir", "render"]
+
+_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        # In multiprocess mode values live in files; a private registry keeps the
+        # process-local objects from being exported twice.
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "gateway_requests_total",
+            "Requests answered, by route, method and status.",
+            ("route", "method", "status"),
+            registry=r,
+        )
+        self.duration = Histogram(
+            "gateway_request_duration_seconds",
+            "Time from request to the end of the response, by route.",
+            ("route",),
+            buckets=_BUCKETS,
+            registry=r,
+        )
+        self.upstream_requests = Counter(
+            "gateway_upstream_requests_total",
+            "Upstream tries by outcome (2xx..5xx, connect_error, reset, timeout, "
+            "saturated, unhealthy).",
+            ("upstream", "outcome"),
+            registry=r,
+        )
+        self.upstream_duration = Histogram(
+            "gateway_upstream_request_duration_seconds",
+            "Time from sending a try to its response headers, by upstream.",
+            ("upstream",),
+            buckets=_BUCKETS,
+            registry=r,
+        )
+        self.inflight = Gauge(
+            "gateway_upstream_inflight",
+            "Requests in flight to the upstream.",
+            ("upstream",),
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.queued = Gauge(
+            "gateway_upstream_queued",
+            "Requests waiting for a concurrency slot of the upstream.",
+            ("upstream",),
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.circuit_open = Gauge(
+            "gateway_circuit_open",
+            "1 while the upstream's circuit breaker is open (or half-open), else 0.",
+            ("upstream",),
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.rate_limited = Counter(
+            "gateway_rate_limited_total",
+            "Requests refused by a rate limit, by route.",
+            ("route",),
+            registry=r,
+        )
+        self.reloads = Counter(
+            "gateway_config_reloads_total",
+            "Config reloads by result (ok, error).",
+            ("result",),
+            registry=r,
+        )
+
+    def __repr__(self) -> str:
+        return f"Metrics(multiprocess={multiprocess_dir() is not None})"
+
+
+def render(metrics: Metrics) -> bytes:
+    """The text exposition: this process's registry, or every worker's files summed."""
+    path = multiprocess_dir()
+    if path is None:
+        return generate_latest(metrics.registry)
+    from prometheus_client import multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
+    return generate_latest(registry)
