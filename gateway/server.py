@@ -6,16 +6,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
+from typing import Any
 
 import uvicorn
 
 from gateway.admin import build_admin_app
 from gateway.app import DataPlane, GatewayState
 from gateway.loader import ConfigError, load_config
-from gateway.observability import configure_logging
+from gateway.metrics import Metrics
+from gateway.observability import AccessLog, configure_logging
 from gateway.runtime import build_runtime, unsupported
 from gateway.settings import GatewaySettings
 
@@ -33,10 +37,30 @@ class _Server(uvicorn.Server):
 
 
 class GatewayServer:
-    def __init__(self, settings: GatewaySettings, config_path: str) -> None:
+    """One process serving the data plane and the admin listener in one event loop.
+
+    Reload (POST /reload, SIGHUP, or the `watch` setting) validates the file fully,
+    builds a new runtime and swaps one reference; the old runtime finishes its
+    in-flight requests, then closes what the new one did not keep. SIGTERM/SIGINT
+    drains; a second signal exits at once."""
+
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        config_path: str,
+        *,
+        port: int | None = None,
+        sockets: list[socket.socket] | None = None,
+        admin: bool = True,
+    ) -> None:
         self.settings = settings
         self.config_path = config_path
-        self.state = GatewayState()
+        self.port_override = port
+        self.sockets = sockets
+        self.state = GatewayState(
+            metrics=Metrics(),
+            access_log=AccessLog() if settings.server.access_log else None,
+        )
         server = settings.server
         self.data = _Server(
             uvicorn.Config(
@@ -50,32 +74,42 @@ class GatewayServer:
                 server_header=False,
                 date_header=False,
                 log_config=None,
-                timeout_graceful_shutdown=int(server.drain_timeout) or 1,
+                timeout_graceful_shutdown=max(1, int(server.drain_timeout + 0.999)),
                 backlog=4096,
             )
         )
-        self.admin = _Server(
-            uvicorn.Config(
-                build_admin_app(self.state),
-                host=server.admin_host,
-                port=server.admin_port,
-                loop="none",
-                http="httptools",
-                lifespan="off",
-                access_log=False,
-                log_config=None,
+        self.admin: _Server | None = None
+        if admin:
+            self.admin = _Server(
+                uvicorn.Config(
+                    build_admin_app(self.state, reload=self.reload),
+                    host=server.admin_host,
+                    port=server.admin_port,
+                    loop="none",
+                    http="httptools",
+                    lifespan="off",
+                    access_log=False,
+                    log_config=None,
+                )
             )
-        )
         self._signals = 0
+        self._reload_lock = asyncio.Lock()
+        self._background: set[asyncio.Task[None]] = set()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _on_signal(self, signum: int) -> None:
         self._signals += 1
         if self._signals > 1:
             log.warning("second signal: exiting at once")
             self.data.force_exit = True
-            self.admin.force_exit = True
             self.data.should_exit = True
-            self.admin.should_exit = True
+            if self.admin is not None:
+                self.admin.force_exit = True
+                self.admin.should_exit = True
             return
         log.info(
             "draining: finishing in-flight requests",
@@ -84,8 +118,50 @@ class GatewayServer:
                 "drain_timeout": self.settings.server.drain_timeout,
             },
         )
+        self.begin_drain()
+
+    def begin_drain(self) -> None:
         self.state.draining = True
         self.data.should_exit = True
+
+    async def reload(self) -> list[str]:
+        """Reload the config file; returns the errors (empty on success)."""
+        async with self._reload_lock:
+            try:
+                settings = load_config(self.config_path)
+            except ConfigError as exc:
+                errors = exc.errors
+            else:
+                settings = _with_port(settings, self.port_override)
+                errors = [f"{self.config_path}: {p}" for p in unsupported(settings)]
+            if errors:
+                self.state.metrics.reloads.labels("error").inc()
+                log.error("reload refused; the running config is kept", extra={"errors": errors})
+                return errors
+            old = self.state.runtime
+            runtime = build_runtime(settings, previous=old)
+            await runtime.start()
+            self.state.runtime = runtime  # the swap: new requests start on the new config
+            self.settings = settings
+            if self.state.access_log is None and settings.server.access_log:
+                self.state.access_log = AccessLog()
+            if old is not None:
+                self._spawn(old.retire(runtime, grace=max(settings.server.drain_timeout, 30)))
+            self.state.metrics.reloads.labels("ok").inc()
+            log.info("config reloaded", extra={"routes": len(runtime.router)})
+            return []
+
+    async def _watch(self) -> None:
+        """Reload when the file changes. Polls `stat` (following symlinks), which sees
+        a Kubernetes ConfigMap's atomic symlink swap as well as an edit in place."""
+        last = _fingerprint(self.config_path)
+        while True:
+            await asyncio.sleep(1.0)
+            current = _fingerprint(self.config_path)
+            if current != last and current is not None:
+                last = current
+                log.info("config file changed; reloading", extra={"path": self.config_path})
+                await self.reload()
 
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
@@ -94,20 +170,52 @@ class GatewayServer:
         self.state.runtime = runtime
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
-        admin_task = asyncio.create_task(self.admin.serve())
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(_discard(self.reload())))
+        if self.settings.server.watch:
+            self._spawn(self._watch())
+        admin_task = asyncio.create_task(self.admin.serve()) if self.admin else None
         try:
-            await self.data.serve()
+            await self.data.serve(sockets=self.sockets)
         finally:
             self.state.draining = True
-            self.admin.should_exit = True
-            await admin_task
-            await runtime.aclose()
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            if self.admin is not None and admin_task is not None:
+                self.admin.should_exit = True
+                await admin_task
+            for task in list(self._background):
+                task.cancel()
+            await asyncio.gather(*self._background, return_exceptions=True)
+            current = self.state.runtime
+            if current is not None:
+                await current.aclose()
+            if runtime is not current:
+                await runtime.aclose()
+            if self.state.access_log is not None:
+                self.state.access_log.flush()
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
         if not self.data.started:
             return 1
         log.info("stopped")
         return 0
+
+
+async def _discard(coro: Coroutine[Any, Any, object]) -> None:
+    await coro
+
+
+def _fingerprint(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_ino, st.st_size)
+
+
+def _with_port(settings: GatewaySettings, port: int | None) -> GatewaySettings:
+    if port is None:
+        return settings
+    server = settings.server.model_copy(update={"port": port})
+    return settings.model_copy(update={"server": server})
 
 
 def _event_loop_factory() -> asyncio.AbstractEventLoop:
@@ -124,9 +232,7 @@ def run(config_path: str, *, workers: int | None = None, port: int | None = None
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return 1
-    if port is not None:
-        server = settings.server.model_copy(update={"port": port})
-        settings = settings.model_copy(update={"server": server})
+    settings = _with_port(settings, port)
     problems = unsupported(settings)
     if problems:
         for problem in problems:
@@ -135,6 +241,6 @@ def run(config_path: str, *, workers: int | None = None, port: int | None = None
     configure_logging(settings.server.log_level)
     if (workers or settings.server.workers) > 1:
         log.warning("several workers are not supported yet; serving with one")
-    gateway = GatewayServer(settings, config_path)
+    gateway = GatewayServer(settings, config_path, port=port)
     with asyncio.Runner(loop_factory=_event_loop_factory) as runner:
         return runner.run(gateway.serve())
