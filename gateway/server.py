@@ -239,8 +239,13 @@ def run(config_path: str, *, workers: int | None = None, port: int | None = None
             print(f"{config_path}: {problem}", file=sys.stderr)
         return 1
     configure_logging(settings.server.log_level)
-    if (workers or settings.server.workers) > 1:
-        log.warning("several workers are not supported yet; serving with one")
+    count = workers or settings.server.workers
+    if count > 1:
+        from gateway.supervisor import Supervisor
+
+        supervisor = Supervisor(settings, config_path, count, port)
+        with asyncio.Runner(loop_factory=_event_loop_factory) as runner:
+            return runner.run(supervisor.run())
     gateway = GatewayServer(settings, config_path, port=port)
     with asyncio.Runner(loop_factory=_event_loop_factory) as runner:
         return runner.run(gateway.serve())
