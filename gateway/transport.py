@@ -20,7 +20,7 @@ import aiohttp
 import httpx
 from yarl import URL
 
-__all__ = ["AiohttpTransport", "TransportSettings", "make_transport"]
+__all__ = ["AiohttpTransport", "RawResponse", "TransportSettings", "make_transport"]
 
 # aiohttp would otherwise invent these when the client did not send them.
 _SKIP_AUTO_HEADERS = frozenset({"Accept", "Accept-Encoding", "User-Agent", "Content-Type"})
@@ -77,8 +77,40 @@ class _ResponseStream(httpx.AsyncByteStream):
             response.close()  # abandoned mid-body: the connection cannot be reused
 
 
+class RawResponse:
+    """The proxy's own view of a response: status, raw headers, a body stream and
+    `aclose`. The hot path uses it instead of building httpx objects per request."""
+
+    __slots__ = ("_response", "headers", "status")
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+        self.status = response.status
+        self.headers: list[tuple[bytes, bytes]] = list(response.raw_headers)
+
+    async def body(self) -> AsyncIterator[bytes]:
+        content = self._response.content
+        with _map_aiohttp_errors():
+            while True:
+                chunk = await content.readany()
+                if not chunk:
+                    return
+                yield chunk
+
+    async def aclose(self) -> None:
+        response = self._response
+        if response.content.at_eof():
+            response.release()
+        else:
+            response.close()
+
+
 class AiohttpTransport(httpx.AsyncBaseTransport):
-    """An httpx transport on one pooled `aiohttp.ClientSession` (pools are per target)."""
+    """An httpx transport on one pooled `aiohttp.ClientSession` (pools are per target).
+
+    `open` is the same request without httpx's Request/Response objects: what the
+    gateway's own hot path calls. `handle_async_request` serves the upstream's
+    `httpx.AsyncClient` (health checks, tests, anything off the hot path)."""
 
     def __init__(self, settings: TransportSettings) -> None:
         self._settings = settings
@@ -137,6 +169,25 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             request=request,
             extensions=extensions,
         )
+
+    async def open(
+        self,
+        method: str,
+        url: str,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes | AsyncIterator[bytes] | None,
+    ) -> RawResponse:
+        session = self._session or self._open()
+        with _map_aiohttp_errors():
+            response = await session.request(
+                method,
+                URL(url, encoded=True),
+                headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers],
+                data=body,
+                allow_redirects=False,
+                compress=None,
+            )
+        return RawResponse(response)
 
     async def aclose(self) -> None:
         if self._session is not None:

@@ -8,14 +8,15 @@ on its hosts; the balancer (`balancers.py`) only reads it. Resilience policies
 from __future__ import annotations
 
 import http.cookiejar
+from collections.abc import AsyncIterator
 
 import httpx
 
 from gateway.balancers import Balancer, make_balancer
 from gateway.errors import UpstreamUnhealthy, map_httpx_errors
-from gateway.pipeline import GatewayRequest, GatewayResponse
+from gateway.pipeline import GatewayRequest, GatewayResponse, Headers
 from gateway.settings import UpstreamSettings
-from gateway.transport import TransportSettings, make_transport
+from gateway.transport import AiohttpTransport, TransportSettings, make_transport
 
 __all__ = ["Target", "Upstream"]
 
@@ -57,17 +58,20 @@ class Upstream:
         self.settings = settings
         self.targets = [Target(t.url, t.weight) for t in settings.targets]
         self.balancer: Balancer = make_balancer(settings.balancer, self.targets)
+        transport = transport or make_transport(
+            TransportSettings(
+                max_connections=settings.max_connections,
+                max_keepalive=settings.max_keepalive,
+                keepalive_expiry=settings.keepalive_expiry,
+                connect_timeout=settings.connect_timeout,
+                read_timeout=settings.read_timeout,
+            )
+        )
+        # The hot path talks to the transport directly when it offers `open`; the
+        # client (same pool) serves health checks and anything off the hot path.
+        self._raw = transport if isinstance(transport, AiohttpTransport) else None
         self.client = httpx.AsyncClient(
-            transport=transport
-            or make_transport(
-                TransportSettings(
-                    max_connections=settings.max_connections,
-                    max_keepalive=settings.max_keepalive,
-                    keepalive_expiry=settings.keepalive_expiry,
-                    connect_timeout=settings.connect_timeout,
-                    read_timeout=settings.read_timeout,
-                )
-            ),
+            transport=transport,
             cookies=_no_cookies(),
             follow_redirects=False,
             trust_env=False,
@@ -104,6 +108,8 @@ class Upstream:
         remaining_ms = max(1, int(request.deadline.remaining() * 1000))
         headers.append((b"x-request-timeout-ms", str(remaining_ms).encode()))
         content = request.body if request.stream is None else request.stream
+        if self._raw is not None:
+            return await self._send_raw(self._raw, target, request.method, url, headers, content)
         upstream_request = httpx.Request(
             request.method,
             url,
@@ -128,7 +134,7 @@ class Upstream:
                 target.inflight -= 1
                 await response.aclose()
 
-        async def body() -> object:
+        async def body() -> AsyncIterator[bytes]:
             with map_httpx_errors(self.name, target.url):
                 async for chunk in response.aiter_raw():
                     yield chunk
@@ -136,7 +142,49 @@ class Upstream:
         return GatewayResponse(
             status=response.status_code,
             headers=response.headers.raw,
-            body=body(),  # type: ignore[arg-type]
+            body=body(),
+            close=close,
+            upstream=self.name,
+            target=target.url,
+        )
+
+    async def _send_raw(
+        self,
+        raw: AiohttpTransport,
+        target: Target,
+        method: str,
+        url: str,
+        headers: Headers,
+        content: bytes | AsyncIterator[bytes] | None,
+    ) -> GatewayResponse:
+        """The hot path: straight to the transport, without the request/response
+        objects and the browser features (cookies, redirects, auth) of `client.send`."""
+        target.inflight += 1
+        try:
+            with map_httpx_errors(self.name, target.url):
+                response = await raw.open(method, url, headers, content)
+        except BaseException:
+            target.inflight -= 1
+            raise
+
+        released = False
+
+        async def close() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                target.inflight -= 1
+                await response.aclose()
+
+        async def body() -> AsyncIterator[bytes]:
+            with map_httpx_errors(self.name, target.url):
+                async for chunk in response.body():
+                    yield chunk
+
+        return GatewayResponse(
+            status=response.status,
+            headers=response.headers,
+            body=body(),
             close=close,
             upstream=self.name,
             target=target.url,
