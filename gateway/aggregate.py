@@ -12,9 +12,15 @@ import json
 import re
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, unquote
+from urllib.parse import quote, unquote_to_bytes
 
-from gateway.errors import GatewayError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from gateway.errors import (
+    BadRequest,
+    GatewayError,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from gateway.pipeline import Deadline, GatewayRequest, Handler, Headers
 
 __all__ = ["AggregateRoute", "Backend", "BackendTemplate"]
@@ -40,7 +46,9 @@ class BackendTemplate:
 
     Parameters arrive percent-encoded from the request path; each is decoded once and
     re-encoded for where it lands, so `a&b` can never add a query parameter and `a/b`
-    can never add a path segment (a `{name:path}` parameter keeps its slashes)."""
+    can never add a path segment (a `{name:path}` parameter keeps its slashes). The
+    bytes the client sent are kept exactly (`%FF` stays `%FF`), and a filled path with a
+    `.` or `..` segment is refused, as a rewrite's is."""
 
     __slots__ = ("_parts", "source")
 
@@ -62,8 +70,10 @@ class BackendTemplate:
         for literal, name, safe in self._parts:
             out.append(literal)
             if name is not None:
-                out.append(quote(unquote(params[name]), safe=safe))
+                out.append(quote(unquote_to_bytes(params[name]), safe=safe))
         path, _, query = "".join(out).partition("?")
+        if any(segment in (".", "..") for segment in path.split("/")):
+            raise BadRequest("a backend path would contain a dot segment")
         return path, query.encode("latin-1")
 
 
@@ -128,9 +138,11 @@ class AggregateRoute:
     ) -> tuple[int, Headers, bytes]:
         base = [(n, v) for n, v in headers if n in self.forwarded]
         base.append(_ACCEPT_JSON)
+        # Filled before any backend starts: a path that cannot be built refuses the request.
+        targets = [b.template.fill(params) for b in self.backends]
         tasks = [
-            asyncio.create_task(self._call(b, params, base, deadline, request_id))
-            for b in self.backends
+            asyncio.create_task(self._call(b, target, base, deadline, request_id))
+            for b, target in zip(self.backends, targets, strict=True)
         ]
         try:
             done, _ = await asyncio.wait(tasks, timeout=max(deadline.remaining(), 0))
@@ -177,7 +189,12 @@ class AggregateRoute:
                 merged[outcome.backend.key] = outcome.value
             else:
                 merged.update(outcome.value)
-        body = json.dumps(merged, separators=(",", ":")).encode()
+        try:
+            body = json.dumps(merged, separators=(",", ":")).encode()
+        except RecursionError:  # parsed just under the nesting limit, nested once more
+            raise UpstreamUnavailable(
+                "the merged answer is nested too deeply to encode as JSON"
+            ) from None
         headers: Headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
@@ -188,15 +205,17 @@ class AggregateRoute:
     async def _call(
         self,
         backend: Backend,
-        params: dict[str, str],
+        target: tuple[str, bytes],
         headers: Headers,
         deadline: Deadline,
         request_id: str,
     ) -> _Outcome:
-        path, query = backend.template.fill(params)
+        path, query = target
         limit = deadline
+        late = "did not answer within the route deadline"
         if backend.timeout is not None and backend.timeout < deadline.remaining():
             limit = Deadline.after(backend.timeout)
+            late = f"did not answer within its timeout ({backend.timeout * 1000:.0f} ms)"
         request = GatewayRequest(
             method="GET",
             path=path,
@@ -212,11 +231,14 @@ class AggregateRoute:
                     value = await self._fetch(backend, request)
             except TimeoutError:
                 raise UpstreamTimeout(
-                    f"{backend.describe()} did not answer within its timeout",
-                    upstream=backend.upstream,
+                    f"{backend.describe()} {late}", upstream=backend.upstream
                 ) from None
         except GatewayError as exc:
-            if isinstance(exc, UpstreamError) and not exc.detail.startswith("backend "):
+            if isinstance(exc, UpstreamTimeout) and limit.expired():
+                # Whichever timer noticed first (this one, the deadline's, the try's),
+                # say which limit it was.
+                exc.detail = f"{backend.describe()} {late}"
+            elif isinstance(exc, UpstreamError) and not exc.detail.startswith("backend "):
                 exc.detail = f"{backend.describe()}: {exc.detail}"
             exc.upstream = exc.upstream or backend.upstream
             return _Outcome(backend, error=exc)
@@ -246,8 +268,8 @@ class AggregateRoute:
         finally:
             await response.close()
         try:
-            value = json.loads(b"".join(chunks))
-        except ValueError:
+            value = json.loads(b"".join(chunks), parse_constant=_no_constant)
+        except (ValueError, RecursionError):  # RecursionError: nested too deep
             raise UpstreamUnavailable(
                 f"{backend.describe()} answered a body that is not JSON",
                 upstream=backend.upstream,
@@ -271,3 +293,9 @@ class AggregateRoute:
             if backend.rename:
                 value = {backend.rename.get(k, k): v for k, v in value.items()}
         return value
+
+
+def _no_constant(name: str) -> Any:
+    # NaN and Infinity are not JSON (RFC 8259); passed through they would make the
+    # merged answer invalid JSON.
+    raise ValueError(f"{name} is not JSON")

@@ -29,6 +29,23 @@ def _candidates(targets: list[Target], exclude: set[str]) -> list[Target]:
     return healthy
 
 
+def _smooth_pick(targets: list[Target], current: list[int], allowed: list[Target]) -> Target:
+    """One step of nginx's smooth weighted round robin over `allowed` (a non-empty
+    subset of `targets`); `current` is the per-target running score it keeps."""
+    ids = {id(t) for t in allowed}
+    total = 0
+    best = -1
+    for i, t in enumerate(targets):
+        if id(t) not in ids:
+            continue
+        current[i] += t.weight
+        total += t.weight
+        if best < 0 or current[i] > current[best]:
+            best = i
+    current[best] -= total
+    return targets[best]
+
+
 class RoundRobin:
     """Smooth weighted round robin (nginx's): exact over a cycle of sum(weights) picks,
     with the heavier targets interleaved rather than bunched."""
@@ -50,39 +67,41 @@ class RoundRobin:
                 if t.healthy:
                     return t
             return None
-        allowed = {id(t) for t in _candidates(targets, exclude)}
-        if not allowed:
+        candidates = _candidates(targets, exclude)
+        if not candidates:
             return None
-        total = 0
-        best = -1
-        for i, t in enumerate(targets):
-            if id(t) not in allowed:
-                continue
-            self._current[i] += t.weight
-            total += t.weight
-            if best < 0 or self._current[i] > self._current[best]:
-                best = i
-        self._current[best] -= total
-        return targets[best]
+        return _smooth_pick(targets, self._current, candidates)
 
     def __repr__(self) -> str:
         return f"RoundRobin({[t.url for t in self.targets]})"
 
 
 class LeastInflight:
-    """The target with the fewest in-flight requests per unit of weight; ties rotate."""
+    """The target with the fewest in-flight requests per unit of weight (nginx's
+    `least_conn`). Ties, such as every target of an idle upstream, are broken by smooth
+    weighted round robin among the tied targets, so weights hold at low load too."""
 
     def __init__(self, targets: list[Target]) -> None:
         self.targets = targets
-        self._offset = 0
+        self._current = [0] * len(targets)
 
     def select(self, exclude: set[str]) -> Target | None:
         candidates = _candidates(self.targets, exclude)
         if not candidates:
             return None
-        self._offset = (self._offset + 1) % len(candidates)
-        rotated = candidates[self._offset :] + candidates[: self._offset]
-        return min(rotated, key=lambda t: t.inflight / t.weight)
+        # Compare inflight/weight by cross-multiplying: exact, no float ties missed.
+        best = candidates[0]
+        tied = [best]
+        for t in candidates[1:]:
+            left, right = t.inflight * best.weight, best.inflight * t.weight
+            if left < right:
+                best = t
+                tied = [t]
+            elif left == right:
+                tied.append(t)
+        if len(tied) == 1:
+            return best
+        return _smooth_pick(self.targets, self._current, tied)
 
     def __repr__(self) -> str:
         return f"LeastInflight({[(t.url, t.inflight) for t in self.targets]})"

@@ -16,7 +16,11 @@ from dataclasses import dataclass
 
 from gateway.aggregate import AggregateRoute, Backend, BackendTemplate
 from gateway.pipeline import Handler, Policy
+from gateway.policies.breaker import breaker
+from gateway.policies.bulkhead import bulkhead
 from gateway.policies.deadline import deadline
+from gateway.policies.retry import retry
+from gateway.policies.try_timeout import try_timeout
 from gateway.routing import CompiledTemplate, Router
 from gateway.settings import GatewaySettings, RouteSettings, ServerSettings
 from gateway.upstream import Upstream
@@ -43,8 +47,25 @@ class ProxyRoute:
 
 def build_route_handler(route: RouteSettings, upstream: Upstream) -> Handler:
     """Compose the route's chain around one upstream try, outermost first:
-    deadline, retry, breaker, bulkhead, upstream."""
+    deadline, retry, breaker, bulkhead, try timeout, upstream. Each retry passes
+    through the breaker and the bulkhead; the state of both (and the retry budget) lives
+    on the `Upstream`, shared by every route that uses it. The try timeout sits inside
+    the bulkhead so time spent queueing is not charged to `read_timeout`."""
+    settings = upstream.settings
     policies: list[Policy] = [deadline(upstream.name)]
+    if settings.retries.attempts > 0:
+        policies.append(
+            retry(
+                settings.retries,
+                upstream.retry_budget,
+                retry_non_idempotent=route.retry_non_idempotent,
+                upstream=upstream.name,
+            )
+        )
+    if upstream.breaker is not None:
+        policies.append(breaker(upstream.breaker))
+    policies.append(bulkhead(upstream.bulkhead))
+    policies.append(try_timeout(settings.read_timeout, upstream.name))
     handler: Handler = upstream.send
     for policy in reversed(policies):
         handler = policy(handler)

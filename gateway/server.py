@@ -71,6 +71,9 @@ class GatewayServer:
                 http="httptools",
                 lifespan="off",
                 access_log=False,
+                # The gateway reads X-Forwarded-* itself (trusted_proxies); uvicorn
+                # must not rewrite the peer address from them first.
+                proxy_headers=False,
                 server_header=False,
                 date_header=False,
                 log_config=None,

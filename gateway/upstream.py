@@ -15,6 +15,10 @@ import httpx
 from gateway.balancers import Balancer, make_balancer
 from gateway.errors import UpstreamUnhealthy, map_httpx_errors
 from gateway.pipeline import GatewayRequest, GatewayResponse, Headers
+from gateway.policies.breaker import CircuitBreaker
+from gateway.policies.budget import RetryBudget
+from gateway.policies.bulkhead import Bulkhead
+from gateway.policies.health import HealthChecker
 from gateway.settings import UpstreamSettings
 from gateway.transport import AiohttpTransport, TransportSettings, make_transport
 
@@ -75,6 +79,21 @@ class Upstream:
             cookies=_no_cookies(),
             follow_redirects=False,
             trust_env=False,
+        )
+        # Resilience state shared by every route that uses this upstream (policies/).
+        self.bulkhead = Bulkhead(
+            settings.max_concurrency, settings.max_queue, settings.queue_timeout, name=name
+        )
+        self.breaker = (
+            CircuitBreaker.from_settings(settings.circuit_breaker, name=name)
+            if settings.circuit_breaker is not None
+            else None
+        )
+        self.retry_budget = RetryBudget(settings.retries.budget)
+        self.health = (
+            HealthChecker(name, self.targets, settings.health_check, self.client)
+            if settings.health_check is not None
+            else None
         )
         self._started = False
         self._closed = False
@@ -195,13 +214,20 @@ class Upstream:
         if self._started:
             return
         self._started = True
+        if self.health is not None:
+            self.health.start()
 
     async def aclose(self) -> None:
         """Stop background work and close the pool; idempotent."""
         if self._closed:
             return
         self._closed = True
+        if self.health is not None:
+            await self.health.aclose()
         await self.client.aclose()
 
     def __repr__(self) -> str:
-        return f"Upstream({self.name!r}, targets={self.targets!r})"
+        return (
+            f"Upstream({self.name!r}, targets={self.targets!r}, {self.bulkhead!r}, "
+            f"{self.breaker!r})"
+        )
