@@ -17,6 +17,7 @@ from typing import Any
 from gateway.aggregate import AggregateRoute
 from gateway.errors import (
     BodyTooLarge,
+    ClientClosedRequest,
     GatewayError,
     InternalError,
     RequestTimeout,
@@ -182,6 +183,9 @@ class DataPlane:
 
     async def _fail(self, send: Send, error: GatewayError, exchange: Exchange) -> None:
         exchange.error = error.code
+        if isinstance(error, ClientClosedRequest):
+            exchange.status = exchange.status or error.status
+            return  # nobody is listening
         if exchange.response_started:
             return  # too late for an error document: ending early aborts the connection
         if error.route is None:
@@ -231,6 +235,7 @@ class DataPlane:
                     ) from None
             else:
                 request.stream = reader.stream()
+                request.source = reader
         else:
             reader.done = True
 
@@ -240,10 +245,8 @@ class DataPlane:
                 try:
                     response = await route.handler(request)
                 except GatewayError:
-                    if reader.too_large:
-                        raise BodyTooLarge(
-                            f"the request body exceeds max_body_size ({route.max_body_size} bytes)"
-                        ) from None
+                    if reader.error is not None:
+                        raise reader.error from None
                     raise
                 exchange.target = response.target
                 exchange.status = response.status

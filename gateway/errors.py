@@ -8,6 +8,7 @@
     ├── RequestTimeout                408 request_timeout
     ├── BodyTooLarge                  413 body_too_large
     ├── RateLimited                   429 rate_limited
+    ├── ClientClosedRequest           499 client_disconnected    (never sent: the client left)
     ├── InternalError                 500 internal_error
     ├── UpstreamError
     │   ├── UpstreamUnavailable       502 upstream_unavailable   (refused, reset, bad HTTP)
@@ -24,6 +25,7 @@ also records the retry-relevant `outcome` of the failure (`connect_error`, `time
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import ClassVar
@@ -33,6 +35,7 @@ import httpx
 __all__ = [
     "BadRequest",
     "BodyTooLarge",
+    "ClientClosedRequest",
     "GatewayError",
     "InternalError",
     "MethodNotAllowed",
@@ -50,6 +53,7 @@ __all__ = [
     "problem_body",
 ]
 
+log = logging.getLogger("gateway.upstream")
 PROBLEM_TYPE = "https://gateway.dev/problems/"
 Headers = list[tuple[bytes, bytes]]
 
@@ -103,6 +107,13 @@ class MethodNotAllowed(GatewayError):
 
 class BodyTooLarge(GatewayError):
     status, code, title = 413, "body_too_large", "Request body too large"
+
+
+class ClientClosedRequest(GatewayError):
+    """The client went away before the exchange finished (nginx's 499). Nothing is
+    sent back; it is recorded, and it never counts against an upstream."""
+
+    status, code, title = 499, "client_disconnected", "Client closed the request"
 
 
 class RateLimited(GatewayError):
@@ -177,28 +188,39 @@ def problem_body(error: GatewayError, request_id: str) -> bytes:
 
 @contextmanager
 def map_httpx_errors(upstream: str, target: str) -> Iterator[None]:
-    """Translate httpx's exceptions into the gateway's, naming the upstream and target."""
+    """Translate httpx's exceptions into the gateway's. Client-facing details name the
+    upstream, never the internal target address; the cause is logged with the target."""
     try:
         yield
-    except httpx.TimeoutException as exc:
-        if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
-            raise UpstreamUnavailable(
-                f"connect to {target} timed out", upstream=upstream, outcome="connect_error"
-            ) from exc
-        raise UpstreamTimeout(f"{target} did not answer in time", upstream=upstream) from exc
-    except httpx.ConnectError as exc:
-        raise UpstreamUnavailable(
-            f"cannot connect to {target}: {exc}".rstrip(": "),
+    except httpx.HTTPError as exc:
+        log.debug(
+            "upstream try failed: %s: %s",
+            type(exc).__name__,
+            exc,
+            extra={"upstream": upstream, "target": target},
+        )
+        raise _translate(exc, upstream) from exc
+
+
+def _translate(exc: httpx.HTTPError, upstream: str) -> UpstreamError:
+    if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
+        return UpstreamUnavailable(
+            f"connecting to upstream {upstream!r} timed out",
             upstream=upstream,
             outcome="connect_error",
-        ) from exc
-    except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
-        raise UpstreamUnavailable(
-            f"{target} closed the connection or spoke bad HTTP: {exc}".rstrip(": "),
+        )
+    if isinstance(exc, httpx.TimeoutException):
+        return UpstreamTimeout(f"upstream {upstream!r} did not answer in time", upstream=upstream)
+    if isinstance(exc, httpx.ConnectError):
+        return UpstreamUnavailable(
+            f"cannot connect to upstream {upstream!r}", upstream=upstream, outcome="connect_error"
+        )
+    if isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError | httpx.WriteError):
+        return UpstreamUnavailable(
+            f"upstream {upstream!r} closed the connection or spoke bad HTTP",
             upstream=upstream,
             outcome="reset",
-        ) from exc
-    except httpx.HTTPError as exc:
-        raise UpstreamUnavailable(
-            f"{target}: {type(exc).__name__}: {exc}", upstream=upstream, outcome="reset"
-        ) from exc
+        )
+    return UpstreamUnavailable(
+        f"upstream {upstream!r} failed ({type(exc).__name__})", upstream=upstream, outcome="reset"
+    )

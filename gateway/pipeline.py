@@ -10,8 +10,12 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
+
+from gateway.errors import GatewayError
 
 __all__ = [
+    "BodySource",
     "Deadline",
     "GatewayRequest",
     "GatewayResponse",
@@ -22,6 +26,13 @@ __all__ = [
 ]
 
 Headers = list[tuple[bytes, bytes]]
+
+
+class BodySource(Protocol):
+    """Where a streamed request body comes from; `error` says why it stopped early
+    (the client left, or sent too much), which outranks the transport's own error."""
+
+    error: GatewayError | None
 
 
 class Deadline:
@@ -72,6 +83,7 @@ class GatewayRequest:
     # otherwise `stream` yields it once (and a retry after it started is not safe).
     body: bytes | None = None
     stream: AsyncIterator[bytes] | None = None
+    source: BodySource | None = None
     host: str | None = None  # the incoming Host, for preserve_host
     attempt: int = 0
     exclude_targets: set[str] = field(default_factory=set)

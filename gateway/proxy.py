@@ -12,7 +12,7 @@ import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from gateway.errors import BodyTooLarge, GatewayError
+from gateway.errors import BodyTooLarge, ClientClosedRequest, GatewayError
 from gateway.pipeline import GatewayResponse, Headers
 from gateway.settings import IPNetwork
 from gateway.types import Receive, Scope, Send
@@ -56,6 +56,7 @@ _REPLACED = frozenset(
     }
 )
 _DROP_UP = HOP_BY_HOP | _REPLACED
+_FRAMING = frozenset({b"content-length"})
 _DROP_DOWN = HOP_BY_HOP | {b"x-request-id"}
 
 
@@ -93,7 +94,9 @@ def parse_incoming(raw: list[tuple[bytes, bytes]]) -> IncomingHeaders:
     drop = _DROP_UP
     for name, value in raw:
         if name == b"connection":
-            drop = drop | _connection_tokens(value)
+            # Connection may not strip what frames the request: Content-Length stays
+            # (Transfer-Encoding and Host are handled by the gateway either way).
+            drop = drop | (_connection_tokens(value) - _FRAMING)
     upstream: Headers = []
     host = ""
     request_id: str | None = None
@@ -127,8 +130,6 @@ def parse_incoming(raw: list[tuple[bytes, bytes]]) -> IncomingHeaders:
             xfp = value
         elif name == b"x-forwarded-host":
             xfh = value
-        elif name == b"content-length":  # named in Connection: still needed for framing
-            upstream.append((name, value))
     return IncomingHeaders(
         upstream=upstream,
         host=host,
@@ -189,7 +190,7 @@ class BodyReader:
     that goes away, so the upstream request can be cancelled and its connection freed.
     """
 
-    __slots__ = ("_complete", "_receive", "done", "finished", "limit", "received", "too_large")
+    __slots__ = ("_complete", "_receive", "done", "error", "finished", "limit", "received")
 
     def __init__(self, receive: Receive, limit: int) -> None:
         self._receive = receive
@@ -197,18 +198,23 @@ class BodyReader:
         self.received = 0
         self.done = False  # the whole request body has been read
         self.finished = False  # the response is complete: a disconnect now is normal
-        self.too_large = False
+        # Why reading stopped early, if it did: the client left, or sent too much. The
+        # transport may wrap this in its own error; the gateway reports this one.
+        self.error: GatewayError | None = None
         self._complete: asyncio.Event | None = None
 
     async def _next(self) -> bytes:
         message = await self._receive()
         if message["type"] == "http.disconnect":
-            raise asyncio.CancelledError("client disconnected")
+            self.error = ClientClosedRequest("the client went away while sending the body")
+            raise self.error
         chunk: bytes = message.get("body", b"")
         self.received += len(chunk)
         if self.received > self.limit:
-            self.too_large = True
-            raise BodyTooLarge(f"the request body exceeds max_body_size ({self.limit} bytes)")
+            self.error = BodyTooLarge(
+                f"the request body exceeds max_body_size ({self.limit} bytes)"
+            )
+            raise self.error
         if not message.get("more_body", False):
             self.done = True
             if self._complete is not None:

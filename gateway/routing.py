@@ -145,6 +145,8 @@ class Router(Generic[T]):
                 return Match(entry.route, m.groupdict())
             allowed.extend(x for x in sorted(entry.methods) if x not in allowed)
         if allowed:
+            if "GET" in allowed and "HEAD" not in allowed:
+                allowed.append("HEAD")  # served wherever GET is
             raise MethodNotAllowed(allowed)
         raise RouteNotFound(f"no route for {method} {path}")
 

@@ -267,6 +267,19 @@ class RouteSettings(Model):
         template_is_valid(value)
         return value
 
+    @field_validator("rewrite")
+    @classmethod
+    def _rewrite(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.startswith("/"):
+            raise ValueError("a rewrite must start with /")
+        if "?" in value or "#" in value:
+            raise ValueError(
+                "a rewrite is a path only: the client's query string is forwarded as it is"
+            )
+        return value
+
     @field_validator("methods")
     @classmethod
     def _methods(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:

@@ -49,6 +49,14 @@ def _no_cookies() -> httpx.Cookies:
     return httpx.Cookies(http.cookiejar.CookieJar(policy=policy))
 
 
+def _raise_body_error(request: GatewayRequest, exc: BaseException) -> None:
+    """A try that failed because the client's body stream failed (the client left, or
+    sent too much) is the client's doing: report that, never an upstream failure."""
+    source = request.source
+    if source is not None and source.error is not None and exc is not source.error:
+        raise source.error from None
+
+
 class Upstream:
     """Owns the pooled client for all its targets; `send` is one try on one target."""
 
@@ -128,7 +136,7 @@ class Upstream:
         headers.append((b"x-request-timeout-ms", str(remaining_ms).encode()))
         content = request.body if request.stream is None else request.stream
         if self._raw is not None:
-            return await self._send_raw(self._raw, target, request.method, url, headers, content)
+            return await self._send_raw(self._raw, target, request, url, headers, content)
         upstream_request = httpx.Request(
             request.method,
             url,
@@ -140,8 +148,9 @@ class Upstream:
         try:
             with map_httpx_errors(self.name, target.url):
                 response = await self.client.send(upstream_request, stream=True)
-        except BaseException:
+        except BaseException as exc:
             target.inflight -= 1
+            _raise_body_error(request, exc)
             raise
 
         released = False
@@ -171,7 +180,7 @@ class Upstream:
         self,
         raw: AiohttpTransport,
         target: Target,
-        method: str,
+        request: GatewayRequest,
         url: str,
         headers: Headers,
         content: bytes | AsyncIterator[bytes] | None,
@@ -181,9 +190,10 @@ class Upstream:
         target.inflight += 1
         try:
             with map_httpx_errors(self.name, target.url):
-                response = await raw.open(method, url, headers, content)
-        except BaseException:
+                response = await raw.open(request.method, url, headers, content)
+        except BaseException as exc:
             target.inflight -= 1
+            _raise_body_error(request, exc)
             raise
 
         released = False

@@ -207,13 +207,6 @@ def test_client_closing_mid_upload_cancels_the_upstream_request(env: Env) -> Non
     assert_gateway_still_serves(env)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: app._proxy reads a small (replayable) body with reader.read_all() outside "
-    "_CancelOnDisconnect; BodyReader._next raises asyncio.CancelledError on "
-    "http.disconnect, which escapes the ASGI app: uvicorn logs 'Exception in ASGI "
-    "application' with a traceback and the access log says error=null",
-)
 def test_client_closing_mid_small_body_is_a_quiet_499(
     tmp_path: Path, upstream: Callable[..., UpstreamServer]
 ) -> None:
@@ -243,13 +236,6 @@ def test_client_closing_mid_small_body_is_a_quiet_499(
     assert lines[0]["error"] == "client_disconnected"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a client that aborts a streamed (chunked or >64 KiB) upload makes the "
-    "upstream try fail with UpstreamUnavailable(outcome='reset'): the breaker counts it "
-    "as an upstream failure and the request is logged as 502 upstream_unavailable, "
-    "not 499 client_disconnected",
-)
 def test_clients_aborting_uploads_do_not_trip_the_breaker(
     tmp_path: Path, upstream: Callable[..., UpstreamServer]
 ) -> None:

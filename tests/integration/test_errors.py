@@ -154,7 +154,7 @@ def test_wrong_method_is_405_with_allow(env: Env, client: httpx.Client) -> None:
     before = env.counter.calls
     response = client.post("/only-get", content=b"x")
     assert_problem(response, 405, "method_not_allowed")
-    assert [m.strip() for m in response.headers["allow"].split(",")] == ["GET"]
+    assert [m.strip() for m in response.headers["allow"].split(",")] == ["GET", "HEAD"]
     assert env.counter.calls == before
 
 

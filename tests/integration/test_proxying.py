@@ -275,12 +275,6 @@ def test_large_request_body_is_forwarded_exactly(env: Env, client: httpx.Client)
     assert only(env, request_id)["body"] == body.decode("latin-1")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: proxy.parse_incoming forwards a Content-Length that Connection names "
-    "but leaves content_length None, so app._proxy never reads the body: the upstream "
-    "waits for bytes that never come (504), or eats the next pooled request (desync)",
-)
 def test_body_is_forwarded_when_connection_names_content_length(env: Env) -> None:
     request_id = rid()
     request = (
@@ -557,12 +551,6 @@ def test_partial_segment_parameter_cannot_become_a_dot_segment(env: Env) -> None
     assert only(env, request_id)["path"] == "/v1/files/report"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a route rewrite may carry '?query' or '#fragment' (settings accept it) and "
-    "upstream.send appends '?' + the client's query after it: the upstream gets "
-    "'fixed=1?q=1', or loses the query inside the fragment",
-)
 @pytest.mark.parametrize(
     ("rewrite", "expected_query"),
     [("/v1/{rest}?fixed=1", "fixed=1&q=1"), ("/v1/{rest}#frag", "q=1")],
