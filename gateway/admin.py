@@ -105,11 +105,13 @@ def _check_token(request: Request, settings: GatewaySettings | None) -> Response
     if request.url.path in _OPEN_PATHS or settings is None:
         return None
     env = settings.server.admin_token_env
-    token = os.environ.get(env) if env else None
-    if not token:
+    if not env:
         return None
+    # Fail closed: a token setting whose variable is unset or empty locks the paths
+    # rather than leaving them open.
+    token = os.environ.get(env, "")
     given = request.headers.get("authorization", "")
-    if hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+    if token and hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
         return None
     return JSONResponse(
         {"error": "admin token required"},

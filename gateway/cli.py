@@ -59,6 +59,14 @@ def _check(file: str) -> int:
         for line in exc.errors:
             print(line, file=sys.stderr)
         return 1
+    from gateway.runtime import unsupported
+
+    problems = unsupported(settings)
+    if problems:
+        # Valid YAML, but `gateway run` would refuse it: say so here too.
+        for problem in problems:
+            print(f"{file}: {problem}", file=sys.stderr)
+        return 1
     print(route_table(settings))
     return 0
 

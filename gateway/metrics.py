@@ -10,6 +10,7 @@ gauges of a dead worker are dropped with `mark_process_dead`.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -20,7 +21,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-__all__ = ["CONTENT_TYPE_LATEST", "Metrics", "multiprocess_dir", "render"]
+__all__ = ["CONTENT_TYPE_LATEST", "Gauge", "Metrics", "UpstreamStats", "multiprocess_dir", "render"]
 
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -98,6 +99,46 @@ class Metrics:
 
     def __repr__(self) -> str:
         return f"Metrics(multiprocess={multiprocess_dir() is not None})"
+
+
+class UpstreamStats:
+    """One upstream's series, bound once so a try costs no label lookups."""
+
+    __slots__ = (
+        "_counter",
+        "_duration",
+        "_name",
+        "_outcomes",
+        "circuit_open",
+        "inflight",
+        "queued",
+    )
+
+    def __init__(self, metrics: Metrics, name: str) -> None:
+        self._name = name
+        self._counter = metrics.upstream_requests
+        self._duration = metrics.upstream_duration.labels(name)
+        self._outcomes: dict[str, Any] = {}
+        self.inflight = metrics.inflight.labels(name)
+        self.queued = metrics.queued.labels(name)
+        self.circuit_open = metrics.circuit_open.labels(name)
+        self.circuit_open.set(0)
+
+    def record(self, outcome: str, seconds: float) -> None:
+        child = self._outcomes.get(outcome)
+        if child is None:
+            child = self._outcomes[outcome] = self._counter.labels(self._name, outcome)
+        child.inc()
+        self._duration.observe(seconds)
+
+    def retire(self) -> None:
+        """The upstream is gone: its live gauges read zero rather than their last value."""
+        self.inflight.set(0)
+        self.queued.set(0)
+        self.circuit_open.set(0)
+
+    def __repr__(self) -> str:
+        return f"UpstreamStats({self._name!r})"
 
 
 def render(metrics: Metrics) -> bytes:

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 
 from gateway.aggregate import AggregateRoute, Backend, BackendTemplate
+from gateway.metrics import Metrics
 from gateway.pipeline import Handler, Policy
 from gateway.policies.breaker import breaker
 from gateway.policies.bulkhead import bulkhead
@@ -143,7 +144,11 @@ class Runtime:
         )
 
 
-def build_runtime(settings: GatewaySettings, previous: Runtime | None = None) -> Runtime:
+def build_runtime(
+    settings: GatewaySettings,
+    previous: Runtime | None = None,
+    metrics: Metrics | None = None,
+) -> Runtime:
     """Compile `settings`. Upstreams whose settings did not change are taken over from
     `previous` as they are: their pools, breakers and health checks carry on."""
     upstreams: dict[str, Upstream] = {}
@@ -152,7 +157,7 @@ def build_runtime(settings: GatewaySettings, previous: Runtime | None = None) ->
         if old is not None and old.settings == upstream_settings:
             upstreams[name] = old
         else:
-            upstreams[name] = Upstream(name, upstream_settings)
+            upstreams[name] = Upstream(name, upstream_settings, metrics=metrics)
     router: Router[ProxyRoute | AggregateRoute] = Router()
     server = settings.server
     for route in settings.routes:

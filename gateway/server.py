@@ -31,9 +31,18 @@ log = logging.getLogger("gateway.server")
 class _Server(uvicorn.Server):
     """uvicorn's server without its own signal handlers: the gateway decides when to stop."""
 
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.listening = asyncio.Event()
+
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            self.listening.set()
 
 
 class GatewayServer:
@@ -52,11 +61,18 @@ class GatewayServer:
         port: int | None = None,
         sockets: list[socket.socket] | None = None,
         admin: bool = True,
+        worker: bool = False,
+        ready_fd: int | None = None,
     ) -> None:
         self.settings = settings
         self.config_path = config_path
         self.port_override = port
         self.sockets = sockets
+        # A worker of a supervisor: the supervisor watches the file and escalates on a
+        # second signal; a worker that also got the signal directly (Ctrl-C, systemd's
+        # control-group kill) must keep draining rather than count it twice.
+        self.worker = worker
+        self.ready_fd = ready_fd
         self.state = GatewayState(
             metrics=Metrics(),
             access_log=AccessLog() if settings.server.access_log else None,
@@ -106,6 +122,8 @@ class GatewayServer:
 
     def _on_signal(self, signum: int) -> None:
         self._signals += 1
+        if self._signals > 1 and self.worker:
+            return
         if self._signals > 1:
             log.warning("second signal: exiting at once")
             self.data.force_exit = True
@@ -142,7 +160,7 @@ class GatewayServer:
                 log.error("reload refused; the running config is kept", extra={"errors": errors})
                 return errors
             old = self.state.runtime
-            runtime = build_runtime(settings, previous=old)
+            runtime = build_runtime(settings, previous=old, metrics=self.state.metrics)
             await runtime.start()
             self.state.runtime = runtime  # the swap: new requests start on the new config
             self.settings = settings
@@ -153,6 +171,15 @@ class GatewayServer:
             self.state.metrics.reloads.labels("ok").inc()
             log.info("config reloaded", extra={"routes": len(runtime.router)})
             return []
+
+    async def _report_ready(self, fd: int) -> None:
+        """Tell the supervisor (one line on a pipe) once this worker accepts requests
+        and its signal handlers are in place."""
+        await self.data.listening.wait()
+        try:
+            os.write(fd, f"{os.getpid()}\n".encode())
+        finally:
+            os.close(fd)
 
     async def _watch(self) -> None:
         """Reload when the file changes. Polls `stat` (following symlinks), which sees
@@ -168,14 +195,16 @@ class GatewayServer:
 
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
-        runtime = build_runtime(self.settings)
+        runtime = build_runtime(self.settings, metrics=self.state.metrics)
         await runtime.start()
         self.state.runtime = runtime
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(_discard(self.reload())))
-        if self.settings.server.watch:
+        if self.settings.server.watch and not self.worker:
             self._spawn(self._watch())
+        if self.ready_fd is not None:
+            self._spawn(self._report_ready(self.ready_fd))
         admin_task = asyncio.create_task(self.admin.serve()) if self.admin else None
         try:
             await self.data.serve(sockets=self.sockets)
@@ -196,6 +225,10 @@ class GatewayServer:
                 self.state.access_log.flush()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+                if self.worker:
+                    # A late forwarded signal must not turn a clean exit into a kill;
+                    # the supervisor escalates with SIGKILL when it means it.
+                    signal.signal(sig, signal.SIG_IGN)
         if not self.data.started:
             return 1
         log.info("stopped")
@@ -246,9 +279,11 @@ def run(config_path: str, *, workers: int | None = None, port: int | None = None
     if count > 1:
         from gateway.supervisor import Supervisor
 
+        with open(config_path, encoding="utf-8") as f:
+            text = f.read()
         supervisor = Supervisor(settings, config_path, count, port)
         with asyncio.Runner(loop_factory=_event_loop_factory) as runner:
-            return runner.run(supervisor.run())
+            return runner.run(supervisor.run(text))
     gateway = GatewayServer(settings, config_path, port=port)
     with asyncio.Runner(loop_factory=_event_loop_factory) as runner:
         return runner.run(gateway.serve())

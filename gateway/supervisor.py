@@ -3,9 +3,13 @@
 The supervisor binds the data port once and hands the socket to each worker (an
 inherited file descriptor), so every worker accepts on the same port. Workers write
 metrics to a shared prometheus-client multiprocess directory that the supervisor's
-admin listener sums. A worker that dies is restarted (its counters stay on disk, its
-live gauges are dropped). Reload is validated here first, then every worker is told to
-reload (SIGHUP); SIGTERM/SIGINT drains every worker, and a second signal kills them.
+admin listener sums. Workers serve a snapshot of the last config the supervisor
+validated, never the file directly, so a worker restarted after a bad edit still serves
+the running config. A worker that dies is restarted (with a growing pause if it keeps
+dying); its counters stay on disk and its live gauges are dropped. `/readyz` turns 200
+once every worker has reported that it accepts requests. Reload is validated here, then
+every worker is told to reload (SIGHUP); SIGTERM/SIGINT drains every worker, and a
+second signal kills them.
 """
 
 from __future__ import annotations
@@ -20,13 +24,16 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import uvicorn
 
 from gateway.admin import build_admin_app
 from gateway.app import GatewayState
-from gateway.loader import ConfigError, load_config
+from gateway.loader import ConfigError, load_config, load_config_text
 from gateway.metrics import Metrics
 from gateway.runtime import unsupported
 from gateway.settings import GatewaySettings
@@ -57,6 +64,20 @@ def _use_multiprocess_values() -> None:
     values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
 
 
+def _ignore_sighup() -> None:
+    # Until the worker installs its own handler, a reload signal must not kill it; an
+    # ignored disposition survives exec.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+@dataclass
+class _Worker:
+    slot: int
+    proc: subprocess.Popen[bytes]
+    started: float = field(default_factory=time.monotonic)
+    ready: bool = False
+
+
 class Supervisor:
     def __init__(
         self, settings: GatewaySettings, config_path: str, workers: int, port: int | None
@@ -65,16 +86,17 @@ class Supervisor:
         self.config_path = config_path
         self.workers = workers
         self.port = port
-        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.procs: dict[int, _Worker] = {}
         self.draining = False
         self._signals = 0
-        self.metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
+        self._failures: dict[int, int] = {}
+        self.workdir = tempfile.mkdtemp(prefix="gateway-")
+        self.metrics_dir = os.path.join(self.workdir, "metrics")
+        os.mkdir(self.metrics_dir)
+        self.snapshot = os.path.join(self.workdir, "gateway.yaml")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
         _use_multiprocess_values()
         self.state = GatewayState(metrics=Metrics())
-        # The admin app reads `state.runtime.settings`; the supervisor has no runtime,
-        # only the validated settings, which is all /config and /readyz need.
-        self.state.runtime = _ConfigView(settings)  # type: ignore[assignment]
         server = settings.server
         self.admin = _Server(
             uvicorn.Config(
@@ -89,6 +111,12 @@ class Supervisor:
             )
         )
 
+    def _write_snapshot(self, text: str) -> None:
+        tmp = self.snapshot + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, self.snapshot)
+
     def _bind(self) -> socket.socket:
         server = self.settings.server
         family = socket.AF_INET6 if ":" in server.host else socket.AF_INET
@@ -99,27 +127,29 @@ class Supervisor:
         sock.set_inheritable(True)
         return sock
 
-    def _spawn(self, sock: socket.socket, slot: int) -> None:
+    def _spawn(self, sock: socket.socket, ready_w: int, slot: int) -> None:
         cmd = [
             sys.executable,
             "-m",
             "gateway.supervisor",
             "--fd",
             str(sock.fileno()),
+            "--ready-fd",
+            str(ready_w),
             "--config",
-            self.config_path,
+            self.snapshot,
         ]
         if self.port is not None:
             cmd += ["--port", str(self.port)]
-        proc = subprocess.Popen(cmd, pass_fds=[sock.fileno()])
-        self.procs[slot] = proc
+        proc = subprocess.Popen(cmd, pass_fds=[sock.fileno(), ready_w], preexec_fn=_ignore_sighup)
+        self.procs[slot] = _Worker(slot, proc)
         log.info("worker started", extra={"worker": slot, "pid": proc.pid})
 
-    def _signal_workers(self, sig: int) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
+    def _signal_workers(self, sig: int, ready_only: bool = False) -> None:
+        for worker in self.procs.values():
+            if worker.proc.poll() is None and (worker.ready or not ready_only):
                 with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(sig)
+                    worker.proc.send_signal(sig)
 
     def _on_signal(self, signum: int) -> None:
         self._signals += 1
@@ -132,19 +162,40 @@ class Supervisor:
         log.info("draining workers", extra={"signal": signal.Signals(signum).name})
         self._signal_workers(signal.SIGTERM)
 
+    def _on_ready(self, reader: int) -> None:
+        try:
+            data = os.read(reader, 4096)
+        except BlockingIOError:
+            return
+        for line in data.decode().split():
+            pid = int(line)
+            for worker in self.procs.values():
+                if worker.proc.pid == pid:
+                    worker.ready = True
+                    self._failures.pop(worker.slot, None)
+        if self.state.runtime is None and self.procs and all(w.ready for w in self.procs.values()):
+            self.state.runtime = _ConfigView(self.settings)  # type: ignore[assignment]
+            log.info("every worker is ready", extra={"workers": len(self.procs)})
+
     async def reload(self) -> list[str]:
         try:
-            settings = load_config(self.config_path)
+            text = await asyncio.to_thread(Path(self.config_path).read_text, encoding="utf-8")
+            settings = load_config_text(text, self.config_path)
+        except OSError as exc:
+            errors = [f"{self.config_path}:1:1: : cannot read config: {exc.strerror}"]
         except ConfigError as exc:
-            self.state.metrics.reloads.labels("error").inc()
-            log.error("reload refused; the running config is kept", extra={"errors": exc.errors})
-            return exc.errors
-        errors = [f"{self.config_path}: {p}" for p in unsupported(settings)]
+            errors = exc.errors
+        else:
+            errors = [f"{self.config_path}: {p}" for p in unsupported(settings)]
         if errors:
+            self.state.metrics.reloads.labels("error").inc()
+            log.error("reload refused; the running config is kept", extra={"errors": errors})
             return errors
+        self._write_snapshot(text)
         self.settings = settings
-        self.state.runtime = _ConfigView(settings)  # type: ignore[assignment]
-        self._signal_workers(signal.SIGHUP)
+        if self.state.runtime is not None:
+            self.state.runtime = _ConfigView(settings)  # type: ignore[assignment]
+        self._signal_workers(signal.SIGHUP, ready_only=True)
         self.state.metrics.reloads.labels("ok").inc()
         log.info("reload sent to every worker")
         return []
@@ -160,47 +211,80 @@ class Supervisor:
                 last = current
                 await self.reload()
 
-    async def run(self) -> int:
+    def _restart_delay(self, slot: int, lived: float) -> float:
+        """No pause for a worker that ran a while; a growing one (up to 10 s) for a
+        worker that keeps dying at start, so a crash loop does not spin the CPU."""
+        if lived > 10:
+            self._failures.pop(slot, None)
+            return 0.0
+        count = self._failures[slot] = self._failures.get(slot, 0) + 1
+        return float(min(10.0, 0.25 * 2 ** (count - 1)))
+
+    async def run(self, config_text: str) -> int:
         from prometheus_client import multiprocess
 
         loop = asyncio.get_running_loop()
+        self._write_snapshot(config_text)
         sock = self._bind()
+        ready_r, ready_w = os.pipe()
+        os.set_blocking(ready_r, False)
+        loop.add_reader(ready_r, self._on_ready, ready_r)
         for slot in range(self.workers):
-            self._spawn(sock, slot)
+            self._spawn(sock, ready_w, slot)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
         admin_task = asyncio.create_task(self.admin.serve())
         watch_task = asyncio.create_task(self._watch()) if self.settings.server.watch else None
+        pending_restart: dict[int, float] = {}
         exit_code = 0
         try:
             while True:
-                await asyncio.sleep(0.2)
-                for slot, proc in list(self.procs.items()):
-                    code = proc.poll()
-                    if code is None:
+                await asyncio.sleep(0.1)
+                now = time.monotonic()
+                for slot, worker in list(self.procs.items()):
+                    code = worker.proc.poll()
+                    if code is None or slot in pending_restart:
                         continue
-                    multiprocess.mark_process_dead(proc.pid, self.metrics_dir)  # type: ignore[no-untyped-call]
+                    multiprocess.mark_process_dead(worker.proc.pid, self.metrics_dir)  # type: ignore[no-untyped-call]
                     if self.draining:
                         del self.procs[slot]
-                        if code != 0:
+                        # A worker killed by the drain signal before it was ready had
+                        # nothing in flight: that is a clean stop too.
+                        if code > 0 or (code < 0 and worker.ready):
                             exit_code = code if code > 0 else 1
                         continue
+                    delay = self._restart_delay(slot, now - worker.started)
                     log.error(
                         "worker died; restarting",
-                        extra={"worker": slot, "pid": proc.pid, "code": code},
+                        extra={
+                            "worker": slot,
+                            "pid": worker.proc.pid,
+                            "code": code,
+                            "restart_in": delay,
+                        },
                     )
-                    self._spawn(sock, slot)
+                    pending_restart[slot] = now + delay
+                for slot, when in list(pending_restart.items()):
+                    if self.draining:
+                        pending_restart.pop(slot)
+                        self.procs.pop(slot, None)
+                    elif now >= when:
+                        pending_restart.pop(slot)
+                        self._spawn(sock, ready_w, slot)
                 if self.draining and not self.procs:
                     break
         finally:
+            loop.remove_reader(ready_r)
+            os.close(ready_r)
+            os.close(ready_w)
             sock.close()
             if watch_task is not None:
                 watch_task.cancel()
             self.admin.should_exit = True
             await admin_task
             self._signal_workers(signal.SIGKILL)
-            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+            shutil.rmtree(self.workdir, ignore_errors=True)
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
         return exit_code
@@ -215,6 +299,7 @@ def worker_main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="gateway-worker")
     parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--ready-fd", type=int, default=None)
     parser.add_argument("--config", required=True)
     parser.add_argument("--port", type=int, default=None)
     args = parser.parse_args(argv)
@@ -225,7 +310,15 @@ def worker_main(argv: list[str] | None = None) -> int:
         return 1
     configure_logging(settings.server.log_level)
     sock = socket.socket(fileno=args.fd)
-    gateway = GatewayServer(settings, args.config, port=args.port, sockets=[sock], admin=False)
+    gateway = GatewayServer(
+        settings,
+        args.config,
+        port=args.port,
+        sockets=[sock],
+        admin=False,
+        worker=True,
+        ready_fd=args.ready_fd,
+    )
     with asyncio.Runner(loop_factory=_event_loop_factory) as runner:
         return runner.run(gateway.serve())
 

@@ -8,13 +8,15 @@ on its hosts; the balancer (`balancers.py`) only reads it. Resilience policies
 from __future__ import annotations
 
 import http.cookiejar
+import time
 from collections.abc import AsyncIterator
 
 import httpx
 
 from gateway.balancers import Balancer, make_balancer
-from gateway.errors import UpstreamUnhealthy, map_httpx_errors
-from gateway.pipeline import GatewayRequest, GatewayResponse, Headers
+from gateway.errors import UpstreamError, UpstreamUnhealthy, map_httpx_errors
+from gateway.metrics import Metrics, UpstreamStats
+from gateway.pipeline import GatewayRequest, GatewayResponse
 from gateway.policies.breaker import CircuitBreaker
 from gateway.policies.budget import RetryBudget
 from gateway.policies.bulkhead import Bulkhead
@@ -49,6 +51,9 @@ def _no_cookies() -> httpx.Cookies:
     return httpx.Cookies(http.cookiejar.CookieJar(policy=policy))
 
 
+_STATUS_CLASS = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
+
+
 def _raise_body_error(request: GatewayRequest, exc: BaseException) -> None:
     """A try that failed because the client's body stream failed (the client left, or
     sent too much) is the client's doing: report that, never an upstream failure."""
@@ -65,6 +70,7 @@ class Upstream:
         name: str,
         settings: UpstreamSettings,
         transport: httpx.AsyncBaseTransport | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.name = name
         self.settings = settings
@@ -88,12 +94,19 @@ class Upstream:
             follow_redirects=False,
             trust_env=False,
         )
+        self.stats = UpstreamStats(metrics or Metrics(), name)
         # Resilience state shared by every route that uses this upstream (policies/).
         self.bulkhead = Bulkhead(
-            settings.max_concurrency, settings.max_queue, settings.queue_timeout, name=name
+            settings.max_concurrency,
+            settings.max_queue,
+            settings.queue_timeout,
+            name=name,
+            queued_gauge=self.stats.queued,
         )
         self.breaker = (
-            CircuitBreaker.from_settings(settings.circuit_breaker, name=name)
+            CircuitBreaker.from_settings(
+                settings.circuit_breaker, name=name, open_gauge=self.stats.circuit_open
+            )
             if settings.circuit_breaker is not None
             else None
         )
@@ -135,23 +148,40 @@ class Upstream:
         remaining_ms = max(1, int(request.deadline.remaining() * 1000))
         headers.append((b"x-request-timeout-ms", str(remaining_ms).encode()))
         content = request.body if request.stream is None else request.stream
-        if self._raw is not None:
-            return await self._send_raw(self._raw, target, request, url, headers, content)
-        upstream_request = httpx.Request(
-            request.method,
-            url,
-            headers=headers,
-            content=content,
-            extensions={"timeout": self._timeouts},
-        )
+
+        stats = self.stats
         target.inflight += 1
+        stats.inflight.inc()
+        started = time.monotonic()
         try:
             with map_httpx_errors(self.name, target.url):
-                response = await self.client.send(upstream_request, stream=True)
+                if self._raw is not None:
+                    # The hot path: straight to the transport, without the request and
+                    # response objects and browser features (cookies, redirects) of send.
+                    raw = await self._raw.open(request.method, url, headers, content)
+                    status, response_headers = raw.status, raw.headers
+                    chunks, aclose = raw.body(), raw.aclose
+                else:
+                    response = await self.client.send(
+                        httpx.Request(
+                            request.method,
+                            url,
+                            headers=headers,
+                            content=content,
+                            extensions={"timeout": self._timeouts},
+                        ),
+                        stream=True,
+                    )
+                    status, response_headers = response.status_code, response.headers.raw
+                    chunks, aclose = response.aiter_raw(), response.aclose
         except BaseException as exc:
             target.inflight -= 1
+            stats.inflight.dec()
+            if isinstance(exc, UpstreamError):
+                stats.record(exc.outcome, time.monotonic() - started)
             _raise_body_error(request, exc)
             raise
+        stats.record(_STATUS_CLASS.get(status // 100, "other"), time.monotonic() - started)
 
         released = False
 
@@ -160,59 +190,17 @@ class Upstream:
             if not released:
                 released = True
                 target.inflight -= 1
-                await response.aclose()
+                stats.inflight.dec()
+                await aclose()
 
         async def body() -> AsyncIterator[bytes]:
             with map_httpx_errors(self.name, target.url):
-                async for chunk in response.aiter_raw():
+                async for chunk in chunks:
                     yield chunk
 
         return GatewayResponse(
-            status=response.status_code,
-            headers=response.headers.raw,
-            body=body(),
-            close=close,
-            upstream=self.name,
-            target=target.url,
-        )
-
-    async def _send_raw(
-        self,
-        raw: AiohttpTransport,
-        target: Target,
-        request: GatewayRequest,
-        url: str,
-        headers: Headers,
-        content: bytes | AsyncIterator[bytes] | None,
-    ) -> GatewayResponse:
-        """The hot path: straight to the transport, without the request/response
-        objects and the browser features (cookies, redirects, auth) of `client.send`."""
-        target.inflight += 1
-        try:
-            with map_httpx_errors(self.name, target.url):
-                response = await raw.open(request.method, url, headers, content)
-        except BaseException as exc:
-            target.inflight -= 1
-            _raise_body_error(request, exc)
-            raise
-
-        released = False
-
-        async def close() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                target.inflight -= 1
-                await response.aclose()
-
-        async def body() -> AsyncIterator[bytes]:
-            with map_httpx_errors(self.name, target.url):
-                async for chunk in response.body():
-                    yield chunk
-
-        return GatewayResponse(
-            status=response.status,
-            headers=response.headers,
+            status=status,
+            headers=response_headers,
             body=body(),
             close=close,
             upstream=self.name,
@@ -232,6 +220,7 @@ class Upstream:
         if self._closed:
             return
         self._closed = True
+        self.stats.retire()
         if self.health is not None:
             await self.health.aclose()
         await self.client.aclose()

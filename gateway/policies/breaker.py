@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import Literal
 
 from gateway.errors import UpstreamError, UpstreamUnhealthy
+from gateway.metrics import Gauge
 from gateway.pipeline import GatewayRequest, GatewayResponse, Handler, Policy
 from gateway.policies.window import RollingCounter
 from gateway.settings import BreakerSettings
@@ -50,6 +51,7 @@ class CircuitBreaker:
     __slots__ = (
         "_clock",
         "_failures",
+        "_gauge",
         "_generation",
         "_open_until",
         "_state",
@@ -73,8 +75,10 @@ class CircuitBreaker:
         half_open_requests: int = 1,
         name: str | None = None,
         clock: Callable[[], float] = time.monotonic,
+        open_gauge: Gauge | None = None,
     ) -> None:
         self.name = name
+        self._gauge = open_gauge
         self.failure_ratio = failure_ratio
         self.min_requests = min_requests
         self.window = window
@@ -94,8 +98,10 @@ class CircuitBreaker:
         settings: BreakerSettings,
         name: str | None = None,
         clock: Callable[[], float] = time.monotonic,
+        open_gauge: Gauge | None = None,
     ) -> CircuitBreaker:
         return cls(
+            open_gauge=open_gauge,
             failure_ratio=settings.failure_ratio,
             min_requests=settings.min_requests,
             window=settings.window,
@@ -165,6 +171,8 @@ class CircuitBreaker:
         self._trials = 0
         self._total.reset()
         self._failures.reset()
+        if self._gauge is not None:
+            self._gauge.set(0 if state == "closed" else 1)
         if state == "open":
             self._open_until = self._clock() + self.open_for
             log.warning(

@@ -17,6 +17,7 @@ import collections
 import contextlib
 
 from gateway.errors import UpstreamSaturated, UpstreamTimeout
+from gateway.metrics import Gauge
 from gateway.pipeline import Deadline, GatewayRequest, GatewayResponse, Handler, Policy
 
 __all__ = ["SATURATED_RETRY_AFTER", "Bulkhead", "bulkhead"]
@@ -29,7 +30,15 @@ SATURATED_RETRY_AFTER = 1
 class Bulkhead:
     """`max_concurrency` slots and up to `max_queue` waiters for one upstream."""
 
-    __slots__ = ("_inflight", "_waiters", "max_concurrency", "max_queue", "name", "queue_timeout")
+    __slots__ = (
+        "_gauge",
+        "_inflight",
+        "_waiters",
+        "max_concurrency",
+        "max_queue",
+        "name",
+        "queue_timeout",
+    )
 
     def __init__(
         self,
@@ -37,6 +46,7 @@ class Bulkhead:
         max_queue: int,
         queue_timeout: float,
         name: str | None = None,
+        queued_gauge: Gauge | None = None,
     ) -> None:
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be at least 1")
@@ -46,6 +56,7 @@ class Bulkhead:
         self.queue_timeout = queue_timeout
         self._inflight = 0
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._gauge = queued_gauge  # kept equal to the queue's length while it changes
 
     @property
     def inflight(self) -> int:
@@ -87,9 +98,15 @@ class Bulkhead:
             deadline_limits = True
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
+        if self._gauge is not None:
+            self._gauge.inc()
         try:
-            async with asyncio.timeout(wait):
-                await waiter
+            try:
+                async with asyncio.timeout(wait):
+                    await waiter
+            finally:
+                if self._gauge is not None:
+                    self._gauge.dec()
         except BaseException as exc:
             if waiter.done() and not waiter.cancelled():
                 # The slot was handed over in the same instant we gave up (timeout or

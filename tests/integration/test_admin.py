@@ -80,11 +80,6 @@ def test_admin_token_guards_config_and_reload_but_not_probes(
     assert shown["server"]["admin_token_env"] == "ADMIN_TOKEN"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: admin_token_env naming an unset or empty variable leaves every admin path "
-    "open (admin.py _check_token returns None when the token is empty): fail-open",
-)
 @pytest.mark.parametrize("value", [None, ""], ids=["unset", "empty"])
 def test_admin_token_env_naming_a_missing_variable_fails_closed(
     value: str | None,

@@ -61,7 +61,7 @@ def handles(pid: int, *signals: int) -> bool:
 
 def workers(gw: GatewayProcess, count: int = 2, timeout: float = 10.0) -> set[int]:
     """The worker pids, once there are `count` of them and each has installed its signal
-    handlers (until then a SIGHUP or SIGTERM would kill it: see the xfail below)."""
+    handlers (the supervisor's /readyz waits for them too)."""
     assert gw.proc is not None
     deadline = time.monotonic() + timeout
     while True:
@@ -243,12 +243,6 @@ def test_bad_reload_is_refused_by_the_supervisor(
     assert workers(gw) == pids
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Supervisor.reload refuses a feature this build does not enforce (cors, "
-    "auth, rate_limit) without counting it: the `unsupported` branch returns before "
-    "reloads.labels('error').inc(), unlike GatewayServer.reload",
-)
 def test_supervisor_refuses_and_counts_a_reload_to_an_unsupported_feature(
     upstream: Callable[..., UpstreamServer], gateway: Callable[..., GatewayProcess]
 ) -> None:
@@ -297,12 +291,6 @@ async def test_sigterm_to_the_supervisor_drains_every_worker_and_exits_zero(
     assert not any(alive(pid) for pid in pids)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the supervisor's /readyz is 200 before its workers have installed their "
-    "signal handlers (supervisor.py sets state.runtime in __init__); a SIGHUP (reload) or "
-    "SIGTERM in that window kills the workers with the signal's default action",
-)
 @pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM], ids=["SIGHUP", "SIGTERM"])
 def test_a_signal_as_soon_as_ready_is_handled_by_every_worker(
     sig: signal.Signals,
@@ -322,13 +310,6 @@ def test_a_signal_as_soon_as_ready_is_handled_by_every_worker(
     assert "worker died" not in gw.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a restarted worker re-reads the config file itself (supervisor.py "
-    "_spawn passes --config, worker_main calls load_config) instead of using the config "
-    "the supervisor validated: an edited-but-not-reloaded file gives a crash loop (bad "
-    "file) or workers serving different configs (good file)",
-)
 @pytest.mark.parametrize("edit", ["broken-file", "edited-file"])
 def test_a_restarted_worker_serves_the_running_config_not_the_file(
     edit: str, upstream: Callable[..., UpstreamServer], gateway: Callable[..., GatewayProcess]
@@ -352,13 +333,6 @@ def test_a_restarted_worker_serves_the_running_config_not_the_file(
         assert fresh_get(f"{gw.url}/new").status_code == 404
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a signal sent to the whole process group (Ctrl-C in a terminal, systemd's "
-    "default KillMode=control-group) reaches each worker directly and again forwarded by "
-    "the supervisor; the worker's GatewayServer counts two signals and exits at once, "
-    "so nothing drains",
-)
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 async def test_a_signal_to_the_whole_process_group_still_drains(
     sig: signal.Signals,
