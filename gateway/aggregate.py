@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote_to_bytes
 
+from gateway.edge import RequestFilter
 from gateway.errors import (
     BadRequest,
     GatewayError,
@@ -115,8 +116,10 @@ class AggregateRoute:
         forward_authorization: bool,
         max_body_size: int,
         trusted_proxies: tuple[Any, ...],
+        filters: tuple[RequestFilter, ...] = (),
     ) -> None:
         self.name = name
+        self.filters = filters
         self.upstream: str | None = None
         self.backends = backends
         self.allow_partial = partial == "allow"

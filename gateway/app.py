@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.aggregate import AggregateRoute
+from gateway.edge import EdgeContext
 from gateway.errors import (
     BodyTooLarge,
     ClientClosedRequest,
@@ -25,13 +26,14 @@ from gateway.errors import (
 )
 from gateway.metrics import Metrics
 from gateway.observability import AccessLog, utc_now_iso
-from gateway.pipeline import Deadline, GatewayRequest, GatewayResponse
+from gateway.pipeline import Deadline, GatewayRequest, GatewayResponse, Headers
 from gateway.proxy import (
     REPLAY_LIMIT,
     BodyReader,
     IncomingHeaders,
     add_forwarded,
     parse_incoming,
+    real_client_ip,
     send_problem,
     send_response,
 )
@@ -81,6 +83,7 @@ class Exchange:
     bytes_out: int = 0
     error: str | None = None
     response_started: bool = False
+    extra_headers: Headers | None = None  # from edge filters, on every answer
 
 
 class DataPlane:
@@ -129,6 +132,8 @@ class DataPlane:
             route = match.route
             exchange.route = route.name
             exchange.upstream = route.upstream
+            if route.filters and await self._filter(route, scope, send, incoming, exchange):
+                return
             if isinstance(route, AggregateRoute):
                 await self._aggregate(route, match.params, scope, receive, send, incoming, exchange)
                 return
@@ -141,6 +146,43 @@ class DataPlane:
             log.exception("unexpected error serving %s %s", exchange.method, exchange.path)
             await self._fail(send, InternalError("unexpected gateway error"), exchange)
             del exc
+
+    async def _filter(
+        self,
+        route: ProxyRoute | AggregateRoute,
+        scope: Scope,
+        send: Send,
+        incoming: IncomingHeaders,
+        exchange: Exchange,
+    ) -> bool:
+        """The request-filter phase (edge policies). True when a filter answered."""
+        ctx = EdgeContext(
+            scope=scope,
+            method=scope["method"],
+            route=route.name,
+            client_ip=real_client_ip(scope, incoming, route.trusted_proxies),
+            request_headers=scope["headers"],
+            upstream_headers=incoming.upstream,
+        )
+        exchange.extra_headers = ctx.response_headers
+        for check in route.filters:
+            early = await check(ctx)
+            if early is not None:
+                headers = [
+                    *early.headers,
+                    *ctx.response_headers,
+                    (b"content-length", str(len(early.body)).encode()),
+                    (b"x-request-id", exchange.request_id.encode("ascii")),
+                ]
+                exchange.status = early.status
+                exchange.response_started = True
+                exchange.bytes_out = len(early.body)
+                await send(
+                    {"type": "http.response.start", "status": early.status, "headers": headers}
+                )
+                await send({"type": "http.response.body", "body": early.body})
+                return True
+        return False
 
     def _finish(self, exchange: Exchange, scope: Scope, runtime: Runtime | None) -> None:
         """The logging phase: metrics and the access log, whatever happened."""
@@ -159,6 +201,8 @@ class DataPlane:
                 self._request_series[key] = series
         series[0].inc()
         series[1].observe(elapsed)
+        if exchange.error == "rate_limited":
+            metrics.rate_limited.labels(route).inc()
         if exchange.error in _SHED and exchange.upstream:
             metrics.upstream_requests.labels(exchange.upstream, _SHED[exchange.error]).inc()
         access_log = self.state.access_log
@@ -194,7 +238,9 @@ class DataPlane:
             error.upstream = exchange.upstream
         exchange.status = error.status
         exchange.response_started = True
-        exchange.bytes_out = await send_problem(send, error, exchange.request_id)
+        exchange.bytes_out = await send_problem(
+            send, error, exchange.request_id, exchange.extra_headers
+        )
 
     async def _proxy(
         self,
@@ -261,7 +307,9 @@ class DataPlane:
     ) -> None:
         rid = exchange.request_id.encode("ascii")
         try:
-            exchange.bytes_out = await send_response(send, response, rid, reader)
+            exchange.bytes_out = await send_response(
+                send, response, rid, reader, exchange.extra_headers
+            )
         except GatewayError as exc:
             # The upstream failed mid-body: the status line is gone, so the only honest
             # signal left is to end the connection without completing the response.
@@ -293,6 +341,8 @@ class DataPlane:
         if exchange.error == "client_disconnected":
             return
         headers.append((b"x-request-id", incoming.request_id.encode("ascii")))
+        if exchange.extra_headers:
+            headers.extend(exchange.extra_headers)
         exchange.status = status
         exchange.response_started = True
         exchange.bytes_out = len(body)

@@ -22,6 +22,7 @@ __all__ = [
     "BodyReader",
     "IncomingHeaders",
     "parse_incoming",
+    "real_client_ip",
     "response_headers",
     "send_response",
 ]
@@ -153,6 +154,20 @@ def client_is_trusted(client: str, trusted: tuple[IPNetwork, ...]) -> bool:
     return any(address in net for net in trusted)
 
 
+def real_client_ip(scope: Scope, incoming: IncomingHeaders, trusted: tuple[IPNetwork, ...]) -> str:
+    """The client's address: the peer, unless the peer is a trusted proxy, in which case
+    X-Forwarded-For is walked from the right past every trusted hop."""
+    client = scope.get("client")
+    peer = client[0] if client else ""
+    if not incoming.forwarded_for or not client_is_trusted(peer, trusted):
+        return peer
+    hops = [h.strip() for h in incoming.forwarded_for.decode("latin-1").split(",")]
+    for hop in reversed(hops):
+        if hop and not client_is_trusted(hop, trusted):
+            return hop
+    return hops[0] or peer
+
+
 def add_forwarded(incoming: IncomingHeaders, scope: Scope, trusted: tuple[IPNetwork, ...]) -> None:
     """X-Forwarded-For is appended to; -Proto and -Host are kept from a trusted proxy,
     otherwise set from this connection."""
@@ -249,16 +264,17 @@ class BodyReader:
 
 
 async def send_response(
-    send: Send, response: GatewayResponse, request_id: bytes, reader: BodyReader
+    send: Send,
+    response: GatewayResponse,
+    request_id: bytes,
+    reader: BodyReader,
+    extra: Headers | None = None,
 ) -> int:
     """Stream the upstream's response to the client; returns the body bytes sent."""
-    await send(
-        {
-            "type": "http.response.start",
-            "status": response.status,
-            "headers": response_headers(response.headers, request_id),
-        }
-    )
+    headers = response_headers(response.headers, request_id)
+    if extra:
+        headers.extend(extra)
+    await send({"type": "http.response.start", "status": response.status, "headers": headers})
     sent = 0
     async for chunk in response.body:
         if chunk:
@@ -269,7 +285,9 @@ async def send_response(
     return sent
 
 
-async def send_problem(send: Send, error: GatewayError, request_id: str) -> int:
+async def send_problem(
+    send: Send, error: GatewayError, request_id: str, extra: Headers | None = None
+) -> int:
     from gateway.errors import problem_body
 
     body = problem_body(error, request_id)
@@ -278,6 +296,7 @@ async def send_problem(send: Send, error: GatewayError, request_id: str) -> int:
         (b"content-length", str(len(body)).encode()),
         (b"x-request-id", request_id.encode("ascii")),
         *error.headers,
+        *(extra or ()),
     ]
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

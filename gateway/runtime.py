@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 
 from gateway.aggregate import AggregateRoute, Backend, BackendTemplate
+from gateway.edge import RequestFilter
 from gateway.metrics import Metrics
 from gateway.pipeline import Handler, Policy
 from gateway.policies.breaker import breaker
@@ -44,6 +45,7 @@ class ProxyRoute:
     preserve_host: bool
     max_body_size: int
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    filters: tuple[RequestFilter, ...] = ()
 
 
 def build_route_handler(route: RouteSettings, upstream: Upstream) -> Handler:

@@ -1,0 +1,45 @@
+"""Edge policies: the request-filter phase, run after routing and before any upstream.
+
+A filter is `async (EdgeContext) -> EarlyResponse | None`, built once per route. It may
+refuse the request by raising a `GatewayError` (401 `unauthorized`, 429 `rate_limited`,
+with its headers on the error), answer it itself by returning an `EarlyResponse` (a
+CORS preflight), or let it through, adding headers to the eventual response
+(`RateLimit-*`, `Access-Control-*`) or to the upstream request (verified claims).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from gateway.pipeline import Headers
+from gateway.types import Scope
+
+__all__ = ["EarlyResponse", "EdgeContext", "RequestFilter"]
+
+
+@dataclass(slots=True)
+class EdgeContext:
+    scope: Scope
+    method: str
+    route: str
+    client_ip: str  # the real client: X-Forwarded-For believed only from trusted_proxies
+    request_headers: list[tuple[bytes, bytes]]  # as the client sent them (lower-case names)
+    upstream_headers: Headers  # what goes upstream; filters may remove or add
+    response_headers: Headers = field(default_factory=list)  # added to the final answer
+
+    def header(self, name: bytes) -> bytes | None:
+        for key, value in self.request_headers:
+            if key == name:
+                return value
+        return None
+
+
+@dataclass(slots=True)
+class EarlyResponse:
+    status: int
+    headers: Headers
+    body: bytes = b""
+
+
+RequestFilter = Callable[[EdgeContext], Awaitable[EarlyResponse | None]]
