@@ -4,6 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
+BENCH_STAMP := $(VENV)/.installed-bench
+
 .PHONY: run test lint typecheck unit bench clean
 
 $(STAMP): pyproject.toml
@@ -11,6 +13,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
 
 ## run: serve the demo on 127.0.0.1:8080 (admin on 127.0.0.1:9901) with embedded demo upstreams
 run: $(STAMP)
@@ -30,9 +36,19 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit
 
-## bench: wrk against direct nginx, nginx as reverse proxy, and the gateway, side by side
-bench: $(STAMP)
-	bash load/bench.sh
+## bench: issue 13 scenarios, nginx + reference proxies + gateway side by side (QUICK=1: < 2 min)
+bench: $(BENCH_STAMP)
+	QUICK="$(QUICK)" bash load/bench.sh
+
+.PHONY: profile load
+
+## profile: py-spy flame graph (SVG + raw) of the gateway under the simple-GET wrk load, top frames
+profile: $(BENCH_STAMP)
+	bash load/profile.sh
+
+## load: locust, headless, against a running gateway (HOST=, USERS=, SPAWN_RATE=, DURATION=)
+load: $(BENCH_STAMP)
+	HOST="$(HOST)" USERS="$(USERS)" SPAWN_RATE="$(SPAWN_RATE)" DURATION="$(DURATION)" bash load/load.sh
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -1,0 +1,828 @@
+"""`make bench`: the gateway side by side with nginx and three Python reference proxies.
+
+Starts an nginx upstream, nginx as a reverse proxy, the naive proxy (Starlette + httpx),
+the aiohttp pipe (pure ASGI on uvicorn + aiohttp), the fast pipe (pure ASGI on granian
++ pyreqwest) and the gateway with every policy on; pins the proxy under test to one CPU
+and wrk with the upstream to another; runs every scenario in interleaved rounds; holds
+10,000 idle connections against the gateway for its RSS; writes
+`load/results/<timestamp>/` (results.json, report.md, PNG plots). See load/README.md.
+
+    python load/bench.py --quick          # or: make bench QUICK=1
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import benchlib
+from benchlib import BLOB_BYTES, LOAD_DIR, ROOT, Procs, RssSampler, Timer
+
+VENV_BIN = ROOT / ".venv" / "bin"
+MiB = 1 << 20
+
+
+@dataclass
+class System:
+    """One thing wrk can load: a server on a port, pinned or not."""
+
+    name: str
+    label: str
+    kind: str  # nginx | reference | gateway
+    port: int
+    pinned: bool = True
+    admin_port: int | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    failure: str | None = None
+    description: str = ""
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    key: str
+    title: str
+    path: str
+    systems: tuple[str, ...]
+    connections: tuple[int, ...]
+    method: str = "GET"
+    body_bytes: int | None = None
+    payload_bytes: int | None = None  # for MiB/s: the body each request moves
+    pinned: bool = True
+
+
+@dataclass
+class Bench:
+    args: argparse.Namespace
+    work: Path
+    out: Path
+    procs: Procs
+    timer: Timer = field(default_factory=Timer)
+    systems: dict[str, System] = field(default_factory=dict)
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    raw: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    memory: dict[str, Any] | None = None
+    upstream_proc: subprocess.Popen[bytes] | None = None
+    upstream_sink: int = 0
+    pin: bool = True
+    all_cpus: str | None = None  # taskset's list of every CPU, for what runs unpinned
+    gateway_dropped: list[str] = field(default_factory=list)
+
+    def log(self, message: str) -> None:
+        print(f"[{self.timer}] {message}", file=sys.stderr, flush=True)
+
+
+# --- knobs ---------------------------------------------------------------------------
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    if not value.isdigit():
+        raise SystemExit(f"bench: {name} must be a whole number, got {value!r}")
+    return int(value)
+
+
+def _env_list(name: str, default: str) -> list[str]:
+    return [v.strip() for v in (os.environ.get(name) or default).split(",") if v.strip()]
+
+
+ALL_SCENARIOS = ("simple", "fanout", "stream", "upload", "sweep", "workers", "memory")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    quick_env = os.environ.get("QUICK", "").strip().lower() not in ("", "0", "false", "no")
+    parser.add_argument("--quick", action="store_true", default=quick_env, help="1 round, 2 s")
+    parser.add_argument("--work", type=Path, help="temp dir (default: a new one, removed)")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("BENCH_OUT", "")))
+    args = parser.parse_args(argv)
+    quick = args.quick
+    args.rounds = _env_int("BENCH_ROUNDS", 1 if quick else 3)
+    args.seconds = _env_int("BENCH_SECONDS", 2 if quick else 5)
+    args.warmup = _env_int("BENCH_WARMUP", 0 if quick else 1)
+    args.connections = _env_int("BENCH_CONNECTIONS", 64)
+    args.sweep = [
+        int(c) for c in _env_list("BENCH_SWEEP", "16,64,256" if quick else "1,16,64,256,1024")
+    ]
+    args.scenarios = _env_list("BENCH_SCENARIOS", ",".join(ALL_SCENARIOS))
+    unknown = [s for s in args.scenarios if s not in ALL_SCENARIOS]
+    if unknown:
+        raise SystemExit(f"bench: unknown BENCH_SCENARIOS {unknown}; known: {ALL_SCENARIOS}")
+    args.idle_connections = _env_int("BENCH_IDLE_CONNECTIONS", 10_000)
+    args.proxy_cpu = _env_int("BENCH_PROXY_CPU", 0)
+    args.client_cpu = _env_int("BENCH_CLIENT_CPU", 1)
+    args.ready_timeout = _env_int("BENCH_READY_TIMEOUT", 30)
+    args.access_log = os.environ.get("BENCH_ACCESS_LOG", "file")
+    args.max_error_ratio = float(os.environ.get("BENCH_MAX_ERROR_RATIO", "0.01"))
+    args.variants = _parse_variants(os.environ.get("BENCH_GATEWAY_VARIANTS", ""))
+    if args.rounds < 1 or args.seconds < 1 or args.connections < 1:
+        raise SystemExit("bench: BENCH_ROUNDS, BENCH_SECONDS, BENCH_CONNECTIONS must be >= 1")
+    if not str(args.out) or str(args.out) == ".":
+        args.out = LOAD_DIR / "results"
+    return args
+
+
+def _parse_variants(text: str) -> dict[str, dict[str, str]]:
+    """`BENCH_GATEWAY_VARIANTS="httpx:GATEWAY_TRANSPORT=httpx;other:A=1,B=2"`: extra
+    gateway processes, each with its own environment, in the simple GET and the sweep."""
+    variants: dict[str, dict[str, str]] = {}
+    for item in filter(None, (part.strip() for part in text.split(";"))):
+        name, _, assignments = item.partition(":")
+        env = {}
+        for pair in filter(None, assignments.split(",")):
+            key, sep, value = pair.partition("=")
+            if not sep:
+                raise SystemExit(f"bench: BENCH_GATEWAY_VARIANTS: {pair!r} is not NAME=VALUE")
+            env[key.strip()] = value
+        variants[f"gateway-{name.strip()}"] = env
+    return variants
+
+
+# --- systems --------------------------------------------------------------------------
+
+
+def define_systems(bench: Bench) -> None:
+    args = bench.args
+    # Two per system at most (data + admin), plus the upstream's sink.
+    ports = iter(benchlib.free_ports(2 * (10 + len(args.variants))))
+    up = next(ports)
+    bench.systems["nginx-direct"] = System(
+        "nginx-direct",
+        "nginx upstream, direct",
+        "nginx",
+        up,
+        description="wrk straight to the upstream nginx (both on the client CPU): the "
+        "ceiling of this rig, not a proxy",
+    )
+    bench.upstream_sink = next(ports)
+    specs = [
+        ("nginx-proxy", "nginx reverse proxy", "nginx", "nginx, 1 worker, upstream keepalive"),
+        (
+            "fast-pipe",
+            "granian + pyreqwest pipe",
+            "reference",
+            "pure ASGI on granian (ASGI interface) + pyreqwest: load/refs/pipe_pyreqwest.py",
+        ),
+        (
+            "aiohttp-pipe",
+            "uvicorn + aiohttp pipe",
+            "reference",
+            "pure ASGI on uvicorn + one aiohttp ClientSession: load/refs/pipe_aiohttp.py",
+        ),
+        (
+            "gateway",
+            "gateway",
+            "gateway",
+            "gateway run, 1 worker, every policy on, metrics + access log on",
+        ),
+        *(
+            (name, name, "gateway", f"gateway run with {env}")
+            for name, env in args.variants.items()
+        ),
+        (
+            "naive",
+            "naive Starlette + httpx",
+            "reference",
+            "Starlette + one httpx.AsyncClient, default transport: load/refs/naive.py",
+        ),
+        ("gateway-1w", "gateway, 1 worker (unpinned)", "gateway", "workers: 1, not pinned"),
+        ("gateway-2w", "gateway, 2 workers (unpinned)", "gateway", "workers: 2, not pinned"),
+        ("gateway-mem", "gateway (memory test)", "gateway", "fresh gateway for the idle test"),
+    ]
+    for name, label, kind, description in specs:
+        system = System(name, label, kind, next(ports), description=description)
+        if kind == "gateway":
+            system.admin_port = next(ports)
+        system.pinned = name not in ("gateway-1w", "gateway-2w")
+        bench.systems[name] = system
+
+
+def scenarios(bench: Bench) -> list[Scenario]:
+    args = bench.args
+    c = args.connections
+    variants = tuple(args.variants)
+    gateway_set = ("gateway", *variants)
+    out = [
+        Scenario(
+            "simple",
+            f"simple GET, {c} connections",
+            "/hello",
+            ("nginx-direct", "nginx-proxy", "fast-pipe", "aiohttp-pipe", *gateway_set, "naive"),
+            (c,),
+        ),
+        Scenario(
+            "fanout",
+            f"fan-out of 3 backends, {c} connections",
+            "/profile/1",
+            ("gateway", "naive"),
+            (c,),
+        ),
+        Scenario(
+            "stream",
+            f"1 MiB streamed response, {c} connections",
+            "/blob",
+            ("nginx-proxy", "fast-pipe", "aiohttp-pipe", "gateway"),
+            (c,),
+            payload_bytes=BLOB_BYTES,
+        ),
+        Scenario(
+            "upload",
+            f"1 MiB POST body, {c} connections",
+            "/upload",
+            ("nginx-proxy", "fast-pipe", "aiohttp-pipe", "gateway"),
+            (c,),
+            method="POST",
+            body_bytes=BLOB_BYTES,
+            payload_bytes=BLOB_BYTES,
+        ),
+        Scenario(
+            "sweep",
+            "concurrency sweep, simple GET",
+            "/hello",
+            ("nginx-proxy", "fast-pipe", "aiohttp-pipe", *gateway_set, "naive"),
+            # The simple GET rows are the sweep's point at BENCH_CONNECTIONS.
+            tuple(n for n in args.sweep if n != c or "simple" not in args.scenarios),
+        ),
+        Scenario(
+            "workers",
+            f"--workers 2 vs 1, simple GET, {c} connections, nothing pinned",
+            "/hello",
+            ("gateway-1w", "gateway-2w"),
+            (c,),
+            pinned=False,
+        ),
+    ]
+    return [s for s in out if s.key in args.scenarios and s.connections]
+
+
+def wanted_systems(bench: Bench, plan: list[Scenario]) -> set[str]:
+    names = {name for s in plan for name in s.systems}
+    if "memory" in bench.args.scenarios:
+        names.add("gateway-mem")
+    return names
+
+
+def start_systems(bench: Bench, names: set[str]) -> None:
+    args, work, procs = bench.args, bench.work, bench.procs
+    proxy_cpu = str(args.proxy_cpu) if bench.pin else None
+    client_cpu = str(args.client_cpu) if bench.pin else None
+    up = bench.systems["nginx-direct"]
+    (work / "upstream.conf").write_text(
+        benchlib.nginx_upstream_conf(work, up.port, bench.upstream_sink)
+    )
+    bench.upstream_proc = procs.start("upstream", _nginx_argv(work, "upstream"), cpus=client_cpu)
+    up.proc = bench.upstream_proc
+    upstream_url = f"http://127.0.0.1:{up.port}"
+    ref_env = {"BENCH_UPSTREAM": upstream_url, "PYTHONPATH": str(LOAD_DIR)}
+
+    for name in sorted(names):
+        system = bench.systems[name]
+        cpus = proxy_cpu if system.pinned else bench.all_cpus
+        if name == "nginx-direct":
+            continue
+        if name == "nginx-proxy":
+            (work / "proxy.conf").write_text(benchlib.nginx_proxy_conf(work, system.port, up.port))
+            system.proc = procs.start(name, _nginx_argv(work, "proxy"), cpus=cpus)
+        elif name == "naive":
+            system.proc = procs.start(
+                name, _uvicorn_argv("refs.naive:app", system.port), cpus=cpus, env=ref_env
+            )
+        elif name == "aiohttp-pipe":
+            argv = _uvicorn_argv("refs.pipe_aiohttp:app", system.port)
+            argv += ["--no-server-header", "--no-date-header"]
+            system.proc = procs.start(name, argv, cpus=cpus, env=ref_env)
+        elif name == "fast-pipe":
+            granian = VENV_BIN / "granian"
+            if not granian.exists():
+                system.failure = "granian is not installed (pip install -e '.[dev]')"
+                continue
+            argv = [
+                str(granian),
+                "--interface",
+                "asgi",
+                "--http",
+                "1",
+                "--loop",
+                "uvloop",
+                "--no-ws",
+                "--workers",
+                "1",
+                "--backlog",
+                "4096",
+                "--log-level",
+                "warning",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(system.port),
+                "refs.pipe_pyreqwest:app",
+            ]
+            system.proc = procs.start(name, argv, cpus=cpus, env=ref_env)
+        elif system.kind == "gateway":
+            start_gateway(bench, system, cpus)
+
+    wait_ready(bench, up)
+    for name in sorted(names - {"nginx-direct"}):
+        system = bench.systems[name]
+        if system.failure is None:
+            wait_ready(bench, system)
+
+
+def _nginx_argv(work: Path, name: str) -> list[str]:
+    return [
+        "nginx",
+        "-p",
+        str(work),
+        "-e",
+        str(work / f"{name}-error.log"),
+        "-c",
+        str(work / f"{name}.conf"),
+    ]
+
+
+def _uvicorn_argv(app: str, port: int) -> list[str]:
+    return [
+        str(VENV_BIN / "uvicorn"),
+        app,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--loop",
+        "uvloop",
+        "--http",
+        "httptools",
+        "--log-level",
+        "warning",
+        "--no-access-log",
+        "--backlog",
+        "4096",
+    ]
+
+
+def start_gateway(bench: Bench, system: System, cpus: str | None) -> None:
+    args, work = bench.args, bench.work
+    up = bench.systems["nginx-direct"]
+    workers = 2 if system.name == "gateway-2w" else 1
+    yaml_path = work / f"{system.name}.yaml"
+    assert system.admin_port is not None
+    admin_port = system.admin_port
+
+    def build(dropped: list[str]) -> dict[str, Any]:
+        return benchlib.gateway_config(
+            port=system.port,
+            admin_port=admin_port,
+            upstream_port=up.port,
+            workers=workers,
+            dropped=dropped,
+        )
+
+    dropped, problem = benchlib.check_gateway_config(yaml_path, build)
+    if problem is not None:
+        system.failure = f"gateway check refused the bench config: {problem}"
+        return
+    if dropped and not bench.gateway_dropped:
+        bench.gateway_dropped = dropped
+        bench.notes.append(
+            f"This gateway build refused {', '.join(dropped)}: the bench ran without "
+            "those keys (see gateway.yaml in this folder)."
+        )
+    if system.name == "gateway":
+        shutil.copy(yaml_path, bench.out / "gateway.yaml")
+    access = Path("/dev/null") if args.access_log == "/dev/null" else None
+    stdout = access or work / f"{system.name}.access.log"
+    system.proc = bench.procs.start(
+        system.name,
+        [benchlib.gateway_executable(), "run", "-c", str(yaml_path)],
+        cpus=cpus,
+        env=bench.args.variants.get(system.name, {}),
+        stdout=stdout,
+    )
+
+
+def wait_ready(bench: Bench, system: System) -> None:
+    timeout = bench.args.ready_timeout
+    pid = system.proc.pid if system.proc else None
+    if system.admin_port is not None:
+        problem = benchlib.wait_http(
+            f"http://127.0.0.1:{system.admin_port}/readyz", timeout, pid=pid
+        )
+        if problem:
+            system.failure = f"not ready: {problem}"
+    if system.failure is None:
+        system.failure = benchlib.wait_http(system.url("/hello"), timeout, pid=pid)
+    if system.failure:
+        bench.log(f"{system.name}: FAILED to start: {system.failure}")
+        tail = bench.procs.log_tail(system.name)
+        if tail:
+            print(tail, file=sys.stderr)
+    else:
+        bench.log(f"{system.name} ready on 127.0.0.1:{system.port}")
+
+
+def verify(bench: Bench, plan: list[Scenario]) -> dict[tuple[str, str], str]:
+    """Each system answers each of its scenarios' requests with 200, before any load."""
+    broken: dict[tuple[str, str], str] = {}
+    for scenario in plan:
+        body = b"x" * scenario.body_bytes if scenario.body_bytes else None
+        for name in scenario.systems:
+            system = bench.systems[name]
+            if system.failure:
+                broken[(scenario.key, name)] = system.failure
+                continue
+            try:
+                status, answer = benchlib.http_status(
+                    system.url(scenario.path), method=scenario.method, body=body, timeout=10
+                )
+            except OSError as exc:
+                status, answer = 0, str(exc).encode()
+            if status == 200 and scenario.key == "fanout":
+                try:
+                    merged = json.loads(answer)
+                except ValueError:
+                    merged = None
+                if not isinstance(merged, dict) or not {"user", "orders", "recs"} <= set(merged):
+                    status = -1  # 200, but not the three backends merged
+            if status != 200:
+                reason = f"{scenario.method} {scenario.path} answered {status}: {answer[:200]!r}"
+                broken[(scenario.key, name)] = reason
+                bench.log(f"{name}: {reason}")
+    return broken
+
+
+def prime(bench: Bench, plan: list[Scenario], broken: dict[tuple[str, str], str]) -> None:
+    """One second of load on every (system, request) at once: pools filled, code warm."""
+    jobs = []
+    seen = set()
+    for scenario in plan:
+        for name in scenario.systems:
+            key = (name, scenario.path, scenario.method)
+            if (scenario.key, name) in broken or key in seen:
+                continue
+            seen.add(key)
+            argv = benchlib.wrk_argv(
+                bench.systems[name].url(scenario.path),
+                min(bench.args.connections, 64),
+                1,
+                method=scenario.method if scenario.body_bytes else None,
+                body_bytes=scenario.body_bytes,
+            )
+            jobs.append(
+                subprocess.Popen(
+                    argv,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    stdin=subprocess.DEVNULL,
+                )
+            )
+    bench.log(f"priming {len(jobs)} (system, request) pairs for 1 s")
+    for job in jobs:
+        try:
+            job.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            job.kill()
+            job.wait()
+
+
+# --- running ------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def unpinned_upstream(bench: Bench) -> Iterator[None]:
+    """The workers scenario pins nothing: the upstream nginx may use every CPU meanwhile."""
+    proc = bench.upstream_proc
+    if proc is None or not bench.pin:
+        yield
+        return
+    every = set(range(os.cpu_count() or 1))
+    benchlib.set_tree_affinity(proc.pid, every)
+    try:
+        yield
+    finally:
+        benchlib.set_tree_affinity(proc.pid, {bench.args.client_cpu})
+
+
+def plan_rounds(bench: Bench, plan: list[Scenario]) -> list[tuple[int, Scenario, int, str]]:
+    """Every round runs every (scenario, connections, system); the system order rotates
+    from round to round so no system always runs first or last."""
+    out = []
+    for r in range(bench.args.rounds):
+        for scenario in plan:
+            for connections in scenario.connections:
+                names = list(scenario.systems)
+                shift = r % len(names)
+                for name in names[shift:] + names[:shift]:
+                    out.append((r + 1, scenario, connections, name))
+    return out
+
+
+def run_all(bench: Bench, plan: list[Scenario], broken: dict[tuple[str, str], str]) -> None:
+    args = bench.args
+    todo = plan_rounds(bench, plan)
+    per_run = args.seconds + args.warmup + 0.4
+    bench.log(
+        f"{len(todo)} runs ({args.rounds} round(s)) x ~{per_run:.1f}s "
+        f"= ~{len(todo) * per_run / 60:.1f} min"
+    )
+    width = len(str(len(todo)))
+    for i, (rnd, scenario, connections, name) in enumerate(todo, 1):
+        system = bench.systems[name]
+        prefix = f"[{i:>{width}}/{len(todo)}] r{rnd} {scenario.key:<7} c{connections:<5} {name:<13}"
+        failure = broken.get((scenario.key, name))
+        record: dict[str, Any] = {
+            "round": rnd,
+            "scenario": scenario.key,
+            "system": name,
+            "connections": connections,
+        }
+        if failure:
+            record["failure"] = failure
+            bench.runs.append(record)
+            bench.log(f"{prefix} skipped: {failure[:80]}")
+            continue
+        with unpinned_upstream(bench) if not scenario.pinned else contextlib.nullcontext():
+            record.update(run_one(bench, scenario, connections, system))
+        bench.runs.append(record)
+        bench.log(f"{prefix} {_summary(record)}")
+
+
+def run_one(bench: Bench, scenario: Scenario, connections: int, system: System) -> dict[str, Any]:
+    args = bench.args
+    cpus = str(args.client_cpu) if scenario.pinned and bench.pin else bench.all_cpus
+    url = system.url(scenario.path)
+    method = scenario.method if scenario.body_bytes else None
+    if args.warmup:
+        benchlib.run_wrk(
+            url, connections, args.warmup, cpus=cpus, method=method, body_bytes=scenario.body_bytes
+        )
+    with RssSampler(system.proc.pid if system.proc else None) as rss:
+        result, output = benchlib.run_wrk(
+            url, connections, args.seconds, cpus=cpus, method=method, body_bytes=scenario.body_bytes
+        )
+    if system.proc is not None:
+        settled = benchlib.wait_idle(system.proc.pid)
+        if settled > 1:
+            bench.log(f"  {system.name} was still busy {settled:.1f}s after wrk stopped")
+    bench.raw.append(
+        f"### {scenario.key} c{connections} {system.name}\n\n```\n{output.strip()}\n```\n"
+    )
+    out = result.as_dict()
+    if scenario.payload_bytes:
+        out["mib_s"] = out["rps"] * scenario.payload_bytes / MiB
+    out.update(
+        rss_before_kib=rss.before,
+        rss_peak_kib=rss.peak,
+        rss_after_kib=rss.after,
+        cpu_pct=rss.cpu_pct,
+        cpu_split=rss.cpu_split,
+        host_busy_pct=rss.host_busy_pct,
+    )
+    if system.proc is not None and not benchlib.alive(system.proc.pid):
+        out["failure"] = f"{system.name} exited during the run"
+        bench.log(bench.procs.log_tail(system.name))
+    return out
+
+
+def _summary(record: dict[str, Any]) -> str:
+    if record.get("failure"):
+        return f"FAILED: {record['failure'][:80]}"
+    p99 = record.get("p99_ms")
+    text = f"{record['rps']:>9,.0f} req/s"
+    text += f"  p99 {p99:8.2f} ms" if p99 is not None else "  (no request completed)"
+    if "mib_s" in record:
+        text += f"  {record['mib_s']:7.0f} MiB/s"
+    errors = record["non_2xx"] + record["socket_errors"]
+    return text + (f"  errors {errors}" if errors else "")
+
+
+def run_memory(bench: Bench) -> None:
+    system = bench.systems["gateway-mem"]
+    if system.failure or system.proc is None:
+        bench.memory = {"failure": system.failure or "not started"}
+        return
+    cpus = str(bench.args.client_cpu) if bench.pin else None
+    bench.log("memory: priming the fresh gateway (1 s of wrk)")
+    benchlib.run_wrk(system.url("/hello"), bench.args.connections, 1, cpus=cpus)
+    count = bench.args.idle_connections
+    bench.log(f"memory: {count:,} idle keep-alive connections against the gateway")
+    argv = [
+        sys.executable,
+        str(LOAD_DIR / "memory.py"),
+        "--port",
+        str(system.port),
+        "--pid",
+        str(system.proc.pid),
+        "--connections",
+        str(count),
+    ]
+    if cpus:
+        argv = ["taskset", "-c", cpus, *argv]
+    try:
+        done = subprocess.run(
+            argv, capture_output=True, text=True, timeout=240, check=False, cwd=ROOT
+        )
+    except subprocess.TimeoutExpired:
+        bench.memory = {"failure": "the idle-connection client did not finish within 240 s"}
+        return
+    try:
+        bench.memory = json.loads(done.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        bench.memory = {"failure": (done.stdout + done.stderr).strip()[-500:] or "no output"}
+        return
+    m = bench.memory
+    per = m.get("rss_per_connection_kib")
+    bench.log(
+        f"memory: held {m['held']:,}/{m['wanted']:,}, "
+        f"RSS {m['rss_start_kib'] / 1024:.1f} -> {m['rss_held_kib'] / 1024:.1f} MiB "
+        f"({per} KiB/connection), after close {m['rss_after_kib'] / 1024:.1f} MiB"
+    )
+    if m["open_files_limit"] < m["wanted"] + 200:
+        bench.notes.append(
+            f"The open-files limit ({m['open_files_limit']}) allowed {m['opened']:,} of the "
+            f"{m['wanted']:,} idle connections."
+        )
+
+
+# --- main ---------------------------------------------------------------------------------
+
+
+def write_results(bench: Bench, facts: dict[str, Any], plan: list[Scenario]) -> Path:
+    import report
+
+    args = bench.args
+    data = {
+        "meta": {
+            "date": datetime.now().astimezone().isoformat(timespec="seconds"),
+            "quick": args.quick,
+            "rounds": args.rounds,
+            "seconds": args.seconds,
+            "warmup": args.warmup,
+            "connections": args.connections,
+            "sweep": args.sweep,
+            "idle_connections": args.idle_connections,
+            "pinning": (
+                f"proxy under test on CPU {args.proxy_cpu} (taskset -c {args.proxy_cpu}); "
+                f"wrk and the nginx upstream on CPU {args.client_cpu}; the workers "
+                "scenario pins nothing"
+                if bench.pin
+                else "not pinned (fewer than 2 CPUs)"
+            ),
+            "load": (
+                f"wrk -t1 -d{args.seconds}s --timeout 10s -s load/wrk_stats.lua, "
+                f"{args.warmup}s warm-up per run, keep-alive, {args.rounds} interleaved "
+                "round(s), medians"
+            ),
+            "gateway_access_log": (
+                "/dev/null" if args.access_log == "/dev/null" else "a file in the temp dir"
+            ),
+            "gateway_dropped_keys": bench.gateway_dropped,
+            "loadavg_end": benchlib.loadavg(),
+            "notes": bench.notes,
+            "machine": facts,
+        },
+        "systems": {
+            name: {
+                "label": s.label,
+                "kind": s.kind,
+                "pinned": s.pinned,
+                "description": s.description,
+                "failure": s.failure,
+            }
+            for name, s in bench.systems.items()
+        },
+        "scenarios": {
+            s.key: {
+                "title": s.title,
+                "path": s.path,
+                "method": s.method,
+                "body_bytes": s.body_bytes,
+                "payload_bytes": s.payload_bytes,
+                "systems": list(s.systems),
+                "connections": list(s.connections),
+                "pinned": s.pinned,
+            }
+            for s in plan
+        },
+        "runs": bench.runs,
+        "memory": bench.memory,
+    }
+    (bench.out / "wrk-output.md").write_text("# wrk output, every run\n\n" + "\n".join(bench.raw))
+    return report.write(bench.out, data)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = args.out / stamp
+    out.mkdir(parents=True, exist_ok=True)
+    own_work = args.work is None
+    work = args.work or Path(tempfile.mkdtemp(prefix="gateway-bench."))
+    work.mkdir(parents=True, exist_ok=True)
+    work.chmod(0o755)  # nginx workers run as nobody
+    bench = Bench(args=args, work=work, out=out, procs=Procs(work))
+    cpus = os.cpu_count() or 1
+    bench.pin = cpus >= 2 and max(args.proxy_cpu, args.client_cpu) < cpus
+    if bench.pin:
+        # This process (its RSS sampler, the priming wrk runs) stays off the proxy's CPU;
+        # what must run unpinned is started under `taskset -c 0-N` instead of inheriting.
+        bench.all_cpus = f"0-{cpus - 1}"
+        os.sched_setaffinity(0, {args.client_cpu})
+
+    def on_signal(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+
+    code = 0
+    plan: list[Scenario] = []
+    facts: dict[str, Any] = {}
+    try:
+        facts = benchlib.machine_facts()
+        bench.log(
+            f"{facts['cpus']} CPUs ({facts['cpu_model']}), kernel {facts['kernel']}, "
+            f"python {facts['python']}; results in {_rel(out)}"
+        )
+        if not bench.pin:
+            bench.notes.append("Fewer than 2 CPUs (or BENCH_*_CPU out of range): nothing pinned.")
+        busy = facts.get("loadavg_start")
+        if busy is not None and busy > 0.5:
+            bench.notes.append(
+                f"The machine was busy before the bench started (load average {busy:.2f}): "
+                "other processes share the CPUs, so absolute figures are low and noisy; "
+                "ratios within this run are the figures to read."
+            )
+            bench.log(f"warning: load average {busy:.2f} before the start: figures will be noisy")
+        define_systems(bench)
+        plan = scenarios(bench)
+        start_systems(bench, wanted_systems(bench, plan))
+        broken = verify(bench, plan)
+        prime(bench, plan, broken)
+        run_all(bench, plan, broken)
+        if "memory" in args.scenarios:
+            run_memory(bench)
+    except KeyboardInterrupt as exc:
+        bench.log(f"interrupted ({exc or 'SIGINT'}): stopping, writing what was measured")
+        code = 130
+    finally:
+        bench.procs.stop_all()
+        if own_work:
+            shutil.rmtree(work, ignore_errors=True)
+    if not bench.runs and bench.memory is None:
+        bench.log("nothing was measured")
+        return code or 1
+    report_path = write_results(bench, facts, plan)
+    print(report_path.with_name("summary.txt").read_text(), flush=True)
+    bench.log(f"report: {report_path}")
+    if code:
+        return code
+    return _exit_status(bench)
+
+
+def _rel(path: Path) -> Path:
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+
+
+def _exit_status(bench: Bench) -> int:
+    """1 when a system needed by a scenario did not start, or a gateway row errored."""
+    failed = [
+        f"{name}: {s.failure}"
+        for name, s in bench.systems.items()
+        if s.failure and any(r["system"] == name for r in bench.runs)
+    ]
+    for record in bench.runs:
+        if not bench.systems[record["system"]].kind == "gateway" or record.get("failure"):
+            continue
+        errors = record["non_2xx"] + record["socket_errors"]
+        if record["requests"] and errors / record["requests"] > bench.args.max_error_ratio:
+            failed.append(
+                f"{record['system']} {record['scenario']} c{record['connections']}: "
+                f"{errors} errors in {record['requests']} requests"
+            )
+    if failed:
+        print("\nFAILED:\n  " + "\n  ".join(failed), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

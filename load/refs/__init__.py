@@ -1,0 +1,1 @@
+"""Reference proxies the benchmark measures the gateway against (see load/README.md)."""

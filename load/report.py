@@ -1,0 +1,783 @@
+"""The bench's report: medians over rounds, ratios, the issue's goals, tables and plots.
+
+`bench.py` calls `write(folder, data)`; it can also be rerun on a finished run:
+
+    .venv/bin/python load/report.py load/results/20261125-130000
+
+Writes results.json (the raw runs plus the summary and goals computed here), report.md,
+summary.txt (what the terminal shows at the end) and PNG plots made with matplotlib
+(skipped, with a line in the report, when matplotlib is not installed).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import statistics
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["evaluate_goals", "main", "summarise", "write"]
+
+ORDER = (
+    "nginx-direct",
+    "nginx-proxy",
+    "fast-pipe",
+    "aiohttp-pipe",
+    "gateway",
+    "naive",
+    "gateway-1w",
+    "gateway-2w",
+)
+REFERENCES = (
+    ("nginx-proxy", "x nginx-proxy"),
+    ("fast-pipe", "x fast pipe"),
+    ("aiohttp-pipe", "x aiohttp pipe"),
+    ("naive", "x naive"),
+)
+METRICS = (
+    "rps",
+    "mib_s",
+    "p50_ms",
+    "p75_ms",
+    "p90_ms",
+    "p99_ms",
+    "p999_ms",
+    "mean_ms",
+    "max_ms",
+    "cpu_pct",
+    "host_busy_pct",
+)
+PERCENTILES = (("p50_ms", "p50"), ("p90_ms", "p90"), ("p99_ms", "p99"), ("p999_ms", "p99.9"))
+COLORS = {
+    "nginx-direct": "#9e9e9e",
+    "nginx-proxy": "#2e7d32",
+    "fast-pipe": "#1565c0",
+    "aiohttp-pipe": "#6a1b9a",
+    "gateway": "#d84315",
+    "naive": "#795548",
+    "gateway-1w": "#ef6c00",
+    "gateway-2w": "#c62828",
+}
+
+
+def _order(name: str) -> tuple[float, str]:
+    """Display order; gateway variants (gateway-httpx, ...) sit right after the gateway."""
+    return (ORDER.index(name) if name in ORDER else ORDER.index("gateway") + 0.5, name)
+
+
+# --- numbers --------------------------------------------------------------------------
+
+
+def summarise(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per (scenario, system, connections): medians over the rounds that
+    produced figures, errors summed over all rounds."""
+    groups: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    for run in data["runs"]:
+        groups.setdefault((run["scenario"], run["system"], run["connections"]), []).append(run)
+    rows = []
+    for (scenario, system, connections), runs in groups.items():
+        good = [r for r in runs if not r.get("failure")]
+        row: dict[str, Any] = {
+            "scenario": scenario,
+            "system": system,
+            "connections": connections,
+            "rounds": len(good),
+        }
+        if not good:
+            row["failure"] = runs[-1].get("failure") or "no figures"
+            rows.append(row)
+            continue
+        for metric in METRICS:
+            values = [r[metric] for r in good if r.get(metric) is not None]
+            row[metric] = statistics.median(values) if values else None
+        row["rps_min"] = min(r["rps"] for r in good)
+        row["rps_max"] = max(r["rps"] for r in good)
+        row["requests"] = sum(r["requests"] for r in good)
+        row["non_2xx"] = sum(r["non_2xx"] for r in good)
+        row["socket_errors"] = sum(r["socket_errors"] for r in good)
+        row["rss_before_kib"] = min(r["rss_before_kib"] for r in good)
+        row["rss_peak_kib"] = max(r["rss_peak_kib"] for r in good)
+        row["cpu_split"] = good[-1].get("cpu_split") or []
+        if len(good) < len(runs):
+            row["failed_rounds"] = len(runs) - len(good)
+        rows.append(row)
+    rows.sort(key=lambda r: (r["scenario"], r["connections"], _order(r["system"])))
+    return rows
+
+
+class Table:
+    """Summary rows indexed for lookups: (scenario, connections) -> system -> row."""
+
+    def __init__(self, data: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+        self.data = data
+        self.rows = rows
+        self.base = data["meta"]["connections"]
+        self.index: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
+        for row in rows:
+            self.index.setdefault((row["scenario"], row["connections"]), {})[row["system"]] = row
+
+    def at(self, scenario: str, connections: int) -> dict[str, dict[str, Any]]:
+        found = dict(self.index.get((scenario, connections), {}))
+        if scenario == "sweep" and connections == self.base:
+            members = set(self.sweep_systems())
+            for name, row in self.index.get(("simple", connections), {}).items():
+                if name in members:
+                    found.setdefault(name, row)
+        return found
+
+    def get(self, scenario: str, system: str, connections: int | None = None) -> dict[str, Any]:
+        row = self.at(scenario, connections or self.base).get(system)
+        return row if row and not row.get("failure") else {}
+
+    def sweep_points(self) -> list[int]:
+        points = {c for (s, c) in self.index if s == "sweep"}
+        if points and ("simple", self.base) in self.index:
+            points.add(self.base)
+        return sorted(points)
+
+    def sweep_systems(self) -> list[str]:
+        spec = self.data["scenarios"].get("sweep")
+        return list(spec["systems"]) if spec else []
+
+
+def ratio(row: dict[str, Any], ref: dict[str, Any], key: str = "rps") -> float | None:
+    if not row or not ref or not ref.get(key) or row.get(key) is None:
+        return None
+    return float(row[key]) / float(ref[key])
+
+
+def _goal(name: str, measured: str, target: str, ok: bool | None) -> dict[str, Any]:
+    verdict = "not measured" if ok is None else ("met" if ok else "NOT MET")
+    return {"goal": name, "measured": measured, "target": target, "verdict": verdict}
+
+
+def _x(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def evaluate_goals(table: Table) -> list[dict[str, Any]]:
+    """The goals of issue 13, each judged on figures from this one run."""
+    goals = []
+    c = table.base
+    gw = table.get("simple", "gateway")
+    ngx = table.get("simple", "nginx-proxy")
+    fast = table.get("simple", "fast-pipe")
+
+    r = ratio(gw, ngx)
+    goals.append(
+        _goal("simple GET vs nginx-proxy", _x(r), ">= 0.15x", None if r is None else r >= 0.15)
+    )
+    r = ratio(gw, fast)
+    goals.append(
+        _goal("simple GET vs the fast pipe", _x(r), ">= 0.5x", None if r is None else r >= 0.5)
+    )
+    if gw.get("p99_ms") is not None:
+        limit = max(20.0, 2 * fast["p99_ms"]) if fast.get("p99_ms") else 20.0
+        goals.append(
+            _goal(
+                "simple GET p99",
+                _ms(gw["p99_ms"]),
+                f"<= {_ms(limit)} (20 ms or 2x the fast pipe's)",
+                gw["p99_ms"] <= limit,
+            )
+        )
+        errors = gw["non_2xx"] + gw["socket_errors"]
+        goals.append(
+            _goal(
+                "simple GET errors",
+                f"{gw['non_2xx']} non-2xx, {gw['socket_errors']} socket",
+                "zero",
+                errors == 0,
+            )
+        )
+    else:
+        goals.append(_goal("simple GET p99 and errors", "-", "", None))
+
+    fan = table.get("fanout", "gateway")
+    naive_fan = table.get("fanout", "naive")
+    r = ratio(fan, naive_fan)
+    goals.append(_goal("fan-out vs naive gather", _x(r), ">= 5x", None if r is None else r >= 5))
+    r = ratio(fan, gw)
+    goals.append(
+        _goal(
+            "fan-out vs the gateway's simple GET", _x(r), ">= 0.4x", None if r is None else r >= 0.4
+        )
+    )
+
+    for key, label in (("stream", "1 MiB streamed response"), ("upload", "1 MiB POST body")):
+        row = table.get(key, "gateway")
+        ref = table.get(key, "nginx-proxy")
+        r = ratio(row, ref, "mib_s")
+        measured = (
+            "-" if r is None else f"{row['mib_s']:.0f} vs {ref['mib_s']:.0f} MiB/s ({r:.2f}x)"
+        )
+        goals.append(
+            _goal(
+                f"{label} bytes/s",
+                measured,
+                ">= 1/3 of nginx-proxy",
+                None if r is None else r >= 1 / 3,
+            )
+        )
+        if row:
+            growth = (row["rss_peak_kib"] - row["rss_before_kib"]) / 1024
+            goals.append(
+                _goal(
+                    f"{label}: flat memory",
+                    f"RSS +{growth:.1f} MiB at peak",
+                    f"< {c / 2:.0f} MiB: half the {c} x 1 MiB in flight (streamed, not buffered)",
+                    growth < c / 2,
+                )
+            )
+
+    points = table.sweep_points()
+    series = [(n, table.get("sweep", "gateway", n)) for n in points]
+    series = [(n, row) for n, row in series if row]
+    if len(series) >= 2:
+        best = 0.0
+        worst_drop = 1.0
+        for n, row in series:
+            if n >= 16 and best:
+                worst_drop = min(worst_drop, row["rps"] / best)
+            best = max(best, row["rps"])
+        goals.append(
+            _goal(
+                "sweep: throughput does not fall",
+                f"lowest point {worst_drop:.2f}x the best below it",
+                ">= 0.9x (10% noise allowed)",
+                worst_drop >= 0.9,
+            )
+        )
+        worst_growth = 0.0
+        for (n1, a), (n2, b) in itertools.pairwise(series):
+            if a.get("p99_ms") and b.get("p99_ms") and a["rps"] and b["rps"]:
+                little = (n2 / b["rps"]) / (n1 / a["rps"])
+                worst_growth = max(worst_growth, (b["p99_ms"] / a["p99_ms"]) / little)
+        goals.append(
+            _goal(
+                "sweep: p99 grows no faster than connections / throughput",
+                f"worst step {worst_growth:.2f}x of connections/throughput growth",
+                "<= 1.25x",
+                worst_growth <= 1.25,
+            )
+        )
+    else:
+        goals.append(_goal("sweep", "-", "", None))
+
+    w1 = table.get("workers", "gateway-1w")
+    w2 = table.get("workers", "gateway-2w")
+    r = ratio(w2, w1)
+    goals.append(_goal("--workers 2 vs 1", _x(r), ">= 1.6x", None if r is None else r >= 1.6))
+
+    mem = table.data.get("memory") or {}
+    if mem.get("rss_per_connection_kib") is not None:
+        goals.append(
+            _goal(
+                "idle connections held",
+                f"{mem['held_open']:,} of {mem['wanted']:,} ({mem['held']:,} after a request each)",
+                "all of them",
+                mem["held_open"] >= 0.99 * mem["wanted"],
+            )
+        )
+        per = mem["rss_per_connection_kib"]
+        goals.append(
+            _goal(
+                "RSS per idle connection (after one request each)",
+                f"{per:.1f} KiB (opened, before any request: "
+                f"{_num(mem.get('rss_per_open_connection_kib'), '.1f')} KiB)",
+                "< 25 KiB",
+                per < 25,
+            )
+        )
+        grown = max(mem["rss_held_kib"] - mem["rss_start_kib"], 1)
+        retained = mem["rss_retained_kib"]
+        goals.append(
+            _goal(
+                "RSS after they close",
+                f"+{retained / 1024:.1f} MiB over the start ({retained / grown:.0%} of the growth)",
+                "near the start: <= 25% of the growth kept",
+                retained <= 0.25 * grown,
+            )
+        )
+    else:
+        goals.append(_goal("idle connections", mem.get("failure", "-"), "", None))
+    return goals
+
+
+# --- text ------------------------------------------------------------------------------
+
+
+def _ms(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value >= 1000:
+        return f"{value / 1000:.2f} s"
+    return f"{value:.2f} ms" if value < 100 else f"{value:.0f} ms"
+
+
+def _num(value: float | None, fmt: str = ",.0f") -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def _label(data: dict[str, Any], name: str) -> str:
+    return data["systems"].get(name, {}).get("label", name)
+
+
+def _md_table(header: list[str], rows: Iterable[list[str]], right_from: int = 1) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |"]
+    lines.append(
+        "|" + "|".join("---" if i < right_from else "---:" for i in range(len(header))) + "|"
+    )
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return [*lines, ""]
+
+
+def _text_table(header: list[str], rows: list[list[str]], right_from: int = 1) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(row: list[str]) -> str:
+        return "  ".join(
+            cell.rjust(widths[i]) if i >= right_from else cell.ljust(widths[i])
+            for i, cell in enumerate(row)
+        ).rstrip()
+
+    return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
+
+
+def _cpus(data: dict[str, Any]) -> int:
+    return int(data["meta"].get("machine", {}).get("cpus") or 1)
+
+
+def _cpu(row: dict[str, Any]) -> str:
+    """The system's CPU use in % of one CPU; split per process when it has several."""
+    cpu = row.get("cpu_pct")
+    if cpu is None:
+        return "-"
+    split = row.get("cpu_split") or []
+    parts = f" ({' + '.join(f'{v:.0f}' for v in split)})" if len(split) > 1 else ""
+    return f"{cpu:.0f}%{parts}"
+
+
+def scenario_rows(
+    table: Table,
+    scenario: str,
+    connections: int,
+    *,
+    bytes_col: bool = False,
+    rss: bool = False,
+    host: bool = False,
+) -> tuple[list[str], list[list[str]]]:
+    data = table.data
+    header = ["system", "req/s"]
+    if data["meta"]["rounds"] > 1:
+        header.append("req/s range")
+    if bytes_col:
+        header.append("MiB/s")
+    header += ["p50", "p90", "p99", "p99.9", "non-2xx", "socket errors", "CPU"]
+    if host:
+        header.append("machine CPU")
+    if rss:
+        header.append("RSS before -> peak")
+    found = table.at(scenario, connections)
+    present_refs = [(ref, title) for ref, title in REFERENCES if ref in found]
+    header += [title for _, title in present_refs]
+    rows = []
+    for name in sorted(found, key=_order):
+        row = found[name]
+        label = f"{_label(data, name)}"
+        if row.get("failure"):
+            rows.append([label, f"FAILED: {row['failure'][:120]}"] + [""] * (len(header) - 2))
+            continue
+        key = "mib_s" if bytes_col else "rps"
+        cells = [label, _num(row["rps"])]
+        if data["meta"]["rounds"] > 1:
+            cells.append(f"{row['rps_min']:,.0f}-{row['rps_max']:,.0f}")
+        if bytes_col:
+            cells.append(_num(row.get("mib_s")))
+        cells += [_ms(row.get(k)) for k, _ in PERCENTILES]
+        cells += [str(row["non_2xx"]), str(row["socket_errors"]), _cpu(row)]
+        if host:
+            busy = row.get("host_busy_pct")
+            cells.append("-" if busy is None else f"{busy:.0f}% of {100 * _cpus(data)}%")
+        if rss:
+            cells.append(
+                f"{row['rss_before_kib'] / 1024:.0f} -> {row['rss_peak_kib'] / 1024:.0f} MiB"
+            )
+        for ref, _ in present_refs:
+            cells.append(_x(ratio(row, found[ref] if not found[ref].get("failure") else {}, key)))
+        rows.append(cells)
+    return header, rows
+
+
+def memory_rows(mem: dict[str, Any]) -> list[list[str]]:
+    def mib(kib: int) -> str:
+        return f"{kib / 1024:.1f} MiB"
+
+    return [
+        ["connections opened", f"{mem['opened']:,} of {mem['wanted']:,}"],
+        ["held, opened before any request (server sockets)", f"{mem['held_open']:,}"],
+        ["held after one request each (server sockets)", f"{mem['held']:,}"],
+        [
+            "answers to the one request each",
+            ", ".join(f"{k}: {v:,}" for k, v in mem["statuses"].items()) or "-",
+        ],
+        ["failures", ", ".join(f"{k}: {v}" for k, v in mem["failures"].items()) or "none"],
+        [
+            "time to open them / to send one request on each",
+            f"{mem['open_seconds']} s / {mem['request_seconds']} s",
+        ],
+        ["RSS at start (after 1 s of wrk)", mib(mem["rss_start_kib"])],
+        [
+            "RSS with all opened",
+            f"{mib(mem['rss_open_kib'])} "
+            f"({_num(mem.get('rss_per_open_connection_kib'), '.1f')} KiB per connection)",
+        ],
+        [
+            "RSS after one request each",
+            f"{mib(mem['rss_held_kib'])} "
+            f"({_num(mem.get('rss_per_connection_kib'), '.1f')} KiB per connection)",
+        ],
+        [
+            "RSS 2 s after they closed",
+            f"{mib(mem['rss_after_kib'])} "
+            f"(+{mem['rss_retained_kib'] / 1024:.1f} MiB over the start)",
+        ],
+    ]
+
+
+def render_markdown(
+    data: dict[str, Any],
+    table: Table,
+    goals: list[dict[str, Any]],
+    plots: list[str],
+    plot_note: str,
+) -> str:
+    meta = data["meta"]
+    m = meta.get("machine", {})
+    c = meta["connections"]
+    lines = ["# Gateway benchmark", ""]
+    if meta["quick"]:
+        lines += [
+            "> QUICK run: one round of short runs. Indicative only; a full `make bench` "
+            "gives medians of three interleaved rounds.",
+            "",
+        ]
+    pk = m.get("packages", {})
+    tools = m.get("tools", {})
+    lines += [
+        f"- date: {meta['date']}",
+        f"- machine: {m.get('cpus')} CPUs ({m.get('cpu_model')}), {m.get('memory')} RAM, "
+        f"kernel {m.get('kernel')}, {m.get('os')}",
+        f"- python {m.get('python')}; {tools.get('nginx')}; {tools.get('wrk')}; "
+        + ", ".join(f"{k} {v}" for k, v in pk.items()),
+        f"- gateway: commit {m.get('gateway_commit')}; config in `gateway.yaml` beside this "
+        f"report; access log to {meta['gateway_access_log']}, metrics on",
+        f"- load: {meta['load']}",
+        f"- pinning: {meta['pinning']}",
+        f"- open-files limit: {m.get('nofile_limit')}; load average (1 min) at start "
+        f"{m.get('loadavg_start', '-')}, at end {meta.get('loadavg_end', '-')}",
+    ]
+    if meta.get("gateway_dropped_keys"):
+        lines.append(
+            "- policy keys this gateway refused, so left out: "
+            + ", ".join(meta["gateway_dropped_keys"])
+        )
+    for note in meta.get("notes", []):
+        lines.append(f"- note: {note}")
+    lines += ["", "## Systems", ""]
+    lines += _md_table(
+        ["name", "what", "pinned"],
+        (
+            [f"`{name}`", s["description"], "yes" if s["pinned"] else "no"]
+            for name, s in sorted(data["systems"].items(), key=lambda kv: _order(kv[0]))
+            if any(r["system"] == name for r in data["runs"])
+            or (name == "gateway-mem" and data.get("memory"))
+        ),
+        right_from=99,
+    )
+
+    lines += [
+        "In the tables: figures are medians over the rounds (errors summed); `xNAME` is "
+        "req/s (MiB/s for bodies) over NAME's in the same scenario; CPU is the system's "
+        "process tree's CPU time during the run in % of one CPU (100% = its core "
+        "saturated), per process in brackets when it has several.",
+        "",
+    ]
+    scen = data["scenarios"]
+    if "simple" in scen:
+        lines += [f"## {scen['simple']['title']}", ""]
+        lines += _md_table(*scenario_rows(table, "simple", c))
+    if "fanout" in scen:
+        lines += [f"## {scen['fanout']['title']}", ""]
+        lines += [
+            "The gateway's aggregate route (three upstreams, merged JSON) against the naive "
+            "`asyncio.gather` over one httpx client (load/refs/naive.py).",
+            "",
+        ]
+        lines += _md_table(*scenario_rows(table, "fanout", c))
+        r = ratio(table.get("fanout", "gateway"), table.get("simple", "gateway"))
+        if r is not None:
+            lines += [f"Gateway fan-out rate / gateway simple GET rate: {r:.2f}x", ""]
+    for key in ("stream", "upload"):
+        if key in scen:
+            lines += [f"## {scen[key]['title']}", ""]
+            lines += [
+                "MiB/s is payload moved (req/s x 1 MiB); RSS is the proxy's process tree.",
+                "",
+            ]
+            lines += _md_table(*scenario_rows(table, key, c, bytes_col=True, rss=True))
+    points = table.sweep_points()
+    if "sweep" in scen and points:
+        lines += ["## Concurrency sweep (simple GET)", ""]
+        systems = sorted({n for p in points for n in table.at("sweep", p)}, key=_order)
+        for title, fn in (
+            ("req/s", lambda row: _num(row.get("rps"))),
+            ("p99", lambda row: _ms(row.get("p99_ms"))),
+            ("errors (non-2xx + socket)", lambda row: str(row["non_2xx"] + row["socket_errors"])),
+        ):
+            lines += [f"**{title}**", ""]
+            rows = []
+            for name in systems:
+                cells = [_label(data, name)]
+                for p in points:
+                    row = table.at("sweep", p).get(name)
+                    cells.append("-" if not row else ("FAILED" if row.get("failure") else fn(row)))
+                rows.append(cells)
+            lines += _md_table(["system", *[f"c={p}" for p in points]], rows)
+    if "workers" in scen:
+        lines += [f"## {scen['workers']['title']}", ""]
+        lines += [
+            "Machine CPU: every process on the machine during the run (wrk, the upstream, "
+            "anything else running): two workers can only gain what is left idle.",
+            "",
+        ]
+        lines += _md_table(*scenario_rows(table, "workers", c, host=True))
+        r = ratio(table.get("workers", "gateway-2w"), table.get("workers", "gateway-1w"))
+        if r is not None:
+            lines += [f"2 workers / 1 worker: {r:.2f}x", ""]
+    mem = data.get("memory")
+    if mem:
+        lines += ["## Idle keep-alive connections (gateway)", ""]
+        if mem.get("failure"):
+            lines += [f"FAILED: {mem['failure']}", ""]
+        else:
+            lines += _md_table(["figure", "value"], memory_rows(mem), right_from=99)
+    lines += ["## Goals (issue 13), judged on this run", ""]
+    lines += _md_table(
+        ["goal", "measured", "target", "verdict"],
+        (
+            [
+                g["goal"],
+                g["measured"],
+                g["target"],
+                f"**{g['verdict']}**" if g["verdict"] == "NOT MET" else g["verdict"],
+            ]
+            for g in goals
+        ),
+        right_from=99,
+    )
+    if plots or plot_note:
+        lines += ["## Plots", ""]
+        if plot_note:
+            lines += [plot_note, ""]
+        lines += [f"![{p}]({p})" for p in plots]
+        lines.append("")
+    lines += ["## Every run", ""]
+    lines += _md_table(
+        ["round", "scenario", "connections", "system", "req/s", "p99", "non-2xx", "socket errors"],
+        (
+            [
+                str(r["round"]),
+                r["scenario"],
+                str(r["connections"]),
+                r["system"],
+                f"FAILED: {r['failure'][:80]}" if r.get("failure") else _num(r["rps"]),
+                _ms(r.get("p99_ms")),
+                str(r.get("non_2xx", "-")),
+                str(r.get("socket_errors", "-")),
+            ]
+            for r in data["runs"]
+        ),
+        right_from=4,
+    )
+    lines += ["wrk's own output for every run: `wrk-output.md`.", ""]
+    return "\n".join(lines)
+
+
+def render_summary(data: dict[str, Any], table: Table, goals: list[dict[str, Any]]) -> str:
+    c = data["meta"]["connections"]
+    out = []
+    if "simple" in data["scenarios"]:
+        header, rows = scenario_rows(table, "simple", c)
+        out += [f"simple GET, {c} connections", _text_table(header, rows), ""]
+    out += [
+        _text_table(
+            ["goal", "measured", "target", "verdict"],
+            [[g["goal"], g["measured"], g["target"], g["verdict"]] for g in goals],
+            right_from=99,
+        )
+    ]
+    return "\n".join(out) + "\n"
+
+
+# --- plots ------------------------------------------------------------------------------
+
+
+def render_plots(folder: Path, data: dict[str, Any], table: Table) -> tuple[list[str], str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter, NullFormatter, NullLocator
+    except ImportError:
+        return [], "matplotlib is not installed (pip install -e '.[dev]'): no plots."
+    made = []
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    title_suffix = " (QUICK)" if data["meta"]["quick"] else ""
+    machine = data["meta"].get("machine", {})
+    caption = f"{machine.get('cpus')} CPUs {machine.get('cpu_model')}, proxy on one core"
+
+    points = table.sweep_points()
+    if len(points) >= 2:
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
+        for name in sorted(table.sweep_systems(), key=_order):
+            xs, rps, p99 = [], [], []
+            for p in points:
+                row = table.at("sweep", p).get(name)
+                if row and not row.get("failure") and row["rps"] > 0:
+                    xs.append(p)
+                    rps.append(row["rps"])
+                    p99.append(row.get("p99_ms") or float("nan"))
+            if not xs:
+                continue
+            style = {"color": COLORS.get(name), "marker": "o", "label": _label(data, name)}
+            if name == "gateway":
+                style["linewidth"] = 3
+            ax1.plot(xs, rps, **style)
+            ax2.plot(xs, p99, **style)
+        ax1.set(
+            xscale="log",
+            yscale="log",
+            xlabel="connections",
+            ylabel="req/s",
+            title="Throughput vs connections",
+        )
+        ax2.set(
+            xscale="log",
+            yscale="log",
+            xlabel="connections",
+            ylabel="p99 latency (ms)",
+            title="p99 vs connections",
+        )
+        for ax in (ax1, ax2):
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(NullFormatter())
+            ax.set_xticks(points)
+            ax.set_xticklabels([str(p) for p in points])
+            ax.grid(True, which="both", alpha=0.3)
+        ax1.legend(fontsize=8)
+        fig.suptitle(f"Concurrency sweep, simple GET{title_suffix} - {caption}", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(folder / "sweep.png", dpi=110)
+        plt.close(fig)
+        made.append("sweep.png")
+
+    c = data["meta"]["connections"]
+    simple = table.at("simple", c)
+    good = {n: r for n, r in simple.items() if not r.get("failure") and r["rps"] > 0}
+    if good:
+        names = sorted(good, key=_order)
+        ngx = good.get("nginx-proxy")
+        fig, ax = plt.subplots(figsize=(9, 0.55 * len(names) + 1.5))
+        values = [good[n]["rps"] for n in names]
+        bars = ax.barh(
+            [_label(data, n) for n in names], values, color=[COLORS.get(n, "#888") for n in names]
+        )
+        for bar, name in zip(bars, names, strict=True):
+            r = ratio(good[name], ngx)
+            text = f" {good[name]['rps']:,.0f}" + (
+                f"  ({r:.2f}x nginx-proxy)" if r is not None and name != "nginx-proxy" else ""
+            )
+            ax.text(
+                bar.get_width(), bar.get_y() + bar.get_height() / 2, text, va="center", fontsize=8
+            )
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        ax.set_xlabel("req/s (log scale)")
+        ax.set_title(f"Simple GET, {c} connections{title_suffix} - {caption}", fontsize=10)
+        ax.set_xlim(right=max(values) * 8)
+        fig.tight_layout()
+        fig.savefig(folder / "throughput.png", dpi=110)
+        plt.close(fig)
+        made.append("throughput.png")
+
+    for key, spec in data["scenarios"].items():
+        if key == "sweep":
+            continue
+        found = {n: r for n, r in table.at(key, c).items() if not r.get("failure")}
+        if not found:
+            continue
+        names = sorted(found, key=_order)
+        fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(names) + 2), 4.5))
+        width = 0.8 / len(PERCENTILES)
+        for i, (metric, label) in enumerate(PERCENTILES):
+            xs = [j + (i - (len(PERCENTILES) - 1) / 2) * width for j in range(len(names))]
+            ys = [found[n].get(metric) or float("nan") for n in names]
+            ax.bar(xs, ys, width, label=label)
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels([_label(data, n) for n in names], fontsize=8, rotation=15, ha="right")
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(
+            plain if ax.get_ylim()[1] / ax.get_ylim()[0] < 30 else NullFormatter()
+        )
+        ax.set_ylabel("latency (ms, log scale)")
+        ax.set_title(f"Latency percentiles: {spec['title']}{title_suffix}", fontsize=10)
+        ax.grid(True, axis="y", which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        name = f"latency-{key}.png"
+        fig.savefig(folder / name, dpi=110)
+        plt.close(fig)
+        made.append(name)
+    return made, ""
+
+
+# --- entry points ---------------------------------------------------------------------------
+
+
+def write(folder: Path, data: dict[str, Any]) -> Path:
+    """Summary, goals, results.json, report.md, summary.txt and plots into `folder`."""
+    rows = summarise(data)
+    table = Table(data, rows)
+    goals = evaluate_goals(table)
+    data = {**data, "summary": rows, "goals": goals}
+    (folder / "results.json").write_text(json.dumps(data, indent=2) + "\n")
+    plots, note = render_plots(folder, data, table)
+    report = folder / "report.md"
+    report.write_text(render_markdown(data, table, goals, plots, note))
+    (folder / "summary.txt").write_text(render_summary(data, table, goals))
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: report.py RESULTS_FOLDER", file=sys.stderr)
+        return 2
+    folder = Path(args[0])
+    data = json.loads((folder / "results.json").read_text())
+    data.pop("summary", None)
+    data.pop("goals", None)
+    print(write(folder, data))
+    print((folder / "summary.txt").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
