@@ -11,10 +11,12 @@ one exception tree. `GATEWAY_TRANSPORT=httpx` selects httpx's default transport 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import httpx
@@ -199,8 +201,116 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         return f"AiohttpTransport({state})"
 
 
+@contextmanager
+def _map_reqwest_errors() -> Iterator[None]:
+    from pyreqwest import exceptions as rx
+
+    try:
+        yield
+    except rx.ConnectTimeoutError as exc:
+        raise httpx.ConnectTimeout(exc.message) from exc
+    except rx.PoolTimeoutError as exc:
+        raise httpx.PoolTimeout(exc.message) from exc
+    except rx.RequestTimeoutError as exc:
+        raise httpx.ReadTimeout(exc.message) from exc
+    except rx.ConnectError as exc:
+        raise httpx.ConnectError(exc.message) from exc
+    except (rx.ReadError, rx.WriteError) as exc:
+        raise httpx.ReadError(exc.message) from exc
+    except rx.PyreqwestError as exc:
+        raise httpx.RemoteProtocolError(str(exc)) from exc
+
+
+class ReqwestResponse:
+    """`RawResponse`'s twin over pyreqwest (Rust hyper pool)."""
+
+    __slots__ = ("_request", "_response", "headers", "status")
+
+    def __init__(self, request: Any, response: Any) -> None:
+        self._request = request
+        self._response = response
+        self.status: int = response.status
+        self.headers: list[tuple[bytes, bytes]] = [
+            (k.encode("latin-1"), v.encode("latin-1")) for k, v in response.headers.items()
+        ]
+
+    async def body(self) -> AsyncIterator[bytes]:
+        reader = self._response.body_reader
+        with _map_reqwest_errors():
+            while (chunk := await reader.read_chunk()) is not None:
+                yield bytes(chunk)
+
+    async def aclose(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._request.__aexit__(None, None, None)
+
+
+class ReqwestTransport(httpx.AsyncBaseTransport):
+    """The upstream pool in Rust (pyreqwest over reqwest/hyper): connection handling,
+    parsing and pooling happen off the Python thread. No decompression, no redirects,
+    no cookies, no default headers."""
+
+    def __init__(self, settings: TransportSettings) -> None:
+        from datetime import timedelta
+
+        from pyreqwest.client import ClientBuilder
+
+        builder = (
+            ClientBuilder()
+            .gzip(False)
+            .brotli(False)
+            .zstd(False)
+            .deflate(False)
+            .follow_redirects(False)
+            .referer(False)
+            .default_cookie_store(False)
+            .http1_only()
+            .http1_lower_case_headers()
+            .max_connections(settings.max_connections)
+            .pool_max_idle_per_host(settings.max_keepalive)
+            .connect_timeout(timedelta(seconds=settings.connect_timeout))
+            .read_timeout(timedelta(seconds=settings.read_timeout))
+        )
+        if settings.max_keepalive > 0:
+            builder = builder.pool_idle_timeout(timedelta(seconds=settings.keepalive_expiry))
+        self._client = builder.build()
+        self._compat: httpx.AsyncBaseTransport | None = None
+
+    async def open(
+        self,
+        method: str,
+        url: str,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes | AsyncIterator[bytes] | None,
+    ) -> ReqwestResponse:
+        builder = self._client.request(method, url).headers(
+            [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers]
+        )
+        if isinstance(body, bytes):
+            builder = builder.body_bytes(body)
+        elif body is not None:
+            builder = builder.body_stream(body)
+        request = builder.build_streamed()
+        with _map_reqwest_errors():
+            response = await request.__aenter__()
+        return ReqwestResponse(request, response)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self._compat is None:
+            from pyreqwest.compatibility.httpx import HttpxTransport
+
+            self._compat = HttpxTransport(self._client, close_client=False)
+        return await self._compat.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+
 def make_transport(settings: TransportSettings) -> httpx.AsyncBaseTransport:
-    if os.environ.get("GATEWAY_TRANSPORT", "aiohttp") == "httpx":
+    kind = os.environ.get("GATEWAY_TRANSPORT", "aiohttp")
+    if kind == "reqwest":
+        return ReqwestTransport(settings)
+    if kind == "httpx":
         return httpx.AsyncHTTPTransport(
             limits=httpx.Limits(
                 max_connections=settings.max_connections,

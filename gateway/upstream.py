@@ -22,7 +22,12 @@ from gateway.policies.budget import RetryBudget
 from gateway.policies.bulkhead import Bulkhead
 from gateway.policies.health import HealthChecker
 from gateway.settings import UpstreamSettings
-from gateway.transport import AiohttpTransport, TransportSettings, make_transport
+from gateway.transport import (
+    AiohttpTransport,
+    ReqwestTransport,
+    TransportSettings,
+    make_transport,
+)
 
 __all__ = ["Target", "Upstream"]
 
@@ -87,7 +92,9 @@ class Upstream:
         )
         # The hot path talks to the transport directly when it offers `open`; the
         # client (same pool) serves health checks and anything off the hot path.
-        self._raw = transport if isinstance(transport, AiohttpTransport) else None
+        self._raw = (
+            transport if isinstance(transport, AiohttpTransport | ReqwestTransport) else None
+        )
         self.client = httpx.AsyncClient(
             transport=transport,
             cookies=_no_cookies(),
