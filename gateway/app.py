@@ -25,7 +25,7 @@ from gateway.errors import (
     ShuttingDown,
 )
 from gateway.metrics import Metrics
-from gateway.observability import AccessLog, utc_now_iso
+from gateway.observability import AccessLog
 from gateway.pipeline import Deadline, GatewayRequest, GatewayResponse, Headers
 from gateway.proxy import (
     REPLAY_LIMIT,
@@ -210,7 +210,7 @@ class DataPlane:
             client = scope.get("client")
             access_log.write(
                 {
-                    "time": utc_now_iso(),
+                    "time": access_log.now(),
                     "request_id": exchange.request_id,
                     "client": client[0] if client else None,
                     "method": exchange.method,

@@ -51,12 +51,23 @@ class AccessLog:
     """One JSON line per request on stdout, written in small batches so a busy event
     loop makes one write per batch instead of one per request."""
 
-    __slots__ = ("_buffer", "_flush_scheduled", "_stream")
+    __slots__ = ("_buffer", "_flush_scheduled", "_second", "_second_text", "_stream")
 
     def __init__(self, stream: TextIO | None = None) -> None:
         self._stream = stream or sys.stdout
         self._buffer: list[str] = []
         self._flush_scheduled = False
+        self._second = -1
+        self._second_text = ""
+
+    def now(self) -> str:
+        """UTC time with milliseconds; the second is formatted once a second."""
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._second_text}.{int((now - second) * 1000):03d}Z"
 
     def write(self, record: dict[str, object]) -> None:
         self._buffer.append(json.dumps(record, separators=(",", ":")))
