@@ -10,7 +10,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any
 
 import uvicorn
@@ -21,7 +21,7 @@ from gateway.loader import ConfigError, load_config
 from gateway.metrics import Metrics
 from gateway.observability import AccessLog, configure_logging
 from gateway.runtime import build_runtime, unsupported
-from gateway.settings import GatewaySettings
+from gateway.settings import GatewaySettings, ServerSettings
 
 __all__ = ["GatewayServer", "run"]
 
@@ -43,6 +43,24 @@ class _Server(uvicorn.Server):
         await super().startup(sockets)
         if self.started:
             self.listening.set()
+
+
+def admin_server(
+    state: GatewayState, server: ServerSettings, reload: Callable[[], Awaitable[list[str]]]
+) -> _Server:
+    """The admin listener: a Starlette app on its own uvicorn server, same event loop."""
+    return _Server(
+        uvicorn.Config(
+            build_admin_app(state, reload=reload),
+            host=server.admin_host,
+            port=server.admin_port,
+            loop="none",
+            http="httptools",
+            lifespan="off",
+            access_log=False,
+            log_config=None,
+        )
+    )
 
 
 class GatewayServer:
@@ -97,20 +115,7 @@ class GatewayServer:
                 backlog=4096,
             )
         )
-        self.admin: _Server | None = None
-        if admin:
-            self.admin = _Server(
-                uvicorn.Config(
-                    build_admin_app(self.state, reload=self.reload),
-                    host=server.admin_host,
-                    port=server.admin_port,
-                    loop="none",
-                    http="httptools",
-                    lifespan="off",
-                    access_log=False,
-                    log_config=None,
-                )
-            )
+        self.admin = admin_server(self.state, server, self.reload) if admin else None
         self._signals = 0
         self._reload_lock = asyncio.Lock()
         self._background: set[asyncio.Task[None]] = set()

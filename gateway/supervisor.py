@@ -25,28 +25,19 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import uvicorn
-
-from gateway.admin import build_admin_app
 from gateway.app import GatewayState
 from gateway.loader import ConfigError, load_config, load_config_text
 from gateway.metrics import Metrics
 from gateway.runtime import unsupported
+from gateway.server import admin_server
 from gateway.settings import GatewaySettings
 
 __all__ = ["Supervisor", "worker_main"]
 
 log = logging.getLogger("gateway.supervisor")
-
-
-class _Server(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
 
 
 class _ConfigView:
@@ -97,19 +88,7 @@ class Supervisor:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
         _use_multiprocess_values()
         self.state = GatewayState(metrics=Metrics())
-        server = settings.server
-        self.admin = _Server(
-            uvicorn.Config(
-                build_admin_app(self.state, reload=self.reload),
-                host=server.admin_host,
-                port=server.admin_port,
-                loop="none",
-                http="httptools",
-                lifespan="off",
-                access_log=False,
-                log_config=None,
-            )
-        )
+        self.admin = admin_server(self.state, settings.server, self.reload)
 
     def _write_snapshot(self, text: str) -> None:
         tmp = self.snapshot + ".tmp"

@@ -56,29 +56,6 @@ def _map_aiohttp_errors() -> Iterator[None]:
         raise httpx.RemoteProtocolError(str(exc) or type(exc).__name__) from exc
 
 
-class _ResponseStream(httpx.AsyncByteStream):
-    __slots__ = ("_response",)
-
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
-        self._response = response
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        content = self._response.content
-        with _map_aiohttp_errors():
-            while True:
-                chunk = await content.readany()
-                if not chunk:
-                    return
-                yield chunk
-
-    async def aclose(self) -> None:
-        response = self._response
-        if response.content.at_eof():
-            response.release()  # body complete: the connection goes back to the pool
-        else:
-            response.close()  # abandoned mid-body: the connection cannot be reused
-
-
 class RawResponse:
     """The proxy's own view of a response: status, raw headers, a body stream and
     `aclose`. The hot path uses it instead of building httpx objects per request."""
@@ -102,9 +79,25 @@ class RawResponse:
     async def aclose(self) -> None:
         response = self._response
         if response.content.at_eof():
-            response.release()
+            response.release()  # body complete: the connection goes back to the pool
         else:
-            response.close()
+            response.close()  # abandoned mid-body: the connection cannot be reused
+
+
+class _ResponseStream(httpx.AsyncByteStream):
+    """A `RawResponse` body as httpx's stream, for the `httpx.AsyncClient` path."""
+
+    __slots__ = ("_raw",)
+
+    def __init__(self, raw: RawResponse) -> None:
+        self._raw = raw
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._raw.body():
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self._raw.aclose()
 
 
 class AiohttpTransport(httpx.AsyncBaseTransport):
@@ -167,7 +160,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         return httpx.Response(
             status_code=response.status,
             headers=response.raw_headers,
-            stream=_ResponseStream(response),
+            stream=_ResponseStream(RawResponse(response)),
             request=request,
             extensions=extensions,
         )
