@@ -40,6 +40,7 @@ from gateway.proxy import (
 from gateway.routing import normalize_path
 from gateway.runtime import ProxyRoute, Runtime
 from gateway.types import Receive, Scope, Send
+from gateway.websocket import proxy_websocket
 
 __all__ = ["DataPlane", "Exchange", "GatewayState"]
 
@@ -97,7 +98,11 @@ class DataPlane:
         elif scope["type"] == "lifespan":
             await _lifespan(receive, send)
         elif scope["type"] == "websocket":
-            await send({"type": "websocket.close", "code": 1008})
+            exchange = Exchange(time.monotonic(), "GET", scope["path"], "")
+            try:
+                await proxy_websocket(self.state, scope, receive, send, exchange)
+            finally:
+                self._finish(exchange, scope, self.state.runtime)
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         runtime = self.state.runtime

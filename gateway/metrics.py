@@ -90,6 +90,13 @@ class Metrics:
             ("route",),
             registry=r,
         )
+        self.rate_limit_store_errors = Counter(
+            "gateway_rate_limit_store_errors_total",
+            "Rate-limit checks decided without the shared store (unreachable or failing), "
+            "by route.",
+            ("route",),
+            registry=r,
+        )
         self.reloads = Counter(
             "gateway_config_reloads_total",
             "Config reloads by result (ok, error).",

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from gateway.aggregate import AggregateRoute, Backend, BackendTemplate
 from gateway.edge import RequestFilter
+from gateway.edge.build import EdgeResources, build_filters, config_problems, router_methods
 from gateway.metrics import Metrics
 from gateway.pipeline import Handler, Policy
 from gateway.policies.breaker import breaker
@@ -76,22 +77,11 @@ def build_route_handler(route: RouteSettings, upstream: Upstream) -> Handler:
 
 
 def unsupported(settings: GatewaySettings) -> list[str]:
-    """Configured features this build does not enforce yet: refusing to start beats
-    silently serving a route without the auth or limits its operator asked for."""
-    problems = []
-    if settings.auth is not None:
-        problems.append("auth: authentication is not implemented in this version")
-    if settings.cors is not None:
-        problems.append("cors: CORS is not implemented in this version")
-    if settings.rate_limit_store != "memory":
-        problems.append("rate_limit_store: rate limiting is not implemented in this version")
-    for i, route in enumerate(settings.routes):
-        for key in ("rate_limit", "cors"):
-            if getattr(route, key) is not None:
-                problems.append(f"routes.{i}.{key}: not implemented in this version")
-        if route.auth != "none":
-            problems.append(f"routes.{i}.auth: not implemented in this version")
-    return problems
+    """Configured features this build cannot enforce as configured (a route asking for
+    auth without the global block, an empty key variable, an unreadable JWKS file):
+    refusing to start beats silently serving a route without the auth or limits its
+    operator asked for."""
+    return config_problems(settings)
 
 
 class Runtime:
@@ -103,10 +93,12 @@ class Runtime:
         settings: GatewaySettings,
         router: Router[ProxyRoute | AggregateRoute],
         upstreams: dict[str, Upstream],
+        edge: EdgeResources | None = None,
     ) -> None:
         self.settings = settings
         self.router = router
         self.upstreams = upstreams
+        self.edge = edge
         self.access_log = settings.server.access_log
         self.active = 0
         self._idle: asyncio.Event | None = None  # set up only once a reload retires us
@@ -121,10 +113,14 @@ class Runtime:
         """Start background work (health checks) inside the running event loop."""
         for upstream in self.upstreams.values():
             await upstream.start()
+        if self.edge is not None:
+            await self.edge.start()
 
     async def aclose(self) -> None:
         for upstream in self.upstreams.values():
             await upstream.aclose()
+        if self.edge is not None:
+            await self.edge.aclose()
 
     async def retire(self, successor: Runtime, grace: float) -> None:
         """After a reload: wait for this runtime's requests to finish (up to `grace`
@@ -138,6 +134,8 @@ class Runtime:
         for upstream in self.upstreams.values():
             if id(upstream) not in kept:
                 await upstream.aclose()
+        if self.edge is not None:
+            await self.edge.retire(successor.edge)
 
     def __repr__(self) -> str:
         return (
@@ -160,13 +158,17 @@ def build_runtime(
             upstreams[name] = old
         else:
             upstreams[name] = Upstream(name, upstream_settings, metrics=metrics)
+    # One rate-limit store and one JWT verifier for every route; kept across a reload
+    # whose settings for them did not change.
+    edge = EdgeResources(settings, previous.edge if previous is not None else None)
     router: Router[ProxyRoute | AggregateRoute] = Router()
     server = settings.server
     for route in settings.routes:
-        methods = frozenset(route.methods) if route.methods else None
+        methods = router_methods(route, settings)
+        filters = build_filters(route, settings, edge.store, metrics, jwt=edge.jwt)
         compiled: ProxyRoute | AggregateRoute
         if route.aggregate is not None:
-            compiled = build_aggregate_route(route, upstreams, server)
+            compiled = build_aggregate_route(route, upstreams, server, filters)
         else:
             assert route.upstream is not None  # the settings model guarantees one
             upstream = upstreams[route.upstream]
@@ -179,13 +181,17 @@ def build_runtime(
                 preserve_host=route.preserve_host,
                 max_body_size=server.max_body_size,
                 trusted_proxies=server.trusted_proxies,
+                filters=filters,
             )
         router.add(compiled, route.path, methods, route.host)
-    return Runtime(settings, router, upstreams)
+    return Runtime(settings, router, upstreams, edge)
 
 
 def build_aggregate_route(
-    route: RouteSettings, upstreams: dict[str, Upstream], server: ServerSettings
+    route: RouteSettings,
+    upstreams: dict[str, Upstream],
+    server: ServerSettings,
+    filters: tuple[RequestFilter, ...] = (),
 ) -> AggregateRoute:
     aggregate = route.aggregate
     assert aggregate is not None
@@ -215,4 +221,5 @@ def build_aggregate_route(
         forward_authorization=route.forward_authorization,
         max_body_size=server.max_body_size,
         trusted_proxies=server.trusted_proxies,
+        filters=filters,
     )

@@ -157,6 +157,9 @@ class RateLimitSettings(Model):
     rate: Rate
     burst: int = Field(ge=1)
     key: str = "client_ip"
+    # When the shared (Redis) store cannot be reached: false lets requests through
+    # (fail-open), true refuses them with 503 `rate_limit_unavailable`.
+    fail_closed: bool = False
 
     @field_validator("key")
     @classmethod
@@ -168,6 +171,8 @@ class RateLimitSettings(Model):
 
 class RedisStore(Model):
     redis: str
+    prefix: str = "gateway:rl:"  # every bucket key starts with it (one Redis, several gateways)
+    timeout: Duration = 0.2  # connect, pool wait and reply, each; a dead Redis never stalls
 
     @field_validator("redis")
     @classmethod
@@ -182,14 +187,45 @@ class ApiKeySettings(Model):
     keys: tuple[str, ...] = ()
     keys_env: str | None = None
 
+    @field_validator("header")
+    @classmethod
+    def _header(cls, value: str) -> str:
+        if not re.match(r"^[A-Za-z0-9-]+$", value):
+            raise ValueError("header must be a header name such as X-API-Key")
+        return value
+
 
 class JwtSettings(Model):
     issuer: str | None = None
     audience: str | None = None
-    algorithms: tuple[Literal["RS256", "ES256", "HS256"], ...] = ("RS256",)
+    algorithms: tuple[Literal["RS256", "ES256", "HS256"], ...] = Field(("RS256",), min_length=1)
     jwks_file: str | None = None
     jwks_url: str | None = None
     secret_env: str | None = None
+    leeway: Duration = 30.0  # clock skew allowed on exp, nbf and iat
+    jwks_refresh: Duration = 300.0  # how often the JWKS is re-read; an unknown kid also does
+    claims_to_headers: dict[str, str] = Field(default_factory=dict)  # {sub: X-User-Id}
+
+    @field_validator("claims_to_headers")
+    @classmethod
+    def _claim_headers(cls, value: dict[str, str]) -> dict[str, str]:
+        for header in value.values():
+            if not re.match(r"^[A-Za-z0-9-]+$", header):
+                raise ValueError(f"{header!r} is not a header name")
+        return value
+
+    @model_validator(mode="after")
+    def _key_sources(self) -> JwtSettings:
+        if self.jwks_file is not None and self.jwks_url is not None:
+            raise ValueError("jwks_file and jwks_url are exclusive: give one")
+        asymmetric = [a for a in self.algorithms if a != "HS256"]
+        if asymmetric and self.jwks_file is None and self.jwks_url is None:
+            raise ValueError(f"{', '.join(asymmetric)} needs jwks_file or jwks_url")
+        if "HS256" in self.algorithms and self.secret_env is None:
+            raise ValueError("HS256 needs secret_env (the variable holding the shared secret)")
+        if self.jwks_url is not None and not self.jwks_url.startswith(("https://", "http://")):
+            raise ValueError("jwks_url must be an http(s) URL")
+        return self
 
 
 class AuthSettings(Model):
@@ -252,6 +288,7 @@ class RouteSettings(Model):
     timeout: Duration = 15.0
     retry_non_idempotent: bool = False
     forward_authorization: bool = True
+    forward_api_key: bool = False  # auth: api_key removes the key header unless this is true
     rate_limit: RateLimitSettings | None = None
     auth: Literal["none", "api_key", "jwt"] = "none"
     cors: CorsSettings | None = None

@@ -149,19 +149,21 @@ def test_bad_reload_is_refused_with_located_errors_and_old_config_kept(
 def test_reload_to_a_feature_this_build_refuses_keeps_the_old_config(
     upstream: Callable[..., UpstreamServer], gateway: Callable[..., GatewayProcess]
 ) -> None:
-    # auth/cors/rate_limit are refused at startup in this build; a reload must not let
-    # them in either (a route silently served without the auth it asks for).
+    # A route asking for auth the config cannot enforce (no global auth block) is refused
+    # at startup; a reload must not let it in either (a route silently served without
+    # the auth it asks for).
     gw = gateway(base_config(upstream(backend)))
 
-    def add_cors(cfg: dict[str, Any]) -> None:
+    def add_unenforceable_auth(cfg: dict[str, Any]) -> None:
         add_new_route(cfg)
+        cfg["routes"][-1]["auth"] = "jwt"
         cfg["cors"] = {"allow_origins": ["https://app.example"]}
 
-    edit(gw, add_cors)
+    edit(gw, add_unenforceable_auth)
     r = httpx.post(gw.admin_url + "/reload", timeout=10)
     assert r.status_code == 400
     errors = r.json()["errors"]
-    assert any("cors" in line for line in errors), errors
+    assert any("auth.jwt" in line for line in errors), errors
     assert all(line.startswith(str(gw.config_path)) for line in errors), errors
     assert status(gw, "/new/a") == 404
     assert status(gw, "/old/a") == 200

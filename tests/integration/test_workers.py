@@ -249,12 +249,12 @@ def test_supervisor_refuses_and_counts_a_reload_to_an_unsupported_feature(
     gw = gateway(config(upstream(backend)), args=WORKERS)
     pids = workers(gw)
     cfg = yaml.safe_load(gw.config_path.read_text())
-    cfg["routes"].append({"name": "new", "path": "/new", "upstream": "up"})
-    cfg["cors"] = {"allow_origins": ["https://app.example"]}
+    # A route asking for API keys while no keys are configured: refused, not served open.
+    cfg["routes"].append({"name": "new", "path": "/new", "upstream": "up", "auth": "api_key"})
     gw.config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     r = httpx.post(gw.admin_url + "/reload", timeout=10)
     assert r.status_code == 400
-    assert any("cors" in line for line in r.json()["errors"])
+    assert any("auth.api_keys" in line for line in r.json()["errors"])
     assert fresh_get(gw.url + "/new").status_code == 404
     assert workers(gw) == pids
     text = httpx.get(gw.admin_url + "/metrics", timeout=5).text

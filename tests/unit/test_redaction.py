@@ -106,5 +106,5 @@ def test_a_whole_loaded_config_dump_leaks_no_secret() -> None:
     assert shown["auth"]["api_keys"]["keys"] == ["***", "***"]
     assert shown["auth"]["api_keys"]["header"] == "X-API-Key"
     assert shown["auth"]["jwt"]["secret_env"] == "JWT_SECRET"
-    assert shown["rate_limit_store"] == {"redis": "redis://default:***@cache:6379/0"}
+    assert shown["rate_limit_store"]["redis"] == "redis://default:***@cache:6379/0"
     assert shown["upstreams"]["users"]["targets"][0]["url"] == "http://svc:***@127.0.0.1:9001"

@@ -1,0 +1,327 @@
+"""Rate limiting: a token bucket per key, in process memory or shared through Redis.
+
+A bucket holds at most `burst` tokens and refills at `rate` tokens a second; a request
+takes one or is refused with 429. Buckets are keyed by route plus the client's address,
+a header's value, or nothing (the whole route shares one bucket).
+
+Two stores answer the same question, "take one token from this bucket":
+
+- `MemoryStore`, per process: an LRU-bounded dict of buckets.
+- `RedisBucketStore`, shared by every replica: the check-and-take is ONE Lua script run
+  on the server with the server's own clock (`TIME`), so replicas neither race each
+  other nor disagree about time. A Redis that cannot be reached raises
+  `StoreUnavailable`; the filter then lets the request through (fail-open) or refuses
+  it with 503 (`fail_closed`), and counts it. The client's timeouts are short and a
+  failure opens a short back-off window, so a dead Redis never stalls requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NoReturn, Protocol
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+from gateway.edge import EdgeContext, RequestFilter
+from gateway.errors import GatewayError, RateLimited
+from gateway.metrics import Metrics
+from gateway.settings import RateLimitSettings, RedisStore
+
+__all__ = [
+    "Decision",
+    "MemoryStore",
+    "RateLimitStore",
+    "RateLimitUnavailable",
+    "RedisBucketStore",
+    "StoreUnavailable",
+    "make_store",
+    "rate_limit",
+]
+
+log = logging.getLogger("gateway.ratelimit")
+
+MEMORY_MAX_BUCKETS = 100_000
+"""Buckets one process keeps; past it the least recently used one is dropped. A bucket
+idle for burst/rate seconds is full again, the same as one never seen, so dropping the
+oldest loses nothing unless 100k other clients were seen more recently."""
+
+REDIS_MAX_CONNECTIONS = 64  # per process; a request waits at most `timeout` for one
+REDIS_BACKOFF = 1.0  # after a failure, seconds during which Redis is not asked at all
+LOG_EVERY = 10.0  # while Redis stays unreachable, one log line per this many seconds
+_MAX_KEY_PART = 64  # longer header values are hashed so a key stays small
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """One check-and-take: whether a token was taken, and the bucket afterwards."""
+
+    allowed: bool
+    limit: int  # the bucket's size (burst)
+    remaining: int  # whole tokens left
+    reset: float  # seconds until the bucket is full again
+    retry_after: float  # seconds until the next token (0 when allowed)
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [
+            (b"ratelimit-limit", str(self.limit).encode()),
+            (b"ratelimit-remaining", str(self.remaining).encode()),
+            (b"ratelimit-reset", str(math.ceil(self.reset)).encode()),
+        ]
+
+
+class StoreUnavailable(Exception):
+    """The shared store could not answer; the caller decides open or closed."""
+
+
+class RateLimitUnavailable(GatewayError):
+    """`fail_closed`: the shared store is unreachable, so the request is refused."""
+
+    status, code, title = 503, "rate_limit_unavailable", "Rate limit store unavailable"
+
+    def __init__(self, detail: str = "", **kw: str | None) -> None:
+        super().__init__(detail, **kw)  # type: ignore[arg-type]
+        self.headers.append((b"retry-after", b"1"))
+
+
+class RateLimitStore(Protocol):
+    async def take(self, key: str, rate: float, burst: int) -> Decision: ...
+
+    async def aclose(self) -> None: ...
+
+    def same_settings(self, settings: str | RedisStore) -> bool: ...
+
+
+def _decide(tokens: float, rate: float, burst: int, allowed: bool) -> Decision:
+    return Decision(
+        allowed=allowed,
+        limit=burst,
+        remaining=max(0, math.floor(tokens)),
+        reset=max(0.0, (burst - tokens) / rate),
+        retry_after=0.0 if allowed else max(0.0, (1 - tokens) / rate),
+    )
+
+
+class MemoryStore:
+    """Buckets in this process: `key -> [tokens, last refill]`, least recently used first."""
+
+    def __init__(
+        self,
+        max_buckets: int = MEMORY_MAX_BUCKETS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_buckets = max_buckets
+        self._clock = clock
+        self._buckets: OrderedDict[str, list[float]] = OrderedDict()
+
+    async def take(self, key: str, rate: float, burst: int) -> Decision:
+        return self.take_now(key, rate, burst)
+
+    def take_now(self, key: str, rate: float, burst: int) -> Decision:
+        now = self._clock()
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = [float(burst), now]
+            if len(self._buckets) > self.max_buckets:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(key)
+            elapsed = max(0.0, now - bucket[1])
+            bucket[0] = min(float(burst), bucket[0] + elapsed * rate)
+            bucket[1] = now
+        allowed = bucket[0] >= 1.0
+        if allowed:
+            bucket[0] -= 1.0
+        return _decide(bucket[0], rate, burst, allowed)
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    async def aclose(self) -> None:
+        self._buckets.clear()
+
+    def same_settings(self, settings: str | RedisStore) -> bool:
+        return settings == "memory"
+
+    def __repr__(self) -> str:
+        return f"MemoryStore(buckets={len(self._buckets)}, max={self.max_buckets})"
+
+
+# KEYS[1] the bucket; ARGV rate (tokens/s), burst. State: hash {s, us: last refill as the
+# server's TIME, v: tokens}. The clock is the server's, so every replica sees the same
+# time; the key expires once the bucket would be full again, when it is the same as absent.
+# (Seconds and microseconds are kept apart: Lua prints numbers with 14 digits.)
+_TAKE = """
+local rate = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local t = redis.call('TIME')
+local s, us = tonumber(t[1]), tonumber(t[2])
+local state = redis.call('HMGET', KEYS[1], 's', 'us', 'v')
+local tokens = burst
+if state[1] and state[2] and state[3] then
+  local elapsed = (s - tonumber(state[1])) + (us - tonumber(state[2])) / 1000000
+  tokens = math.min(burst, tonumber(state[3]) + math.max(0, elapsed) * rate)
+end
+local allowed = 0
+if tokens >= 1 then
+  tokens = tokens - 1
+  allowed = 1
+end
+redis.call('HSET', KEYS[1], 's', s, 'us', us, 'v', tokens)
+redis.call('PEXPIRE', KEYS[1], math.ceil((burst - tokens) / rate * 1000) + 1000)
+return {allowed, tostring(tokens)}
+"""
+
+
+class RedisBucketStore:
+    """Buckets in Redis, shared by every gateway pointing at it. One round trip per
+    request (EVALSHA of `_TAKE`; redis-py loads the script on NOSCRIPT)."""
+
+    def __init__(self, settings: RedisStore) -> None:
+        self.settings = settings
+        self._prefix = settings.prefix
+        self._timeout = settings.timeout
+        pool = BlockingConnectionPool.from_url(
+            settings.redis,
+            max_connections=REDIS_MAX_CONNECTIONS,
+            timeout=settings.timeout,
+            socket_timeout=settings.timeout,
+            socket_connect_timeout=settings.timeout,
+            retry=Retry(NoBackoff(), 0),  # a retry would double the stall; fail fast
+        )
+        self._client: Redis = Redis.from_pool(pool)
+        self._script = self._client.register_script(_TAKE)
+        self._down_until = 0.0  # monotonic: skip Redis until then after a failure
+        self._failing_since: float | None = None
+        self._failures = 0  # checks decided without Redis since the last log line
+        self._logged_at = 0.0
+        self._closed = False
+
+    async def take(self, key: str, rate: float, burst: int) -> Decision:
+        now = time.monotonic()
+        if now < self._down_until:
+            self._failed(now, None)
+        try:
+            async with asyncio.timeout(self._timeout * 2):
+                reply: Any = await self._script(keys=[self._prefix + key], args=[rate, burst])
+            allowed, tokens = int(reply[0]), float(reply[1])
+        except (RedisError, OSError, TimeoutError, ValueError, IndexError, TypeError) as exc:
+            self._down_until = time.monotonic() + REDIS_BACKOFF
+            self._failed(time.monotonic(), exc)
+        if self._failing_since is not None:
+            log.warning(
+                "rate-limit store reachable again after %.1fs (%d checks decided without it)",
+                time.monotonic() - self._failing_since,
+                self._failures,
+                extra={"store": "redis"},
+            )
+            self._failing_since = None
+            self._failures = 0
+        return _decide(tokens, rate, burst, bool(allowed))
+
+    def _failed(self, now: float, exc: BaseException | None) -> NoReturn:
+        """Count the failure and log it, at most once per LOG_EVERY seconds."""
+        self._failures += 1
+        if self._failing_since is None:
+            self._failing_since = now
+            self._logged_at = now
+            log.error(
+                "rate-limit store unreachable: %s; rate limits are decided without it "
+                "(allowed, or refused on fail_closed routes) until it answers",
+                f"{type(exc).__name__}: {exc}" if exc else "backing off",
+                extra={"store": "redis"},
+            )
+        elif now - self._logged_at >= LOG_EVERY:
+            self._logged_at = now
+            log.error(
+                "rate-limit store still unreachable (%d checks decided without it so far)",
+                self._failures,
+                extra={"store": "redis"},
+            )
+        raise StoreUnavailable("rate-limit store unreachable") from exc
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            await self._client.aclose()
+
+    def same_settings(self, settings: str | RedisStore) -> bool:
+        return settings == self.settings
+
+    def __repr__(self) -> str:
+        state = "down" if self._failing_since is not None else "up"
+        return f"RedisBucketStore(prefix={self._prefix!r}, {state}, failures={self._failures})"
+
+
+def make_store(
+    settings: str | RedisStore, previous: RateLimitStore | None = None
+) -> RateLimitStore:
+    """The runtime's one store; a reload with the same store settings keeps the old one
+    (and with it every bucket and the Redis pool)."""
+    if previous is not None and previous.same_settings(settings):
+        return previous
+    if isinstance(settings, RedisStore):
+        return RedisBucketStore(settings)
+    return MemoryStore()
+
+
+def _bucket_key(key: str, route: str) -> Callable[[EdgeContext], str]:
+    """How a request names its bucket. Route names are unique, so they namespace keys."""
+    if key == "route":
+        whole = f"{route}|route"
+        return lambda ctx: whole
+    if key == "client_ip":
+        return lambda ctx: f"{route}|ip|{ctx.client_ip}"
+    header = key.removeprefix("header:").lower().encode("latin-1")
+    missing = f"{route}|h0"  # every request without the header shares this one bucket
+
+    def by_header(ctx: EdgeContext) -> str:
+        value = ctx.header(header)
+        if value is None:
+            return missing
+        if len(value) > _MAX_KEY_PART:
+            return f"{route}|h#{hashlib.sha256(value).hexdigest()}"
+        return f"{route}|h1|{value.decode('latin-1')}"
+
+    return by_header
+
+
+def rate_limit(
+    settings: RateLimitSettings, route: str, store: RateLimitStore, metrics: Metrics | None
+) -> RequestFilter:
+    """The route's rate-limit filter: take a token or refuse with 429."""
+    rate, burst, fail_closed = settings.rate, settings.burst, settings.fail_closed
+    bucket_of = _bucket_key(settings.key, route)
+    store_errors = metrics.rate_limit_store_errors.labels(route) if metrics else None
+
+    async def check(ctx: EdgeContext) -> None:
+        try:
+            decision = await store.take(bucket_of(ctx), rate, burst)
+        except StoreUnavailable:
+            if store_errors is not None:
+                store_errors.inc()
+            if fail_closed:
+                raise RateLimitUnavailable(
+                    "the rate-limit store is unreachable and this route fails closed"
+                ) from None
+            return None
+        if decision.allowed:
+            ctx.response_headers.extend(decision.headers())
+            return None
+        retry_after = max(1, math.ceil(decision.retry_after))
+        raise RateLimited(
+            f"rate limit of {burst} requests (refilling at {rate:g}/s) spent; "
+            f"retry in {retry_after}s",
+            headers=[(b"retry-after", str(retry_after).encode()), *decision.headers()],
+        )
+
+    return check
