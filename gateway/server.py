@@ -28,6 +28,9 @@ __all__ = ["GatewayServer", "run"]
 log = logging.getLogger("gateway.server")
 
 
+WS_CLOSE_GRACE = 1.0
+
+
 class _Server(uvicorn.Server):
     """uvicorn's server without its own signal handlers: the gateway decides when to stop."""
 
@@ -43,6 +46,37 @@ class _Server(uvicorn.Server):
         await super().startup(sockets)
         if self.started:
             self.listening.set()
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's graceful shutdown, except that WebSockets are not told to go at once:
+        like HTTP requests in flight, they get `drain_timeout`; then they are closed
+        with 1012 (service restart) and given `WS_CLOSE_GRACE` for the close handshake
+        before anything left is cancelled."""
+        for server in self.servers:
+            server.close()
+        for sock in sockets or []:
+            sock.close()
+        for connection in list(self.server_state.connections):
+            if "websocket" not in type(connection).__module__:
+                connection.shutdown()  # idle keep-alives close now, busy ones after
+        await asyncio.sleep(0.1)
+        drain = self.config.timeout_graceful_shutdown or 0
+        try:
+            await asyncio.wait_for(self._wait_tasks_to_complete(), timeout=drain)
+        except TimeoutError:
+            for connection in list(self.server_state.connections):
+                connection.shutdown()
+            try:
+                await asyncio.wait_for(self._wait_tasks_to_complete(), timeout=WS_CLOSE_GRACE)
+            except TimeoutError:
+                log.error(
+                    "drain_timeout passed: cancelling %d request(s) still running",
+                    len(self.server_state.tasks),
+                )
+                for task in self.server_state.tasks:
+                    task.cancel(msg="drain_timeout passed")
+        if not self.force_exit:
+            await self.lifespan.shutdown()
 
 
 def admin_server(

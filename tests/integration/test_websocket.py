@@ -364,17 +364,31 @@ async def test_connection_holds_a_bulkhead_slot(proxied: Start) -> None:
             await asyncio.sleep(0.05)
 
 
-async def test_drain_closes_websockets_and_exits_cleanly(proxied: Start) -> None:
-    seen, gw = proxied()
+async def test_drain_lets_websockets_run_until_drain_timeout_then_closes_them(
+    upstream: Callable[..., UpstreamServer], gateway: Callable[..., GatewayProcess]
+) -> None:
+    seen = Seen()
+    up = upstream(make_app(seen))
+    cfg = config(up.url)
+    cfg["server"] = {"drain_timeout": "1500ms"}
+    gw = gateway(cfg)
     async with open_ws(gw, "/ws/echo/drain") as ws:
         await ws.send("x")
         assert await ws.recv() == "x"
         gw.signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        await asyncio.sleep(0.5)
+        # Draining: the WebSocket in flight keeps working, like any request in flight.
+        await ws.send("still here")
+        assert await ws.recv() == "still here"
         with pytest.raises(ConnectionClosed):
-            await asyncio.wait_for(ws.recv(), 3)
+            await asyncio.wait_for(ws.recv(), 5)
         assert ws.close_code == 1012  # Service Restart: reconnect elsewhere
+        assert time.monotonic() - signalled >= 1.2  # not before drain_timeout
     assert (await seen.wait_closed("drain", 3))[0] == 1012
-    assert await asyncio.to_thread(gw.wait, 10) == 0  # the fixture checks its stderr
+    assert await asyncio.to_thread(gw.wait, 10) == 0
+    for bad in ("Traceback", "Task was destroyed", "ResourceWarning", "never awaited"):
+        assert bad not in gw.stderr, gw.stderr
 
 
 def edge_config(target: str) -> dict[str, Any]:
