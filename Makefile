@@ -50,5 +50,17 @@ profile: $(BENCH_STAMP)
 load: $(BENCH_STAMP)
 	HOST="$(HOST)" USERS="$(USERS)" SPAWN_RATE="$(SPAWN_RATE)" DURATION="$(DURATION)" bash load/load.sh
 
+.PHONY: screenshot
+
+## screenshot: assets/status.png, the status page of the demo under traffic (Debian's headless chromium)
+screenshot: $(STAMP)
+	$(BIN)/python -m tests.browser.screenshot assets/status.png
+
+.PHONY: soak
+
+## soak: steady mixed load, upstream faults on and off; fails if RSS, fds, tasks or upstream connections keep growing (SOAK=60s; default 10m)
+soak: $(BENCH_STAMP)
+	SOAK="$(SOAK)" bash load/soak.sh
+
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -1,5 +1,6 @@
 """The admin listener (a separate port, never the data port): health, readiness,
-metrics, the running config (secrets redacted) and reload.
+metrics, the running config (secrets redacted), reload, and the status page
+(`/status`, `/status.json`; see `status.py`).
 
 Off the hot path, so it is an ordinary Starlette app. When `admin_token_env` names a
 set environment variable, every path but /healthz, /readyz and /metrics requires
@@ -22,10 +23,12 @@ from starlette.routing import Route
 from gateway.app import GatewayState
 from gateway.metrics import CONTENT_TYPE_LATEST, render
 from gateway.settings import GatewaySettings
+from gateway.status import StatusPage, local_status
 
 __all__ = ["build_admin_app", "redact"]
 
 Reload = Callable[[], Awaitable[list[str]]]
+StatusDocument = Callable[[], dict[str, Any]]
 REDACTED = "***"
 _OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 _SECRET_KEY = re.compile(r"(secret|password|passwd|token|api_?key|^keys$)", re.IGNORECASE)
@@ -53,7 +56,12 @@ def build_admin_app(
     state: GatewayState,
     reload: Reload | None = None,
     settings: Callable[[], GatewaySettings | None] | None = None,
+    status: StatusDocument | None = None,
 ) -> Starlette:
+    """`status` builds the `/status.json` document; by default this process's own
+    (a supervisor passes one that merges its workers')."""
+    page = StatusPage()
+
     def current() -> GatewaySettings | None:
         if settings is not None:
             return settings()
@@ -90,6 +98,18 @@ def build_admin_app(
             return JSONResponse({"status": "error", "errors": errors}, status_code=400)
         return JSONResponse({"status": "reloaded"})
 
+    async def status_page(request: Request) -> Response:
+        if (denied := _check_token(request, current())) is not None:
+            return denied
+        return Response(page.body, media_type="text/html; charset=utf-8", headers=page.headers)
+
+    async def status_json(request: Request) -> Response:
+        if (denied := _check_token(request, current())) is not None:
+            return denied
+        document = status() if status is not None else local_status(state)
+        # Target URLs may carry credentials: the same redaction as /config.
+        return JSONResponse(redact(document), headers={"Cache-Control": "no-store"})
+
     return Starlette(
         routes=[
             Route("/healthz", healthz, methods=["GET", "HEAD"]),
@@ -97,6 +117,8 @@ def build_admin_app(
             Route("/metrics", metrics, methods=["GET"]),
             Route("/config", config, methods=["GET"]),
             Route("/reload", do_reload, methods=["POST"]),
+            Route("/status", status_page, methods=["GET"]),
+            Route("/status.json", status_json, methods=["GET"]),
         ]
     )
 

@@ -17,6 +17,7 @@ from typing import Any
 from gateway.aggregate import AggregateRoute
 from gateway.edge import EdgeContext
 from gateway.errors import (
+    BadRequest,
     BodyTooLarge,
     ClientClosedRequest,
     GatewayError,
@@ -39,6 +40,7 @@ from gateway.proxy import (
 )
 from gateway.routing import normalize_path
 from gateway.runtime import ProxyRoute, Runtime
+from gateway.status import StatusBoard
 from gateway.types import Receive, Scope, Send
 from gateway.websocket import proxy_websocket
 
@@ -52,7 +54,7 @@ _SHED = {"upstream_saturated": "saturated", "upstream_unhealthy": "unhealthy"}
 
 class GatewayState:
     """The one mutable reference a reload swaps, plus the drain flag and what every
-    request reports to (metrics, access log)."""
+    request reports to (metrics, access log, the status page's board)."""
 
     def __init__(
         self,
@@ -64,6 +66,7 @@ class GatewayState:
         self.draining = False
         self.metrics = metrics or Metrics()
         self.access_log = access_log
+        self.status = StatusBoard()
 
     def __repr__(self) -> str:
         return f"GatewayState(runtime={self.runtime!r}, draining={self.draining})"
@@ -83,13 +86,15 @@ class Exchange:
     status: int = 0
     bytes_out: int = 0
     error: str | None = None
+    detail: str | None = None  # set when the gateway answered with its own problem+json
     response_started: bool = False
     extra_headers: Headers | None = None  # from edge filters, on every answer
 
 
 class DataPlane:
-    def __init__(self, state: GatewayState) -> None:
+    def __init__(self, state: GatewayState, *, body_timeout: float | None = None) -> None:
         self.state = state
+        self.body_timeout = body_timeout  # the longest pause between request body chunks
         self._request_series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -132,6 +137,15 @@ class DataPlane:
         try:
             if self.state.draining or runtime is None:
                 raise ShuttingDown("the gateway is draining; retry on another instance")
+            if incoming.framing_error is not None:
+                # Never forwarded: the body's framing (or the Host) is ambiguous, so the
+                # connection cannot be trusted for another request either.
+                raise BadRequest(incoming.framing_error, headers=[(b"connection", b"close")])
+            if incoming.chunked and scope.get("http_version") == "1.0":
+                raise BadRequest(
+                    "Transfer-Encoding is not defined for HTTP/1.0",
+                    headers=[(b"connection", b"close")],
+                )
             path = normalize_path(path)
             match = runtime.router.match(incoming.host, scope["method"], path)
             route = match.route
@@ -190,7 +204,8 @@ class DataPlane:
         return False
 
     def _finish(self, exchange: Exchange, scope: Scope, runtime: Runtime | None) -> None:
-        """The logging phase: metrics and the access log, whatever happened."""
+        """The logging phase: metrics, the status board and the access log, whatever
+        happened."""
         elapsed = time.monotonic() - exchange.started
         route = exchange.route or "(none)"
         status = exchange.status or 499  # nginx's code for a client that went away
@@ -210,6 +225,7 @@ class DataPlane:
             metrics.rate_limited.labels(route).inc()
         if exchange.error in _SHED and exchange.upstream:
             metrics.upstream_requests.labels(exchange.upstream, _SHED[exchange.error]).inc()
+        self.state.status.record(exchange, route, status, elapsed)
         access_log = self.state.access_log
         if access_log is not None and (runtime is None or runtime.access_log):
             client = scope.get("client")
@@ -242,6 +258,7 @@ class DataPlane:
         if error.upstream is None and error.code.startswith("upstream"):
             error.upstream = exchange.upstream
         exchange.status = error.status
+        exchange.detail = error.detail
         exchange.response_started = True
         exchange.bytes_out = await send_problem(
             send, error, exchange.request_id, exchange.extra_headers
@@ -264,7 +281,7 @@ class DataPlane:
             )
         deadline = _deadline(route.timeout, incoming)
         add_forwarded(incoming, scope, route.trusted_proxies)
-        reader = BodyReader(receive, route.max_body_size)
+        reader = BodyReader(receive, route.max_body_size, self.body_timeout)
         request = GatewayRequest(
             method=scope["method"],
             path=path,
@@ -282,7 +299,8 @@ class DataPlane:
                         request.body = await reader.read_all()
                 except TimeoutError:
                     raise RequestTimeout(
-                        "the request body did not arrive within the deadline"
+                        "the request body did not arrive within the deadline",
+                        headers=[(b"connection", b"close")],
                     ) from None
             else:
                 request.stream = reader.stream()

@@ -322,6 +322,11 @@ class _Builder:
         except yaml.constructor.ConstructorError as exc:
             self._problem(node, path, str(exc.problem))
             return None
+        except (ValueError, IndexError, KeyError, AttributeError) as exc:
+            # An explicit tag on a value it cannot hold (`!!int x`, `!!timestamp 2001-02-30`):
+            # PyYAML's constructors raise plain exceptions for these.
+            self._problem(node, path, f"cannot read {node.value!r} as {node.tag}: {exc}")
+            return None
         if not isinstance(value, str) or "${" not in value:
             return value
         text, whole, problems = self._interpolate(value)

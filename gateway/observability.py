@@ -1,18 +1,67 @@
 """Structured logs: application logs are JSON lines on stderr; the access log is one
-JSON line per request on stdout."""
+JSON line per request on stdout.
+
+Both are JSON with `ensure_ascii`, so a control character from client input (a newline,
+an ANSI escape) is always written escaped (`\\n`, `\\u001b`) and one record stays one
+line. Credentials never reach either: fields named like one (`authorization`, `cookie`,
+`x-api-key`, ...) are masked, and bearer/basic credentials and anything shaped like a
+JWT are cut out of messages, string fields and the access log's path."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import re
 import sys
 import time
 from typing import TextIO
 
-__all__ = ["AccessLog", "JsonFormatter", "configure_logging", "utc_now_iso"]
+__all__ = ["AccessLog", "JsonFormatter", "configure_logging", "scrub", "utc_now_iso"]
 
 _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "color_message"}
+
+
+_SECRET_FIELDS = frozenset(
+    {
+        "authorization",
+        "proxy-authorization",
+        "cookie",
+        "set-cookie",
+        "x-api-key",
+        "api_key",
+        "apikey",
+        "token",
+        "access_token",
+        "password",
+        "secret",
+    }
+)
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]*")
+_CREDENTIAL = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]{8,}")
+REDACTED = "***"
+
+
+def scrub(text: str) -> str:
+    """`text` without JWTs or bearer/basic credentials."""
+    if "eyJ" in text:
+        text = _JWT.sub("[jwt]", text)
+    lowered = text.lower()
+    if "bearer" in lowered or "basic" in lowered:
+        text = _CREDENTIAL.sub(r"\1 " + REDACTED, text)
+    return text
+
+
+def _scrub_value(key: str, value: object) -> object:
+    if key.lower() in _SECRET_FIELDS:
+        return REDACTED
+    if isinstance(value, str):
+        return scrub(value)
+    if isinstance(value, dict):
+        return {str(k): _scrub_value(str(k), v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_scrub_value("", v) for v in value]
+    return value
 
 
 class JsonFormatter(logging.Formatter):
@@ -22,14 +71,14 @@ class JsonFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": scrub(record.getMessage()),
         }
         for key, value in record.__dict__.items():
             if key not in _STANDARD and not key.startswith("_"):
-                doc[key] = value
+                doc[key] = _scrub_value(key, value)
         if record.exc_info:
-            doc["exception"] = self.formatException(record.exc_info)
-        return json.dumps(doc, default=str)
+            doc["exception"] = scrub(self.formatException(record.exc_info))
+        return json.dumps(doc, default=lambda v: scrub(str(v)))
 
 
 def configure_logging(level: str) -> None:
@@ -70,6 +119,9 @@ class AccessLog:
         return f"{self._second_text}.{int((now - second) * 1000):03d}Z"
 
     def write(self, record: dict[str, object]) -> None:
+        path = record.get("path")
+        if isinstance(path, str) and "eyJ" in path:  # a token in the path stays out
+            record["path"] = scrub(path)
         self._buffer.append(json.dumps(record, separators=(",", ":")))
         if len(self._buffer) >= 256:
             self.flush()

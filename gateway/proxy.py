@@ -13,7 +13,7 @@ import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from gateway.errors import BodyTooLarge, ClientClosedRequest, GatewayError
+from gateway.errors import BodyTooLarge, ClientClosedRequest, GatewayError, RequestTimeout
 from gateway.pipeline import GatewayResponse, Headers
 from gateway.settings import IPNetwork
 from gateway.types import Receive, Scope, Send
@@ -94,10 +94,18 @@ class IncomingHeaders:
     forwarded_for: bytes | None
     forwarded_proto: bytes | None
     forwarded_host: bytes | None
+    # Why the request's framing or Host is ambiguous, if it is: such a request is
+    # answered 400 and never forwarded. (httptools refuses most of these before the
+    # gateway sees them; this holds whatever the HTTP parser lets through.)
+    framing_error: str | None = None
 
 
 def parse_incoming(raw: list[tuple[bytes, bytes]]) -> IncomingHeaders:
-    """Split the client's headers into what goes upstream and what the gateway needs."""
+    """Split the client's headers into what goes upstream and what the gateway needs.
+
+    The upstream request is framed by the gateway: the client's Content-Length is
+    replaced by the canonical form of the one value it gave, Transfer-Encoding is
+    dropped (the transport chunks a body of unknown length itself)."""
     drop = _DROP_UP
     for name, value in raw:
         if name == b"connection":
@@ -111,20 +119,31 @@ def parse_incoming(raw: list[tuple[bytes, bytes]]) -> IncomingHeaders:
     chunked = False
     timeout_ms: int | None = None
     xff = xfp = xfh = None
+    framing_error: str | None = None
+    hosts = 0
+    te_seen = False
     for name, value in raw:
         if name not in drop:
-            upstream.append((name, value))
             if name == b"content-length":
-                try:
-                    content_length = int(value)
-                except ValueError:
-                    content_length = None
+                length = value.strip()
+                if content_length is not None:
+                    framing_error = "more than one Content-Length"
+                elif not length.isdigit() or len(length) > 18:
+                    framing_error = "invalid Content-Length"
+                else:
+                    content_length = int(length)
+                continue
+            upstream.append((name, value))
             continue
         if name == b"host":
+            hosts += 1
             host = value.decode("latin-1")
         elif name == b"x-request-id":
             request_id = sane_request_id(value)
         elif name == b"transfer-encoding":
+            if te_seen or value.strip().lower() != b"chunked":
+                framing_error = "unsupported Transfer-Encoding (only chunked is accepted)"
+            te_seen = True
             chunked = b"chunked" in value.lower()
         elif name == b"x-request-timeout-ms":
             try:
@@ -137,6 +156,12 @@ def parse_incoming(raw: list[tuple[bytes, bytes]]) -> IncomingHeaders:
             xfp = value
         elif name == b"x-forwarded-host":
             xfh = value
+    if content_length is not None:
+        if te_seen:
+            framing_error = "both Content-Length and Transfer-Encoding"
+        upstream.append((b"content-length", str(content_length).encode()))
+    if hosts > 1:
+        framing_error = "more than one Host header"
     return IncomingHeaders(
         upstream=upstream,
         host=host,
@@ -147,6 +172,7 @@ def parse_incoming(raw: list[tuple[bytes, bytes]]) -> IncomingHeaders:
         forwarded_for=xff,
         forwarded_proto=xfp,
         forwarded_host=xfh,
+        framing_error=framing_error,
     )
 
 
@@ -211,11 +237,21 @@ class BodyReader:
     that goes away, so the upstream request can be cancelled and its connection freed.
     """
 
-    __slots__ = ("_complete", "_receive", "done", "error", "finished", "limit", "received")
+    __slots__ = (
+        "_complete",
+        "_receive",
+        "done",
+        "error",
+        "finished",
+        "idle_timeout",
+        "limit",
+        "received",
+    )
 
-    def __init__(self, receive: Receive, limit: int) -> None:
+    def __init__(self, receive: Receive, limit: int, idle_timeout: float | None = None) -> None:
         self._receive = receive
         self.limit = limit
+        self.idle_timeout = idle_timeout  # the longest pause between two body chunks
         self.received = 0
         self.done = False  # the whole request body has been read
         self.finished = False  # the response is complete: a disconnect now is normal
@@ -225,7 +261,18 @@ class BodyReader:
         self._complete: asyncio.Event | None = None
 
     async def _next(self) -> bytes:
-        message = await self._receive()
+        if self.idle_timeout is None:
+            message = await self._receive()
+        else:
+            try:
+                async with asyncio.timeout(self.idle_timeout):
+                    message = await self._receive()
+            except TimeoutError:
+                self.error = RequestTimeout(
+                    f"the request body stalled for {self.idle_timeout:g}s",
+                    headers=[(b"connection", b"close")],
+                )
+                raise self.error from None
         if message["type"] == "http.disconnect":
             self.error = ClientClosedRequest("the client went away while sending the body")
             raise self.error

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
+from urllib.parse import unquote_to_bytes
 
 from starlette.routing import compile_path
 
@@ -59,6 +60,12 @@ def normalize_path(raw: str) -> str:
     if "%" in raw:
         if _BAD_PCT.search(raw):
             raise BadRequest("malformed percent-encoding in the path")
+        try:
+            # Overlong or otherwise invalid UTF-8 (`%C0%AE` is an overlong `.`) is refused:
+            # a lenient decoder upstream could read it as a dot segment or a slash.
+            unquote_to_bytes(raw).decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadRequest("the path is not valid UTF-8 once percent-decoded") from None
         raw = _PCT.sub(_pct, raw)
     if "/." in raw:
         raw = _remove_dot_segments(raw)

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
+import resource
 import signal
 import socket
 import sys
@@ -20,10 +22,12 @@ from gateway.app import DataPlane, GatewayState
 from gateway.loader import ConfigError, load_config
 from gateway.metrics import Metrics
 from gateway.observability import AccessLog, configure_logging
+from gateway.protocol import ClientLimits, protocol_class
 from gateway.runtime import build_runtime, unsupported
 from gateway.settings import GatewaySettings, ServerSettings
+from gateway.status import publish
 
-__all__ = ["GatewayServer", "run"]
+__all__ = ["GatewayServer", "raise_open_file_limit", "run"]
 
 log = logging.getLogger("gateway.server")
 
@@ -64,10 +68,15 @@ class _Server(uvicorn.Server):
         try:
             await asyncio.wait_for(self._wait_tasks_to_complete(), timeout=drain)
         except TimeoutError:
-            for connection in list(self.server_state.connections):
-                connection.shutdown()
+            websockets = [
+                c for c in self.server_state.connections if "websocket" in type(c).__module__
+            ]
+            for connection in websockets:
+                connection.shutdown()  # close 1012, then wait for the close handshake
             try:
-                await asyncio.wait_for(self._wait_tasks_to_complete(), timeout=WS_CLOSE_GRACE)
+                await asyncio.wait_for(
+                    self._wait_tasks_to_complete(), timeout=WS_CLOSE_GRACE if websockets else 0
+                )
             except TimeoutError:
                 log.error(
                     "drain_timeout passed: cancelling %d request(s) still running",
@@ -80,12 +89,15 @@ class _Server(uvicorn.Server):
 
 
 def admin_server(
-    state: GatewayState, server: ServerSettings, reload: Callable[[], Awaitable[list[str]]]
+    state: GatewayState,
+    server: ServerSettings,
+    reload: Callable[[], Awaitable[list[str]]],
+    status: Callable[[], dict[str, Any]] | None = None,
 ) -> _Server:
     """The admin listener: a Starlette app on its own uvicorn server, same event loop."""
     return _Server(
         uvicorn.Config(
-            build_admin_app(state, reload=reload),
+            build_admin_app(state, reload=reload, status=status),
             host=server.admin_host,
             port=server.admin_port,
             loop="none",
@@ -115,6 +127,7 @@ class GatewayServer:
         admin: bool = True,
         worker: bool = False,
         ready_fd: int | None = None,
+        status_dir: str | None = None,
     ) -> None:
         self.settings = settings
         self.config_path = config_path
@@ -125,6 +138,7 @@ class GatewayServer:
         # control-group kill) must keep draining rather than count it twice.
         self.worker = worker
         self.ready_fd = ready_fd
+        self.status_dir = status_dir  # a worker publishes its status snapshot there
         self.state = GatewayState(
             metrics=Metrics(),
             access_log=AccessLog() if settings.server.access_log else None,
@@ -132,11 +146,14 @@ class GatewayServer:
         server = settings.server
         self.data = _Server(
             uvicorn.Config(
-                DataPlane(self.state),
+                DataPlane(self.state, body_timeout=server.body_timeout),
                 host=server.host,
                 port=server.port,
                 loop="none",
-                http="httptools",
+                # httptools plus the head size/count/timeout and connection limits
+                # (gateway/protocol.py; the keep-alive timeout is applied there too).
+                http=protocol_class(ClientLimits.from_settings(server)),
+                timeout_keep_alive=max(1, math.ceil(server.keepalive_timeout)),
                 lifespan="off",
                 access_log=False,
                 # The gateway reads X-Forwarded-* itself (trusted_proxies); uvicorn
@@ -150,6 +167,9 @@ class GatewayServer:
             )
         )
         self.admin = admin_server(self.state, server, self.reload) if admin else None
+        board = self.state.status
+        board.config_path = os.path.abspath(config_path)
+        board.connections = lambda: len(self.data.server_state.connections)
         self._signals = 0
         self._reload_lock = asyncio.Lock()
         self._background: set[asyncio.Task[None]] = set()
@@ -196,6 +216,7 @@ class GatewayServer:
                 errors = [f"{self.config_path}: {p}" for p in unsupported(settings)]
             if errors:
                 self.state.metrics.reloads.labels("error").inc()
+                self.state.status.reloaded(errors)
                 log.error("reload refused; the running config is kept", extra={"errors": errors})
                 return errors
             old = self.state.runtime
@@ -208,8 +229,22 @@ class GatewayServer:
             if old is not None:
                 self._spawn(old.retire(runtime, grace=max(settings.server.drain_timeout, 30)))
             self.state.metrics.reloads.labels("ok").inc()
+            self.state.status.reloaded([])
             log.info("config reloaded", extra={"routes": len(runtime.router)})
             return []
+
+    async def _report_stats(self, every: float) -> None:
+        """Log the event loop's task count and open client connections every `every`
+        seconds; opt-in (`GATEWAY_DEBUG_STATS_EVERY`), for the soak's leak check."""
+        while True:
+            await asyncio.sleep(every)
+            log.info(
+                "debug stats",
+                extra={
+                    "tasks": len(asyncio.all_tasks()),
+                    "client_connections": len(self.data.server_state.connections),
+                },
+            )
 
     async def _report_ready(self, fd: int) -> None:
         """Tell the supervisor (one line on a pipe) once this worker accepts requests
@@ -244,6 +279,11 @@ class GatewayServer:
             self._spawn(self._watch())
         if self.ready_fd is not None:
             self._spawn(self._report_ready(self.ready_fd))
+        stats_every = os.environ.get("GATEWAY_DEBUG_STATS_EVERY")
+        if stats_every:  # load/soak.py: task and connection counts on stderr
+            self._spawn(self._report_stats(float(stats_every)))
+        if self.status_dir is not None:
+            self._spawn(publish(self.state, self.status_dir))
         admin_task = asyncio.create_task(self.admin.serve()) if self.admin else None
         try:
             await self.data.serve(sockets=self.sockets)
@@ -293,6 +333,37 @@ def _with_port(settings: GatewaySettings, port: int | None) -> GatewaySettings:
     return settings.model_copy(update={"server": server})
 
 
+def raise_open_file_limit() -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (every client and upstream
+    connection is a descriptor) and log what was got; returns (soft, hard)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:
+        target = _nr_open()  # Linux refuses an infinite soft limit for files
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning(
+                "could not raise the open-file limit",
+                extra={"soft": soft, "hard": hard, "error": str(exc)},
+            )
+            return soft, hard
+        previous, soft = soft, target
+    else:
+        previous = soft
+    log.info("open-file limit", extra={"soft": soft, "hard": hard, "was": previous})
+    return soft, hard
+
+
+def _nr_open() -> int:
+    try:
+        with open("/proc/sys/fs/nr_open", encoding="ascii") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 1024 * 1024
+
+
 def _event_loop_factory() -> asyncio.AbstractEventLoop:
     try:
         import uvloop
@@ -314,6 +385,7 @@ def run(config_path: str, *, workers: int | None = None, port: int | None = None
             print(f"{config_path}: {problem}", file=sys.stderr)
         return 1
     configure_logging(settings.server.log_level)
+    raise_open_file_limit()  # workers inherit it
     count = workers or settings.server.workers
     if count > 1:
         from gateway.supervisor import Supervisor

@@ -41,6 +41,7 @@ __all__ = [
     "UpstreamSettings",
 ]
 
+KiB = 1024
 MiB = 1024 * 1024
 HTTP_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"}
@@ -68,6 +69,28 @@ class ServerSettings(Model):
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     watch: bool = False
     admin_token_env: str | None = None
+    # What one client connection may send or hold (docs/limits.md). Per worker process,
+    # read at start: a reload does not change them.
+    max_request_line: Size = 8 * KiB  # the request target; longer: 414
+    max_header_size: Size = 32 * KiB  # all header field lines together; more: 431
+    max_header_count: int = Field(100, ge=1, le=10_000)  # more: 431
+    header_timeout: Duration = 10.0  # from connect (or first byte) to the end of the head
+    body_timeout: Duration = 10.0  # the longest pause between request body chunks: 408
+    keepalive_timeout: Duration = 5.0  # idle time between requests on one connection
+    max_client_connections: int = Field(10_000, ge=1)  # per worker; beyond it: 503
+
+    @field_validator(
+        "max_request_line",
+        "max_header_size",
+        "header_timeout",
+        "body_timeout",
+        "keepalive_timeout",
+    )
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("must be greater than zero")
+        return value
 
     @field_validator("trusted_proxies", mode="before")
     @classmethod

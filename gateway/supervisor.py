@@ -7,9 +7,10 @@ admin listener sums. Workers serve a snapshot of the last config the supervisor
 validated, never the file directly, so a worker restarted after a bad edit still serves
 the running config. A worker that dies is restarted (with a growing pause if it keeps
 dying); its counters stay on disk and its live gauges are dropped. `/readyz` turns 200
-once every worker has reported that it accepts requests. Reload is validated here, then
-every worker is told to reload (SIGHUP); SIGTERM/SIGINT drains every worker, and a
-second signal kills them.
+once every worker has reported that it accepts requests. Every worker writes its status
+snapshot to a file once a second; `/status.json` here merges those of the live workers.
+Reload is validated here, then every worker is told to reload (SIGHUP); SIGTERM/SIGINT
+drains every worker, and a second signal kills them.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from gateway.app import GatewayState
 from gateway.loader import ConfigError, load_config, load_config_text
@@ -34,6 +36,7 @@ from gateway.metrics import Metrics
 from gateway.runtime import unsupported
 from gateway.server import admin_server
 from gateway.settings import GatewaySettings
+from gateway.status import process_info, read_snapshots, remove_snapshot, render
 
 __all__ = ["Supervisor", "worker_main"]
 
@@ -85,10 +88,27 @@ class Supervisor:
         self.metrics_dir = os.path.join(self.workdir, "metrics")
         os.mkdir(self.metrics_dir)
         self.snapshot = os.path.join(self.workdir, "gateway.yaml")
+        self.status_dir = os.path.join(self.workdir, "status")
+        os.mkdir(self.status_dir)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
         _use_multiprocess_values()
         self.state = GatewayState(metrics=Metrics())
-        self.admin = admin_server(self.state, settings.server, self.reload)
+        self.state.status.config_path = os.path.abspath(config_path)
+        self.admin = admin_server(
+            self.state, settings.server, self.reload, status=self.status_document
+        )
+
+    def status_document(self) -> dict[str, Any]:
+        """`/status.json` for the whole set: every live worker's snapshot, summed."""
+        pids = [w.proc.pid for w in self.procs.values() if w.proc.poll() is None]
+        snapshots = read_snapshots(self.status_dir, pids)
+        process = process_info(
+            self.state.status,
+            workers=self.workers,
+            snapshots=snapshots,
+            draining=self.draining,
+        )
+        return render(self.settings, snapshots, process)
 
     def _write_snapshot(self, text: str) -> None:
         tmp = self.snapshot + ".tmp"
@@ -117,6 +137,8 @@ class Supervisor:
             str(ready_w),
             "--config",
             self.snapshot,
+            "--status-dir",
+            self.status_dir,
         ]
         if self.port is not None:
             cmd += ["--port", str(self.port)]
@@ -168,6 +190,7 @@ class Supervisor:
             errors = [f"{self.config_path}: {p}" for p in unsupported(settings)]
         if errors:
             self.state.metrics.reloads.labels("error").inc()
+            self.state.status.reloaded(errors)
             log.error("reload refused; the running config is kept", extra={"errors": errors})
             return errors
         self._write_snapshot(text)
@@ -176,6 +199,7 @@ class Supervisor:
             self.state.runtime = _ConfigView(settings)  # type: ignore[assignment]
         self._signal_workers(signal.SIGHUP, ready_only=True)
         self.state.metrics.reloads.labels("ok").inc()
+        self.state.status.reloaded([])
         log.info("reload sent to every worker")
         return []
 
@@ -226,6 +250,7 @@ class Supervisor:
                     if code is None or slot in pending_restart:
                         continue
                     multiprocess.mark_process_dead(worker.proc.pid, self.metrics_dir)  # type: ignore[no-untyped-call]
+                    remove_snapshot(self.status_dir, worker.proc.pid)
                     if self.draining:
                         del self.procs[slot]
                         # A worker killed by the drain signal before it was ready had
@@ -281,6 +306,7 @@ def worker_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ready-fd", type=int, default=None)
     parser.add_argument("--config", required=True)
     parser.add_argument("--port", type=int, default=None)
+    parser.add_argument("--status-dir", default=None)
     args = parser.parse_args(argv)
     try:
         settings = _with_port(load_config(args.config), args.port)
@@ -297,6 +323,7 @@ def worker_main(argv: list[str] | None = None) -> int:
         admin=False,
         worker=True,
         ready_fd=args.ready_fd,
+        status_dir=args.status_dir,
     )
     with asyncio.Runner(loop_factory=_event_loop_factory) as runner:
         return runner.run(gateway.serve())

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import TYPE_CHECKING
 
 import httpx
@@ -48,6 +49,8 @@ class HealthChecker:
         # Consecutive results in the current direction, per target URL.
         self._successes: dict[str, int] = {t.url: 0 for t in targets}
         self._failures: dict[str, int] = {t.url: 0 for t in targets}
+        # The latest probe per target URL, for the status page: (Unix time, ok, why not).
+        self.last_checks: dict[str, tuple[float, bool, str]] = {}
 
     @property
     def running(self) -> bool:
@@ -104,6 +107,7 @@ class HealthChecker:
     def observe(self, target: Target, ok: bool, reason: str = "") -> None:
         """Count one probe result and flip the target's state at a threshold."""
         url = target.url
+        self.last_checks[url] = (time.time(), ok, reason)
         if ok:
             self._failures[url] = 0
             self._successes[url] += 1
