@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +48,9 @@ from gateway.websocket import proxy_websocket
 __all__ = ["DataPlane", "Exchange", "GatewayState"]
 
 log = logging.getLogger("gateway.app")
+
+# A host (reg-name, IPv4 or bracketed IPv6) with an optional port: RFC 3986's shape.
+_SANE_HOST = re.compile(r"^(?:[A-Za-z0-9._~!$&'()*+,;=%-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$")
 
 # Requests the gateway refused on an upstream's behalf, counted as upstream outcomes.
 _SHED = {"upstream_saturated": "saturated", "upstream_unhealthy": "unhealthy"}
@@ -141,7 +145,17 @@ class DataPlane:
                 # Never forwarded: the body's framing (or the Host) is ambiguous, so the
                 # connection cannot be trusted for another request either.
                 raise BadRequest(incoming.framing_error, headers=[(b"connection", b"close")])
-            if incoming.chunked and scope.get("http_version") == "1.0":
+            version = scope.get("http_version")
+            if version not in ("1.0", "1.1"):
+                raise BadRequest(
+                    f"HTTP/{version} is not served", headers=[(b"connection", b"close")]
+                )
+            if version == "1.1" and not _SANE_HOST.match(incoming.host):
+                # RFC 9112 3.2: a request without exactly one valid Host is a 400.
+                raise BadRequest(
+                    "a missing or invalid Host header", headers=[(b"connection", b"close")]
+                )
+            if incoming.chunked and version == "1.0":
                 raise BadRequest(
                     "Transfer-Encoding is not defined for HTTP/1.0",
                     headers=[(b"connection", b"close")],

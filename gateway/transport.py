@@ -145,10 +145,15 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             data = request.stream  # type: ignore[assignment]
             # aiohttp frames the body itself (chunked unless Content-Length is given).
             headers = [h for h in headers if h[0].lower() != "transfer-encoding"]
+        url = request.url
+        if url.userinfo:
+            # httpx already turned the URL's credentials into an Authorization header;
+            # aiohttp refuses to be given both.
+            url = url.copy_with(username=None, password=None)
         with _map_aiohttp_errors():
             response = await session.request(
                 request.method,
-                URL(str(request.url), encoded=True),
+                URL(str(url), encoded=True),
                 headers=headers,
                 data=data,
                 allow_redirects=False,

@@ -129,3 +129,28 @@ def test_two_host_headers_are_refused(env: Env) -> None:
     answer = exchange(env.gw.port, request)
     assert answer.status == 400
     assert answer.closed
+
+
+@pytest.mark.parametrize(
+    "host",
+    [None, "", "gw.test/evil", "user@gw.test", "gw test", "gw.test:port"],
+    ids=["missing", "empty", "with-path", "with-userinfo", "with-space", "bad-port"],
+)
+def test_http11_without_a_valid_host_is_400(env: Env, host: str | None) -> None:
+    answer = exchange(env.gw.port, raw("/api/x", host=host))
+    assert answer.status == 400
+    assert answer.closed
+    assert env.victim.count == 0
+    serves_normally(env.gw.url, "/api/x")
+
+
+def test_http10_without_host_is_served(env: Env) -> None:
+    answer = exchange(env.gw.port, b"GET /api/x HTTP/1.0\r\n\r\n")
+    assert answer.status == 200
+
+
+def test_http09_is_not_served(env: Env) -> None:
+    answer = exchange(env.gw.port, b"GET /api/x\r\n")
+    assert answer.status in (None, 400)  # refused or closed, never proxied
+    assert answer.status != 200
+    serves_normally(env.gw.url, "/api/x")
