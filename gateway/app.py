@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.aggregate import AggregateRoute
-from gateway.edge import EdgeContext
+from gateway.edge import edge_context, run_filters
 from gateway.errors import (
     BadRequest,
     BodyTooLarge,
@@ -35,7 +35,6 @@ from gateway.proxy import (
     IncomingHeaders,
     add_forwarded,
     parse_incoming,
-    real_client_ip,
     send_problem,
     send_response,
 )
@@ -189,32 +188,22 @@ class DataPlane:
         exchange: Exchange,
     ) -> bool:
         """The request-filter phase (edge policies). True when a filter answered."""
-        ctx = EdgeContext(
-            scope=scope,
-            method=scope["method"],
-            route=route.name,
-            client_ip=real_client_ip(scope, incoming, route.trusted_proxies),
-            request_headers=scope["headers"],
-            upstream_headers=incoming.upstream,
-        )
+        ctx = edge_context(scope, scope["method"], route.name, route.trusted_proxies, incoming)
         exchange.extra_headers = ctx.response_headers
-        for check in route.filters:
-            early = await check(ctx)
-            if early is not None:
-                headers = [
-                    *early.headers,
-                    *ctx.response_headers,
-                    (b"content-length", str(len(early.body)).encode()),
-                    (b"x-request-id", exchange.request_id.encode("ascii")),
-                ]
-                exchange.status = early.status
-                exchange.response_started = True
-                exchange.bytes_out = len(early.body)
-                await send(
-                    {"type": "http.response.start", "status": early.status, "headers": headers}
-                )
-                await send({"type": "http.response.body", "body": early.body})
-                return True
+        early = await run_filters(route.filters, ctx)
+        if early is not None:
+            headers = [
+                *early.headers,
+                *ctx.response_headers,
+                (b"content-length", str(len(early.body)).encode()),
+                (b"x-request-id", exchange.request_id.encode("ascii")),
+            ]
+            exchange.status = early.status
+            exchange.response_started = True
+            exchange.bytes_out = len(early.body)
+            await send({"type": "http.response.start", "status": early.status, "headers": headers})
+            await send({"type": "http.response.body", "body": early.body})
+            return True
         return False
 
     def _finish(self, exchange: Exchange, scope: Scope, runtime: Runtime | None) -> None:

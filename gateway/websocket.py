@@ -39,7 +39,7 @@ from websockets.protocol import State
 from websockets.typing import Subprotocol
 
 from gateway.aggregate import AggregateRoute
-from gateway.edge import EdgeContext
+from gateway.edge import edge_context, run_filters
 from gateway.errors import (
     BadRequest,
     GatewayError,
@@ -56,7 +56,6 @@ from gateway.proxy import (
     IncomingHeaders,
     add_forwarded,
     parse_incoming,
-    real_client_ip,
     response_headers,
 )
 from gateway.routing import normalize_path
@@ -274,26 +273,18 @@ async def _filter(
 ) -> bool:
     """The request-filter phase at the handshake. True when a filter answered itself
     (its answer is sent instead of upgrading); a refusal raises a GatewayError."""
-    ctx = EdgeContext(
-        scope=scope,
-        method="GET",
-        route=route.name,
-        client_ip=real_client_ip(scope, incoming, route.trusted_proxies),
-        request_headers=scope["headers"],
-        upstream_headers=incoming.upstream,
-    )
+    ctx = edge_context(scope, "GET", route.name, route.trusted_proxies, incoming)
     exchange.extra_headers = ctx.response_headers
-    for check in route.filters:
-        early = await check(ctx)
-        if early is not None:
-            headers = [
-                *early.headers,
-                *ctx.response_headers,
-                (b"x-request-id", exchange.request_id.encode("ascii")),
-            ]
-            await _refuse(scope, send, early.status, headers, early.body, exchange)
-            return True
-    return False
+    early = await run_filters(route.filters, ctx)
+    if early is None:
+        return False
+    headers = [
+        *early.headers,
+        *ctx.response_headers,
+        (b"x-request-id", exchange.request_id.encode("ascii")),
+    ]
+    await _refuse(scope, send, early.status, headers, early.body, exchange)
+    return True
 
 
 def _upstream_headers(incoming: IncomingHeaders) -> list[tuple[str, str]]:

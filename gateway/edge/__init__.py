@@ -13,9 +13,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from gateway.pipeline import Headers
+from gateway.proxy import IncomingHeaders, real_client_ip
+from gateway.settings import IPNetwork
 from gateway.types import Scope
 
-__all__ = ["EarlyResponse", "EdgeContext", "RequestFilter"]
+__all__ = ["EarlyResponse", "EdgeContext", "RequestFilter", "edge_context", "run_filters"]
 
 
 @dataclass(slots=True)
@@ -43,3 +45,31 @@ class EarlyResponse:
 
 
 RequestFilter = Callable[[EdgeContext], Awaitable[EarlyResponse | None]]
+
+
+def edge_context(
+    scope: Scope,
+    method: str,
+    route: str,
+    trusted_proxies: tuple[IPNetwork, ...],
+    incoming: IncomingHeaders,
+) -> EdgeContext:
+    """The context of one request's filter phase, over the headers parsed already."""
+    return EdgeContext(
+        scope=scope,
+        method=method,
+        route=route,
+        client_ip=real_client_ip(scope, incoming, trusted_proxies),
+        request_headers=scope["headers"],
+        upstream_headers=incoming.upstream,
+    )
+
+
+async def run_filters(filters: tuple[RequestFilter, ...], ctx: EdgeContext) -> EarlyResponse | None:
+    """Run a route's filters in order; the first early answer ends the phase. A refusal
+    propagates as the GatewayError the filter raised."""
+    for check in filters:
+        early = await check(ctx)
+        if early is not None:
+            return early
+    return None
