@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote_to_bytes
+
+from starlette.routing import PARAM_REGEX
 
 from gateway.edge import RequestFilter
 from gateway.errors import (
@@ -59,7 +60,7 @@ class BackendTemplate:
         self._parts: list[tuple[str, str | None, str]] = []
         for text, in_query in ((path, False), ("?" + query if query else "", True)):
             idx = 0
-            for m in re.finditer(r"{([a-zA-Z_][a-zA-Z0-9_]*)(?::[a-zA-Z_]+)?}", text):
+            for m in PARAM_REGEX.finditer(text):
                 name = m.group(1)
                 safe = "/" if (name in path_params and not in_query) else ""
                 self._parts.append((text[idx : m.start()], name, safe))

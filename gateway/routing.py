@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 from urllib.parse import unquote_to_bytes
 
-from starlette.routing import compile_path
+from starlette.routing import PARAM_REGEX, compile_path
 
 from gateway.errors import BadRequest, MethodNotAllowed, RouteNotFound
 
@@ -81,7 +81,7 @@ class CompiledTemplate:
         self.source = template
         self._parts: list[tuple[str, str | None]] = []
         idx = 0
-        for m in re.finditer(r"{([a-zA-Z_][a-zA-Z0-9_]*)(?::[a-zA-Z_]+)?}", template):
+        for m in PARAM_REGEX.finditer(template):
             self._parts.append((template[idx : m.start()], m.group(1)))
             idx = m.end()
         self._parts.append((template[idx:], None))

@@ -11,8 +11,9 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-import re
 from dataclasses import dataclass
+
+from starlette.routing import PARAM_REGEX
 
 from gateway.aggregate import AggregateRoute, Backend, BackendTemplate
 from gateway.edge import RequestFilter
@@ -31,7 +32,6 @@ from gateway.upstream import Upstream
 __all__ = ["ProxyRoute", "Runtime", "build_route_handler", "build_runtime", "unsupported"]
 
 log = logging.getLogger("gateway.runtime")
-_PATH_PARAM = re.compile(r"{([a-zA-Z_][a-zA-Z0-9_]*)(:[a-zA-Z_]+)?}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,7 +196,7 @@ def build_aggregate_route(
     aggregate = route.aggregate
     assert aggregate is not None
     path_params = frozenset(
-        name for name, kind in _PATH_PARAM.findall(route.path) if kind == ":path"
+        name for name, kind in PARAM_REGEX.findall(route.path) if kind == ":path"
     )
     backends = [
         Backend(

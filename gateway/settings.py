@@ -19,6 +19,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from starlette.routing import PARAM_REGEX
 
 from gateway.units import Duration, Rate, Size
 
@@ -46,7 +47,6 @@ MiB = 1024 * 1024
 HTTP_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"}
 )
-_PARAM = re.compile(r"{([a-zA-Z_][a-zA-Z0-9_]*)(?::[a-zA-Z_][a-zA-Z0-9_]*)?}")
 
 
 class Model(BaseModel):
@@ -266,7 +266,7 @@ class CorsSettings(Model):
 
 
 def _template_params(template: str) -> list[str]:
-    return _PARAM.findall(template)
+    return [m.group(1) for m in PARAM_REGEX.finditer(template)]
 
 
 class BackendSettings(Model):
