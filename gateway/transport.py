@@ -305,7 +305,11 @@ class ReqwestTransport(httpx.AsyncBaseTransport):
 
 
 def make_transport(settings: TransportSettings) -> httpx.AsyncBaseTransport:
-    kind = os.environ.get("GATEWAY_TRANSPORT", "aiohttp")
+    kind = os.environ.get("GATEWAY_TRANSPORT", "h1")
+    if kind == "h1":
+        from gateway.h1 import H1Transport
+
+        return H1Transport(settings)
     if kind == "reqwest":
         return ReqwestTransport(settings)
     if kind == "httpx":
