@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote_to_bytes
 
+import orjson
 from starlette.routing import PARAM_REGEX
 
 from gateway.edge import RequestFilter
@@ -41,6 +42,22 @@ FORWARDED = frozenset(
     }
 )
 _ACCEPT_JSON = (b"accept", b"application/json")
+
+
+def _loads(data: bytes) -> Any:
+    """orjson first; what it refuses but JSON allows (integers past 64 bits, nesting
+    past 255, UTF-16/32) goes to the standard library, which refuses NaN/Infinity."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data, parse_constant=_no_constant)
+
+
+def _dumps(value: Any) -> bytes:
+    try:
+        return orjson.dumps(value)
+    except TypeError:  # orjson.JSONEncodeError: integers past 64 bits, deep nesting
+        return json.dumps(value, separators=(",", ":")).encode()
 
 
 class BackendTemplate:
@@ -194,7 +211,7 @@ class AggregateRoute:
             else:
                 merged.update(outcome.value)
         try:
-            body = json.dumps(merged, separators=(",", ":")).encode()
+            body = _dumps(merged)
         except RecursionError:  # parsed just under the nesting limit, nested once more
             raise UpstreamUnavailable(
                 "the merged answer is nested too deeply to encode as JSON"
@@ -272,7 +289,7 @@ class AggregateRoute:
         finally:
             await response.close()
         try:
-            value = json.loads(b"".join(chunks), parse_constant=_no_constant)
+            value = _loads(b"".join(chunks))
         except (ValueError, RecursionError):  # RecursionError: nested too deep
             raise UpstreamUnavailable(
                 f"{backend.describe()} answered a body that is not JSON",

@@ -17,6 +17,8 @@ import sys
 import time
 from typing import TextIO
 
+import orjson
+
 __all__ = ["AccessLog", "JsonFormatter", "configure_logging", "scrub", "utc_now_iso"]
 
 _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "color_message"}
@@ -122,7 +124,7 @@ class AccessLog:
         path = record.get("path")
         if isinstance(path, str) and "eyJ" in path:  # a token in the path stays out
             record["path"] = scrub(path)
-        self._buffer.append(json.dumps(record, separators=(",", ":")))
+        self._buffer.append(orjson.dumps(record, default=str).decode())
         if len(self._buffer) >= 256:
             self.flush()
         elif not self._flush_scheduled:
