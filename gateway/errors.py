@@ -7,9 +7,12 @@
     ├── MethodNotAllowed              405 method_not_allowed
     ├── RequestTimeout                408 request_timeout
     ├── BodyTooLarge                  413 body_too_large
+    ├── UriTooLong                    414 uri_too_long           (max_request_line)
     ├── RateLimited                   429 rate_limited
+    ├── HeadersTooLarge               431 headers_too_large      (max_header_size / _count)
     ├── ClientClosedRequest           499 client_disconnected    (never sent: the client left)
     ├── InternalError                 500 internal_error
+    ├── TooManyConnections            503 too_many_connections   (max_client_connections)
     ├── UpstreamError
     │   ├── UpstreamUnavailable       502 upstream_unavailable   (refused, reset, bad HTTP)
     │   ├── UpstreamTimeout           504 upstream_timeout       (the deadline passed)
@@ -37,18 +40,21 @@ __all__ = [
     "BodyTooLarge",
     "ClientClosedRequest",
     "GatewayError",
+    "HeadersTooLarge",
     "InternalError",
     "MethodNotAllowed",
     "RateLimited",
     "RequestTimeout",
     "RouteNotFound",
     "ShuttingDown",
+    "TooManyConnections",
     "Unauthorized",
     "UpstreamError",
     "UpstreamSaturated",
     "UpstreamTimeout",
     "UpstreamUnavailable",
     "UpstreamUnhealthy",
+    "UriTooLong",
     "map_httpx_errors",
     "problem_body",
 ]
@@ -109,6 +115,16 @@ class BodyTooLarge(GatewayError):
     status, code, title = 413, "body_too_large", "Request body too large"
 
 
+class UriTooLong(GatewayError):
+    status, code, title = 414, "uri_too_long", "Request target too long"
+
+
+class HeadersTooLarge(GatewayError):
+    """The head, or the trailer section of a chunked body, is over the size or count limit."""
+
+    status, code, title = 431, "headers_too_large", "Request header fields too large"
+
+
 class ClientClosedRequest(GatewayError):
     """The client went away before the exchange finished (nginx's 499). Nothing is
     sent back; it is recorded, and it never counts against an upstream."""
@@ -118,6 +134,16 @@ class ClientClosedRequest(GatewayError):
 
 class RateLimited(GatewayError):
     status, code, title = 429, "rate_limited", "Rate limit exceeded"
+
+
+class TooManyConnections(GatewayError):
+    """Refused by the protocol before the data plane sees the request."""
+
+    status, code, title = 503, "too_many_connections", "Too many client connections"
+
+    def __init__(self, detail: str = "", **kw: str | None) -> None:
+        super().__init__(detail, **kw)  # type: ignore[arg-type]
+        self.headers.append((b"retry-after", b"1"))
 
 
 class InternalError(GatewayError):

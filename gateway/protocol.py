@@ -16,7 +16,17 @@ here per connection:
   sub-second precision);
 - beyond `max_client_connections` open connections in this worker, a new connection's
   first request is answered `503 too_many_connections` at once and the connection
-  closed, so one client holding thousands of sockets cannot starve the event loop.
+  closed, so one client holding thousands of sockets cannot starve the event loop;
+- the trailer section of a chunked body is bounded like a head (Envoy applies its
+  header limits to trailers too): more than `max_header_count` fields or more than
+  `max_header_size` bytes of them, or `max_header_size + 4KiB` raw bytes after the
+  last chunk without the section ending, is `431` and the connection closed.
+
+Every refusal made here (these, and uvicorn's plain `400` for a request llhttp refuses)
+is counted, logged and shown on the status page by `gateway/refusals.py`, as the data
+plane's logging phase does for the requests it serves. A refusal in the middle of a
+body (a bad chunk, an oversized trailer) is answered only if that request's response
+has not started, and ends the request the data plane is serving as a disconnect.
 
 uvicorn builds the protocol itself (`config.http_protocol_class(config=..., ...)`), so
 the limits ride on a subclass made per server by `protocol_class(limits)`.
@@ -28,38 +38,35 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from gateway.errors import GatewayError, RequestTimeout, problem_body
+from gateway.errors import (
+    BadRequest,
+    GatewayError,
+    HeadersTooLarge,
+    RequestTimeout,
+    TooManyConnections,
+    UriTooLong,
+    problem_body,
+)
 from gateway.proxy import new_request_id
+from gateway.refusals import Refusals, target_path
 from gateway.settings import ServerSettings
 from gateway.types import Receive, Scope, Send
 
-__all__ = [
-    "ClientLimits",
-    "HeadersTooLarge",
-    "LimitedHttpProtocol",
-    "TooManyConnections",
-    "UriTooLong",
-    "protocol_class",
-]
+if TYPE_CHECKING:
+    from gateway.app import GatewayState
+
+__all__ = ["ClientLimits", "LimitedHttpProtocol", "protocol_class"]
 
 log = logging.getLogger("gateway.server")
 
-
-class UriTooLong(GatewayError):
-    status, code, title = 414, "uri_too_long", "Request target too long"
-
-
-class HeadersTooLarge(GatewayError):
-    status, code, title = 431, "headers_too_large", "Request header fields too large"
-
-
-class TooManyConnections(GatewayError):
-    status, code, title = 503, "too_many_connections", "Too many client connections"
+# uvicorn's own answer to a request llhttp refuses, kept as it was (plus X-Request-ID).
+_INVALID = b"Invalid HTTP request received."
+_TRAILER_SLACK = 4 * 1024  # raw bytes allowed past max_header_size for line ends and colons
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,9 +107,9 @@ class _WarnOncePerSecond:
             log.warning(message, extra=extra)
 
 
-def raw_problem(error: GatewayError) -> bytes:
-    """A whole problem+json response that closes the connection, as bytes on the wire."""
-    request_id = new_request_id()
+def raw_problem(error: GatewayError, request_id: str) -> tuple[bytes, int]:
+    """A whole problem+json response that closes the connection, as bytes on the wire,
+    and the length of its body."""
     body = problem_body(error, request_id)
     head = [
         STATUS_LINE[error.status],
@@ -112,40 +119,34 @@ def raw_problem(error: GatewayError) -> bytes:
         *(name + b": " + value + b"\r\n" for name, value in error.headers),
         b"connection: close\r\n\r\n",
     ]
-    return b"".join(head) + body
+    return b"".join(head) + body, len(body)
 
 
-async def _too_many_connections(scope: Scope, receive: Receive, send: Send) -> None:
-    error = TooManyConnections(
-        "this gateway worker has too many open client connections; retry shortly"
-    )
-    request_id = new_request_id()
-    body = problem_body(error, request_id)
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 503,
-            "headers": [
-                (b"content-type", b"application/problem+json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"x-request-id", request_id.encode("ascii")),
-                (b"retry-after", b"1"),
-                (b"connection", b"close"),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+def raw_invalid(request_id: str) -> tuple[bytes, int]:
+    """uvicorn's plain `400` for what llhttp refuses, with the request ID added."""
+    head = [
+        STATUS_LINE[400],
+        b"content-type: text/plain; charset=utf-8\r\n",
+        b"content-length: %d\r\n" % len(_INVALID),
+        b"x-request-id: " + request_id.encode("ascii") + b"\r\n",
+        b"connection: close\r\n\r\n",
+    ]
+    return b"".join(head) + _INVALID, len(_INVALID)
 
 
 class LimitedHttpProtocol(HttpToolsProtocol):
-    """`HttpToolsProtocol` with head size, head count, head timeout and connection limits.
+    """`HttpToolsProtocol` with head size, head count, head timeout, trailer and
+    connection limits.
 
     State per connection: `_in_head` is true from the end of one request (or the
     connection's start) until the next request's headers are complete; `_head_bytes`
     counts what arrived meanwhile; `_head_timer` is armed while a head is awaited and
-    unfinished."""
+    unfinished. In a chunked body, `_chunk_pending` is true from a chunk header until
+    that chunk's data arrives: after the last (empty) chunk it stays true through the
+    trailer section, whose raw bytes `_trailer_bytes` counts."""
 
     limits: ClassVar[ClientLimits] = ClientLimits()
+    refusals: ClassVar[Refusals | None] = None  # where refusals are recorded, if anywhere
     _warn: ClassVar[_WarnOncePerSecond] = _WarnOncePerSecond()
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -159,13 +160,17 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._header_bytes = 0
         self._head_timer: asyncio.TimerHandle | None = None
         self._refusal: GatewayError | None = None
+        self._chunk_pending = False
+        self._trailer_bytes = 0
+        self._trailer_fields = 0
+        self._trailer_size = 0
 
     # Connection life
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         if len(self.connections) > self.limits.max_client_connections:
-            self.app = _too_many_connections
+            self.app = self._too_many_connections
             self._warn(
                 "client connection limit reached: new connections get 503",
                 max_client_connections=self.limits.max_client_connections,
@@ -180,14 +185,17 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._unset_keepalive_if_required()
         if self._in_head:
             self._head_bytes += len(data)
+        elif self._chunk_pending:
+            self._trailer_bytes += len(data)
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError:
+        except httptools.HttpParserError as exc:
             if self._refusal is not None:
                 self._refuse(self._refusal)
             else:
                 self.logger.warning("Invalid HTTP request received.")
-                self.send_400_response("Invalid HTTP request received.")
+                # llhttp's reason is one of its own fixed strings, never client bytes.
+                self._refuse(BadRequest(f"invalid HTTP request: {exc}"[:200]), plain=True)
             return
         except httptools.HttpParserUpgrade:
             if self._should_upgrade():
@@ -195,13 +203,21 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             else:
                 self._unsupported_upgrade_warning()
             return
-        # A head still unfinished after this read: bound its size and arm its timer.
-        # (A head that completes within one read never costs a timer.)
-        if self._in_head and (self._head_bytes or self._began):
-            if self._head_bytes > self._max_head:
-                self._refuse(HeadersTooLarge("the request head is too large"))
-            else:
-                self._arm()
+        if self._in_head:
+            # A head still unfinished after this read: bound its size and arm its timer.
+            # (A head that completes within one read never costs a timer.)
+            if self._head_bytes or self._began:
+                if self._head_bytes > self._max_head:
+                    self._refuse(HeadersTooLarge("the request head is too large"))
+                else:
+                    self._arm()
+        elif (
+            self._chunk_pending
+            and self._trailer_bytes > self.limits.max_header_size + _TRAILER_SLACK
+        ):
+            # One trailer field sent in pieces and never finished: httptools buffers it
+            # without calling back, so the raw byte count is what stops it.
+            self._refuse(HeadersTooLarge("the trailer section is too large"))
 
     # Parser callbacks
 
@@ -217,15 +233,21 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             )
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        limits = self.limits
         if not self._in_head:
             # A trailer field of a chunked body. uvicorn would append it to the request's
             # headers (the very list the app already holds); RFC 9110 forbids merging
             # trailers into the header section, and a proxy must never let one smuggle a
-            # header past the checks made on the head. Dropped.
+            # header past the checks made on the head. Counted, bounded, dropped.
+            self._trailer_fields += 1
+            self._trailer_size += len(name) + len(value) + 4
+            if self._trailer_fields > limits.max_header_count:
+                self._stop(HeadersTooLarge(f"more than {limits.max_header_count} trailer fields"))
+            if self._trailer_size > limits.max_header_size:
+                self._stop(HeadersTooLarge(f"trailer fields exceed {limits.max_header_size} bytes"))
             return
         super().on_header(name, value)
         self._header_bytes += len(name) + len(value) + 4
-        limits = self.limits
         if len(self.headers) > limits.max_header_count:
             self._stop(HeadersTooLarge(f"more than {limits.max_header_count} header fields"))
         if self._header_bytes > limits.max_header_size:
@@ -239,9 +261,22 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._header_bytes = 0
         super().on_headers_complete()
 
+    def on_chunk_header(self) -> None:
+        # Called for chunked bodies only. Whether this is the last chunk (size 0, the
+        # trailer section follows) shows only in that no data follows it.
+        self._chunk_pending = True
+        self._trailer_bytes = 0
+        self._trailer_fields = 0
+        self._trailer_size = 0
+
+    def on_body(self, body: bytes) -> None:
+        self._chunk_pending = False
+        HttpToolsProtocol.on_body(self, body)
+
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self._in_head = True  # what follows on this connection is the next request's head
+        self._chunk_pending = False
 
     # Helpers
 
@@ -249,15 +284,102 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._refusal = error
         raise _Refused(error.detail)
 
-    def _refuse(self, error: GatewayError) -> None:
-        """Answer once and close; never in the middle of another response."""
+    def _refuse(
+        self, error: GatewayError, *, plain: bool = False, elapsed: float | None = None
+    ) -> None:
+        """Answer once, close and record it; never in the middle of another response.
+
+        In a head, any response cycle is an earlier request's: answer only once it is
+        complete. In a body, the cycle is this request's, its app still running: answer
+        only if its response has not started, and end the app's exchange as a
+        disconnect so nothing it sends later reaches the wire."""
+        if elapsed is None:
+            elapsed = self._head_elapsed()
         self._disarm()
-        if self.transport.is_closing():
+        transport = self.transport
+        if transport.is_closing():
             return
         cycle = self.cycle
-        if cycle is None or cycle.response_complete:
-            self.transport.write(raw_problem(error))
-        self.transport.close()
+        method: str | None = None
+        path: str | None = None
+        if self._in_head:
+            answer = cycle is None or cycle.response_complete
+            if self._began and self.url:  # before the target, llhttp's method reads DELETE
+                method = self.parser.get_method().decode("ascii", "replace")
+                path = target_path(self.url)
+        else:
+            answer = cycle is not None and not cycle.response_started
+            if cycle is not None:
+                cycle.disconnected = True
+                cycle.message_event.set()
+            method = self.scope["method"]
+            path = target_path(self.url)
+        request_id = new_request_id()
+        sent = 0
+        if answer:
+            data, sent = raw_invalid(request_id) if plain else raw_problem(error, request_id)
+            transport.write(data)
+        transport.close()
+        self._record(error, request_id, method, path, sent, elapsed)
+
+    def _record(
+        self,
+        error: GatewayError,
+        request_id: str,
+        method: str | None,
+        path: str | None,
+        sent: int,
+        elapsed: float,
+    ) -> None:
+        refusals = self.refusals
+        if refusals is None:
+            return
+        try:
+            refusals.record(
+                status=error.status,
+                code=error.code,
+                detail=error.detail,
+                request_id=request_id,
+                method=method,
+                path=path,
+                client=self.client,
+                bytes_out=sent,
+                elapsed=elapsed,
+            )
+        except Exception:  # recording must never keep a refused connection alive
+            log.exception("could not record a refused request")
+
+    async def _too_many_connections(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The ASGI app of a connection over `max_client_connections`."""
+        error = TooManyConnections(
+            "this gateway worker has too many open client connections; retry shortly"
+        )
+        request_id = new_request_id()
+        body = problem_body(error, request_id)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": error.status,
+                "headers": [
+                    (b"content-type", b"application/problem+json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"x-request-id", request_id.encode("ascii")),
+                    *error.headers,
+                    (b"connection", b"close"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+        path = target_path(scope.get("raw_path") or b"")
+        self._record(error, request_id, scope["method"], path, len(body), 0.0)
+
+    def _head_elapsed(self) -> float:
+        """How long the head being refused has taken, read off its timer (no timer: it
+        arrived within one read)."""
+        timer = self._head_timer
+        if timer is None:
+            return 0.0
+        return max(0.0, self.loop.time() - timer.when() + self.limits.header_timeout)
 
     def _arm(self) -> None:
         if self._head_timer is None:
@@ -280,14 +402,23 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._refuse(
             RequestTimeout(
                 f"the request head was not complete within {self.limits.header_timeout:g}s"
-            )
+            ),
+            elapsed=self.limits.header_timeout,
         )
 
 
-def protocol_class(limits: ClientLimits) -> type[LimitedHttpProtocol]:
-    """The protocol class for one server: uvicorn instantiates it per connection."""
+def protocol_class(
+    limits: ClientLimits, state: GatewayState | None = None
+) -> type[LimitedHttpProtocol]:
+    """The protocol class for one server: uvicorn instantiates it per connection.
+    With `state`, its refusals are recorded in that state's metrics, access log and
+    status board."""
     return type(
         "GatewayHttpProtocol",
         (LimitedHttpProtocol,),
-        {"limits": limits, "_warn": _WarnOncePerSecond()},
+        {
+            "limits": limits,
+            "refusals": Refusals(state) if state is not None else None,
+            "_warn": _WarnOncePerSecond(),
+        },
     )

@@ -24,7 +24,7 @@ from gateway.loader import ConfigError, load_config
 from gateway.metrics import Metrics
 from gateway.observability import AccessLog, configure_logging
 from gateway.protocol import ClientLimits, protocol_class
-from gateway.runtime import build_runtime, unsupported
+from gateway.runtime import Retirements, build_runtime, unsupported
 from gateway.settings import GatewaySettings, ServerSettings
 from gateway.status import publish
 
@@ -85,6 +85,9 @@ class _Server(uvicorn.Server):
                 )
                 for task in self.server_state.tasks:
                     task.cancel(msg="drain_timeout passed")
+                # ...and awaited, so their own cleanup runs before the runtime closes.
+                if self.server_state.tasks:
+                    await asyncio.wait(list(self.server_state.tasks), timeout=WS_CLOSE_GRACE)
         if not self.force_exit:
             await self.lifespan.shutdown()
 
@@ -153,7 +156,7 @@ class GatewayServer:
                 loop="none",
                 # httptools plus the head size/count/timeout and connection limits
                 # (gateway/protocol.py; the keep-alive timeout is applied there too).
-                http=protocol_class(ClientLimits.from_settings(server)),
+                http=protocol_class(ClientLimits.from_settings(server), self.state),
                 timeout_keep_alive=max(1, math.ceil(server.keepalive_timeout)),
                 lifespan="off",
                 access_log=False,
@@ -174,6 +177,7 @@ class GatewayServer:
         self._signals = 0
         self._reload_lock = asyncio.Lock()
         self._background: set[asyncio.Task[None]] = set()
+        self._retirements = Retirements()  # runtimes replaced by a reload, still closing
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
@@ -222,13 +226,14 @@ class GatewayServer:
                 return errors
             old = self.state.runtime
             runtime = build_runtime(settings, previous=old, metrics=self.state.metrics)
-            await runtime.start()
+            await runtime.start(previous=old)
             self.state.runtime = runtime  # the swap: new requests start on the new config
             self.settings = settings
             if self.state.access_log is None and settings.server.access_log:
                 self.state.access_log = AccessLog()
             if old is not None:
-                self._spawn(old.retire(runtime, grace=max(settings.server.drain_timeout, 30)))
+                grace = max(settings.server.drain_timeout, 30)
+                self._retirements.retire(old, runtime, grace=grace)
             self.state.metrics.reloads.labels("ok").inc()
             self.state.status.reloaded([])
             log.info("config reloaded", extra={"routes": len(runtime.router)})
@@ -300,6 +305,7 @@ class GatewayServer:
             for task in list(self._background):
                 task.cancel()
             await asyncio.gather(*self._background, return_exceptions=True)
+            await self._retirements.aclose()
             current = self.state.runtime
             if current is not None:
                 await current.aclose()

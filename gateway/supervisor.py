@@ -84,6 +84,7 @@ class Supervisor:
         self.draining = False
         self._signals = 0
         self._failures: dict[int, int] = {}
+        self._reloads: set[asyncio.Task[list[str]]] = set()  # SIGHUP reloads under way
         self.workdir = tempfile.mkdtemp(prefix="gateway-")
         self.metrics_dir = os.path.join(self.workdir, "metrics")
         os.mkdir(self.metrics_dir)
@@ -203,6 +204,13 @@ class Supervisor:
         log.info("reload sent to every worker")
         return []
 
+    def _reload_soon(self) -> None:
+        """SIGHUP: reload in a task this supervisor holds (the loop keeps only a weak
+        reference to a task) and awaits when it stops."""
+        task = asyncio.create_task(self.reload())
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
     async def _watch(self) -> None:
         from gateway.server import _fingerprint
 
@@ -236,7 +244,7 @@ class Supervisor:
             self._spawn(sock, ready_w, slot)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
-        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        loop.add_signal_handler(signal.SIGHUP, self._reload_soon)
         admin_task = asyncio.create_task(self.admin.serve())
         watch_task = asyncio.create_task(self._watch()) if self.settings.server.watch else None
         pending_restart: dict[int, float] = {}
@@ -283,8 +291,10 @@ class Supervisor:
             os.close(ready_r)
             os.close(ready_w)
             sock.close()
-            if watch_task is not None:
-                watch_task.cancel()
+            background = [*self._reloads, *([watch_task] if watch_task is not None else [])]
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             self.admin.should_exit = True
             await admin_task
             self._signal_workers(signal.SIGKILL)

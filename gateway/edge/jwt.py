@@ -160,6 +160,7 @@ class JwksKeys:
         self._kid_refresh_at = -cooldown  # the first unknown kid may always refresh
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
+        self._closed = False  # after `aclose` no refresh task starts (a late request)
         self.loads = 0  # completed reads, successful or not
 
     async def start(self) -> None:
@@ -208,7 +209,11 @@ class JwksKeys:
         return fits[0] if fits else None
 
     async def key_for(self, kid: str | None, alg: str) -> JwksKey | None:
-        if self._clock() >= self._next_refresh and (self._task is None or self._task.done()):
+        if (
+            self._clock() >= self._next_refresh
+            and (self._task is None or self._task.done())
+            and not self._closed
+        ):
             self._task = asyncio.create_task(self._periodic())
         key = self.find(kid, alg)
         if key is None and kid is not None and kid not in self._kids:
@@ -232,6 +237,7 @@ class JwksKeys:
                 await self._reload("periodic")
 
     async def aclose(self) -> None:
+        self._closed = True
         task, self._task = self._task, None
         if task is not None and not task.done():
             task.cancel()

@@ -119,6 +119,85 @@ def test_a_header_that_never_ends_is_cut_off_at_the_size_limit(env: Env) -> None
     serves_normally(env.gw.url)
 
 
+# Trailer limits (the trailer section of a chunked body is bounded like a head)
+
+CHUNKED_HEAD = b"POST /upload HTTP/1.1\r\nHost: gw.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def test_a_trailer_that_never_ends_is_cut_off_with_431(env: Env) -> None:
+    """One trailer field sent in pieces, never finished, faster than body_timeout could
+    notice: refused at max_header_size + 4KiB raw bytes, not held until a timeout."""
+    before = env.app.count
+    with connect(env.gw.port) as sock:
+        sock.sendall(CHUNKED_HEAD + b"5\r\nhello\r\n0\r\nX-Endless: ")
+        started = time.monotonic()
+        sent = 0
+        try:
+            while sent < 256 * 1024:
+                sock.sendall(b"t" * 1024)
+                sent += 1024
+                time.sleep(0.0005)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        answer = read_answer(sock)
+        elapsed = time.monotonic() - started
+    assert answer.status == 431, answer
+    assert problem(answer)["code"] == "headers_too_large"
+    assert answer.closed
+    assert sent < 64 * 1024
+    assert elapsed < BODY_TIMEOUT
+    assert env.app.count == before  # the request never completed upstream
+    serves_normally(env.gw.url)
+
+
+def test_more_trailer_fields_than_max_header_count_is_431(env: Env) -> None:
+    trailers = b"".join(b"X-T%d: v\r\n" % i for i in range(30))
+    answer = exchange(env.gw.port, CHUNKED_HEAD + b"5\r\nhello\r\n0\r\n" + trailers + b"\r\n")
+    assert answer.status == 431
+    assert "trailer" in problem(answer)["detail"]
+    assert answer.closed
+    serves_normally(env.gw.url)
+
+
+def test_trailer_fields_over_max_header_size_is_431(env: Env) -> None:
+    trailer = b"X-Big: " + b"b" * 5000 + b"\r\n"
+    answer = exchange(env.gw.port, CHUNKED_HEAD + b"5\r\nhello\r\n0\r\n" + trailer + b"\r\n")
+    assert answer.status == 431
+    assert answer.closed
+    serves_normally(env.gw.url)
+
+
+def test_trailers_within_the_limits_are_dropped_and_the_request_served(env: Env) -> None:
+    trailers = b"".join(b"X-T%d: %s\r\n" % (i, b"v" * 150) for i in range(19))
+    answer = exchange(
+        env.gw.port,
+        CHUNKED_HEAD.replace(b"/upload", b"/upload?m=trailers")
+        + b"5\r\nhello\r\n0\r\n"
+        + trailers
+        + b"\r\n",
+    )
+    assert answer.status == 200
+    [record] = [r for r in env.app.seen if r["query"] == "m=trailers"]
+    assert record["body"] == "hello"
+    assert not [name for name, _ in record["headers"] if name.startswith("x-t")]
+
+
+def test_large_chunks_split_across_reads_are_never_taken_for_a_trailer(env: Env) -> None:
+    """Chunk headers at the end of a read, their data in the next ones: body, not trailer."""
+    with connect(env.gw.port) as sock:
+        sock.sendall(CHUNKED_HEAD.replace(b"/upload", b"/upload?m=big-chunks"))
+        for _ in range(3):
+            sock.sendall(b"%x\r\n" % (100 * 1024))
+            time.sleep(0.02)
+            for _ in range(10):
+                sock.sendall(b"d" * (10 * 1024))
+            sock.sendall(b"\r\n")
+        sock.sendall(b"0\r\n\r\n")
+        answer = read_answer(sock, close_within=0.05)
+    assert answer.status == 200, answer
+    assert json.loads(answer.body)["body_length"] == 300 * 1024
+
+
 # Timeouts
 
 

@@ -245,6 +245,21 @@ async def test_the_jwks_is_re_read_periodically_in_the_background() -> None:
     await keys.aclose()
 
 
+async def test_a_closed_jwks_starts_no_background_re_read() -> None:
+    """A request still running on a retired runtime must not leave a task behind."""
+    source = Source(jwks(public_jwk(rsa_key(), "k1")))
+    clock = FakeClock()
+    keys = JwksKeys(source, 300.0, clock=clock)
+    await keys.start()
+    await keys.aclose()
+    clock.advance(301)
+    before = asyncio.all_tasks()
+    assert await keys.key_for("k1", "RS256") is not None  # the cached keys still serve
+    assert asyncio.all_tasks() == before
+    await asyncio.sleep(0)
+    assert source.reads == 1
+
+
 async def test_a_failing_source_keeps_the_known_keys() -> None:
     source = Source(jwks(public_jwk(rsa_key(), "k1")))
     clock = FakeClock()
