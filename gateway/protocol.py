@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from gateway.coalesce import CoalescingTransport
 from gateway.errors import (
     BadRequest,
     GatewayError,
@@ -169,6 +170,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        # A response's head and body leave in one send() (gateway/coalesce.py).
+        self.transport = CoalescingTransport(transport, self.loop)  # type: ignore[assignment]
         if len(self.connections) > self.limits.max_client_connections:
             self.app = self._too_many_connections
             self._warn(
