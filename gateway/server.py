@@ -30,6 +30,9 @@ from gateway.status import publish
 
 __all__ = ["GatewayServer", "raise_open_file_limit", "run"]
 
+# gc.set_threshold while serving (see GatewayServer.serve).
+GC_THRESHOLDS = (50_000, 20, 100)
+
 log = logging.getLogger("gateway.server")
 
 
@@ -279,9 +282,12 @@ class GatewayServer:
         await runtime.start()
         self.state.runtime = runtime
         # What exists now lives as long as the process: out of the collector's sight,
-        # so a full collection under load walks per-request garbage only (p99, README).
+        # so a full collection under load walks per-request garbage only; and young
+        # collections every 50,000 allocations instead of 700 (README, "Performance":
+        # ~10 % less CPU per request, cyclic garbage waits a little longer).
         gc.collect()
         gc.freeze()
+        gc.set_threshold(*GC_THRESHOLDS)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(_discard(self.reload())))
