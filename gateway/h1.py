@@ -37,7 +37,7 @@ from gateway.transport import AiohttpTransport, TransportSettings
 __all__ = ["H1Response", "H1Transport"]
 
 _HIGH_WATER = 256 * 1024  # buffered body bytes at which reading from the upstream pauses
-_LOW_WATER = 64 * 1024
+_READ_SIZE = 256 * 1024  # one read's most: what one connection can have in flight is small
 # Response head limits (aiohttp's per-field limit; a section and count cap on top).
 _MAX_FIELD = 8190
 _MAX_HEAD_BYTES = 64 * 1024
@@ -46,7 +46,7 @@ _BODYLESS_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS", "TRACE", "CON
 _EMPTY_BODY_HEADER = b"content-length: 0\r\n"
 
 
-class _Conn(asyncio.Protocol):
+class _Conn(asyncio.BufferedProtocol):
     """One upstream connection and the exchange in flight on it."""
 
     __slots__ = (
@@ -112,7 +112,15 @@ class _Conn(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        # Every connection of the pool reads into the pool's one buffer: a read is
+        # parsed (and its body bytes copied out) before the loop makes the next one.
+        return self._pool.read_view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(self._pool.read_view[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
         if not self.in_exchange or self.done:
             # Bytes nobody asked for (after a complete answer, or on an idle
             # connection): the connection is out of step and must not be reused.
@@ -322,6 +330,7 @@ class _Pool:
         self.keepalive_expiry = settings.keepalive_expiry
         self.connect_timeout = settings.connect_timeout
         self.read_timeout = settings.read_timeout
+        self.read_view = memoryview(bytearray(_READ_SIZE))
         self.idle: list[_Conn] = []
         self.total = 0  # connections open or opening
         self.waiters: deque[asyncio.Future[_Conn | None]] = deque()
