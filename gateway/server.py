@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import gc
 import logging
 import math
@@ -255,6 +257,26 @@ class GatewayServer:
                 },
             )
 
+    async def _release_memory(self, every: float = 1.0) -> None:
+        """After a burst of client connections has closed (at least 1,000, and half of
+        the peak), collect the garbage they left and hand freed heap back to the OS:
+        young collections are rare while serving (GC_THRESHOLDS), and glibc keeps freed
+        pages otherwise. What pymalloc's arenas keep is the rest (README, Limits)."""
+        trim = _malloc_trim()
+        connections = self.data.server_state.connections
+        peak = len(connections)
+        while True:
+            await asyncio.sleep(every)
+            now = len(connections)
+            if now >= peak:
+                peak = now
+            elif peak - now >= 1000 and now <= peak // 2:
+                gc.collect()
+                if trim is not None:
+                    trim(0)
+                log.debug("memory released", extra={"client_connections": now, "peak": peak})
+                peak = now
+
     async def _report_ready(self, fd: int) -> None:
         """Tell the supervisor (one line on a pipe) once this worker accepts requests
         and its signal handlers are in place."""
@@ -300,6 +322,7 @@ class GatewayServer:
             self._spawn(self._report_stats(float(stats_every)))
         if self.status_dir is not None:
             self._spawn(publish(self.state, self.status_dir))
+        self._spawn(self._release_memory())
         admin_task = asyncio.create_task(self.admin.serve()) if self.admin else None
         try:
             await self.data.serve(sockets=self.sockets)
@@ -329,6 +352,16 @@ class GatewayServer:
             return 1
         log.info("stopped")
         return 0
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None where there is none (musl, macOS)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim: Callable[[int], int] = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    return trim
 
 
 async def _discard(coro: Coroutine[Any, Any, object]) -> None:
