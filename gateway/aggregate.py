@@ -248,8 +248,12 @@ class AggregateRoute:
         )
         try:
             try:
-                async with asyncio.timeout(max(limit.remaining(), 0)):
+                if limit is deadline:
+                    # `run` ends every call at the route deadline (asyncio.wait).
                     value = await self._fetch(backend, request)
+                else:
+                    async with asyncio.timeout(max(limit.remaining(), 0)):
+                        value = await self._fetch(backend, request)
             except TimeoutError:
                 raise UpstreamTimeout(
                     f"{backend.describe()} {late}", upstream=backend.upstream

@@ -56,14 +56,20 @@ class ProxyRoute:
     filters: tuple[RequestFilter, ...] = ()
 
 
-def build_route_handler(route: RouteSettings, upstream: Upstream) -> Handler:
+def build_route_handler(
+    route: RouteSettings, upstream: Upstream, *, own_deadline: bool = True
+) -> Handler:
     """Compose the route's chain around one upstream try, outermost first:
     deadline, retry, breaker, bulkhead, try timeout, upstream. Each retry passes
     through the breaker and the bulkhead; the state of both (and the retry budget) lives
     on the `Upstream`, shared by every route that uses it. The try timeout sits inside
-    the bulkhead so time spent queueing is not charged to `read_timeout`."""
+    the bulkhead so time spent queueing is not charged to `read_timeout`.
+
+    `own_deadline=False` leaves the deadline timer out, for an aggregate backend: the
+    fan-out bounds each call by the route deadline (or the backend's own timeout)
+    itself, a second timer on the same instant would only cost."""
     settings = upstream.settings
-    policies: list[Policy] = [deadline(upstream.name)]
+    policies: list[Policy] = [deadline(upstream.name)] if own_deadline else []
     if settings.retries.attempts > 0:
         policies.append(
             retry(
@@ -273,7 +279,7 @@ def build_aggregate_route(
             index=i,
             upstream=b.upstream,
             template=BackendTemplate(b.path, path_params),
-            handler=build_route_handler(route, upstreams[b.upstream]),
+            handler=build_route_handler(route, upstreams[b.upstream], own_deadline=False),
             key=b.key,
             required=b.required,
             timeout=b.timeout,
