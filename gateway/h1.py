@@ -37,6 +37,7 @@ from gateway.transport import AiohttpTransport, TransportSettings
 __all__ = ["H1Response", "H1Transport"]
 
 _HIGH_WATER = 256 * 1024  # buffered body bytes at which reading from the upstream pauses
+_OVER_KEEPALIVE_GRACE = 1.0  # seconds idle connections over max_keepalive are kept
 _READ_SIZE = 256 * 1024  # one read's most: what one connection can have in flight is small
 # Response head limits (aiohttp's per-field limit; a section and count cap on top).
 _MAX_FIELD = 8190
@@ -337,6 +338,7 @@ class _Pool:
         self.busy: set[_Conn] = set()
         self.closed = False
         self._sweeper: asyncio.TimerHandle | None = None
+        self._trimmer: asyncio.TimerHandle | None = None
 
     async def acquire(self) -> tuple[_Conn, bool]:
         """A connection for one exchange and whether it was reused."""
@@ -424,13 +426,27 @@ class _Pool:
                 self._start(conn)
                 waiter.set_result(conn)
                 return
-        if len(self.idle) >= self.max_keepalive:
-            conn.abort()
-            return
         conn.idle_since = self.loop.time()
         self.idle.append(conn)
+        if len(self.idle) > self.max_keepalive and self._trimmer is None:
+            # A burst of answers: the requests queued behind them need connections
+            # now, so the ones over `max_keepalive` are closed only if still idle a
+            # moment later (closing them at once made a connect per request at 1,024
+            # client connections).
+            self._trimmer = self.loop.call_later(_OVER_KEEPALIVE_GRACE, self._trim)
         if self._sweeper is None:
             self._sweeper = self.loop.call_later(self.keepalive_expiry, self._sweep)
+
+    def _trim(self) -> None:
+        """Close the longest-idle connections over `max_keepalive`."""
+        self._trimmer = None
+        idle = self.idle
+        idle[:] = [conn for conn in idle if not conn.closed]
+        excess = len(idle) - self.max_keepalive
+        if excess > 0:
+            for conn in idle[:excess]:
+                conn.abort()
+            del idle[:excess]
 
     def _sweep(self) -> None:
         """Close idle connections past `keepalive_expiry` (one timer per pool)."""
@@ -469,9 +485,10 @@ class _Pool:
 
     def close(self) -> None:
         self.closed = True
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
+        for timer in (self._sweeper, self._trimmer):
+            if timer is not None:
+                timer.cancel()
+        self._sweeper = self._trimmer = None
         for conn in [*self.idle, *self.busy]:
             conn.abort()
         self.idle.clear()

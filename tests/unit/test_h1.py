@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
+from gateway import h1
 from gateway.h1 import H1Transport
 from gateway.transport import TransportSettings
 
@@ -399,4 +400,26 @@ async def test_large_bodies_stream_with_flow_control() -> None:
             await asyncio.sleep(0)
         await response.aclose()
         assert bytes(received) == blob
+        await t.aclose()
+
+
+async def test_idle_connections_over_max_keepalive_are_closed_after_a_moment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(h1, "_OVER_KEEPALIVE_GRACE", 0.1)
+    release = asyncio.Event()
+
+    async def gated(conn: Conn, head: bytes) -> None:
+        await release.wait()
+        conn.send(ok())
+
+    async with Server(gated) as server:
+        t = transport(max_keepalive=1)
+        tasks = [asyncio.create_task(fetch(t, server.url())) for _ in range(3)]
+        await asyncio.sleep(0.1)
+        release.set()
+        await asyncio.gather(*tasks)
+        assert t.connections() == 3  # a burst: kept for the requests right behind it
+        await asyncio.sleep(0.3)
+        assert t.connections() == 1
         await t.aclose()
