@@ -20,6 +20,7 @@ from typing import Any
 
 import uvicorn
 
+from gateway.accept import BurstAcceptor
 from gateway.admin import build_admin_app
 from gateway.app import DataPlane, GatewayState
 from gateway.loader import ConfigError, load_config
@@ -44,9 +45,10 @@ WS_CLOSE_GRACE = 1.0
 class _Server(uvicorn.Server):
     """uvicorn's server without its own signal handlers: the gateway decides when to stop."""
 
-    def __init__(self, config: uvicorn.Config) -> None:
+    def __init__(self, config: uvicorn.Config, *, burst_accept: bool = False) -> None:
         super().__init__(config)
         self.listening = asyncio.Event()
+        self.burst_accept = burst_accept
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -55,7 +57,32 @@ class _Server(uvicorn.Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         if self.started:
+            if self.burst_accept:
+                self._take_over_listeners()
             self.listening.set()
+
+    def _take_over_listeners(self) -> None:
+        """Accept in bursts (gateway/accept.py): each listening socket uvicorn opened
+        is duplicated, uvloop's server on it closed, and the duplicate given to a
+        `BurstAcceptor` that creates connections with the same protocol factory."""
+        loop = asyncio.get_running_loop()
+        config = self.config
+
+        def create_protocol() -> asyncio.Protocol:
+            return config.http_protocol_class(  # type: ignore[call-arg]
+                config=config,
+                server_state=self.server_state,
+                app_state=self.lifespan.state,
+                _loop=loop,
+            )
+
+        acceptors: list[Any] = []
+        for server in self.servers:
+            for listener in server.sockets:
+                sock = socket.socket(fileno=os.dup(listener.fileno()))
+                acceptors.append(BurstAcceptor(sock, create_protocol, loop))
+            server.close()
+        self.servers = acceptors
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         """uvicorn's graceful shutdown, except that WebSockets are not told to go at once:
@@ -173,7 +200,8 @@ class GatewayServer:
                 log_config=None,
                 timeout_graceful_shutdown=max(1, int(server.drain_timeout + 0.999)),
                 backlog=4096,
-            )
+            ),
+            burst_accept=True,
         )
         self.admin = admin_server(self.state, server, self.reload) if admin else None
         board = self.state.status
