@@ -111,15 +111,16 @@ class _Server(uvicorn.Server):
                     self._wait_tasks_to_complete(), timeout=WS_CLOSE_GRACE if websockets else 0
                 )
             except TimeoutError:
-                log.error(
-                    "drain_timeout passed: cancelling %d request(s) still running",
-                    len(self.server_state.tasks),
-                )
-                for task in self.server_state.tasks:
-                    task.cancel(msg="drain_timeout passed")
-                # ...and awaited, so their own cleanup runs before the runtime closes.
-                if self.server_state.tasks:
-                    await asyncio.wait(list(self.server_state.tasks), timeout=WS_CLOSE_GRACE)
+                running = list(self.server_state.tasks)
+                if running:  # (a listener without drain time, the admin one, has none)
+                    log.error(
+                        "drain_timeout passed: cancelling %d request(s) still running",
+                        len(running),
+                    )
+                    for task in running:
+                        task.cancel(msg="drain_timeout passed")
+                    # ...and awaited, so their own cleanup runs before the runtime closes.
+                    await asyncio.wait(running, timeout=WS_CLOSE_GRACE)
         if not self.force_exit:
             await self.lifespan.shutdown()
 
@@ -201,7 +202,10 @@ class GatewayServer:
                 timeout_graceful_shutdown=max(1, int(server.drain_timeout + 0.999)),
                 backlog=4096,
             ),
-            burst_accept=True,
+            # One process accepts in bursts; workers sharing a socket do not: the
+            # first one woken would take a whole wave of connections (measured: 1.07x
+            # for two workers instead of 1.4x).
+            burst_accept=not worker,
         )
         self.admin = admin_server(self.state, server, self.reload) if admin else None
         board = self.state.status
