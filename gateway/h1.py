@@ -43,6 +43,8 @@ _READ_SIZE = 256 * 1024  # one read's most: what one connection can have in flig
 _MAX_FIELD = 8190
 _MAX_HEAD_BYTES = 64 * 1024
 _MAX_HEADERS = 256
+# Methods a pool may send again after the keep-alive race (RFC 9110, 9.2.2).
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _BODYLESS_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
 _EMPTY_BODY_HEADER = b"content-length: 0\r\n"
 
@@ -94,6 +96,10 @@ class _Conn(asyncio.BufferedProtocol):
         self._reset()
 
     def _reset(self) -> None:
+        if self._paused:  # a body that ended within the read that paused it
+            self._paused = False
+            if self.transport is not None:
+                self.transport.resume_reading()
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.head_bytes = 0
@@ -164,6 +170,12 @@ class _Conn(asyncio.BufferedProtocol):
 
     # --- httptools callbacks ----------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if self.done:
+            # A second answer in the same read: the upstream is out of step. Nothing
+            # of it may reach the finished response, and the connection is closed.
+            raise httptools.HttpParserError("upstream sent more than one answer")
+
     def on_header(self, name: bytes, value: bytes) -> None:
         size = len(name) + len(value)
         self.head_bytes += size
@@ -177,6 +189,7 @@ class _Conn(asyncio.BufferedProtocol):
         if 100 <= status < 200 and status != 101:
             self._interim = True  # 100 Continue and friends: wait for the real answer
             self.headers = []
+            self.head_bytes = 0
             return
         self.status = status
         self.head_done = True
@@ -360,14 +373,18 @@ class _Pool:
             try:
                 handed = await waiter
             except BaseException:
-                if waiter.done() and not waiter.cancelled():
+                if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                     # Handed a connection or a slot in the same tick: pass it on.
                     given = waiter.result()
                     if given is not None:
                         self.busy.discard(given)
                         given.in_exchange = False
-                        self._give(given)
+                        if given.closed or self.closed:
+                            given.abort()
+                        else:
+                            self._give(given)
                     else:
+                        self.total -= 1  # the slot counted for us, never used
                         self._free_slot()
                 else:
                     self._drop_waiter(waiter)
@@ -503,11 +520,14 @@ def _split(url: str) -> tuple[str, str] | None:
     leaves to aiohttp (https, credentials in the URL)."""
     if not url.startswith("http://"):
         return None
-    slash = url.find("/", 7)
-    if slash < 0:
-        authority, target = url[7:], "/"
-    else:
-        authority, target = url[7:slash], url[slash:]
+    end = len(url)
+    for mark in "/?#":
+        found = url.find(mark, 7)
+        if 0 <= found < end:
+            end = found
+    authority, target = url[7:end], url[end:]
+    if not target.startswith("/"):
+        target = "/" + target
     if "@" in authority or not authority:
         return None
     return authority, target
@@ -575,6 +595,7 @@ class H1Transport(AiohttpTransport):
                 if (
                     attempt == 0
                     and reused
+                    and method in _IDEMPOTENT
                     and stream is None
                     and not conn.got_bytes
                     and isinstance(exc, httpx.ReadError | httpx.RemoteProtocolError)

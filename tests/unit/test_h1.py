@@ -423,3 +423,67 @@ async def test_idle_connections_over_max_keepalive_are_closed_after_a_moment(
         await asyncio.sleep(0.3)
         assert t.connections() == 1
         await t.aclose()
+
+
+async def test_a_slot_handed_to_a_waiter_cancelled_in_the_same_tick_is_not_lost() -> None:
+    t = transport(max_connections=1)
+    pool = t._pool("127.0.0.1:9")
+    pool.total = 1  # one connection open: the next acquire waits
+    task = asyncio.create_task(pool.acquire())
+    await asyncio.sleep(0)
+    assert len(pool.waiters) == 1
+    pool.total -= 1  # that connection closed (what lost() does)...
+    pool._free_slot()  # ...and its slot went to the waiter
+    task.cancel()  # whose request is cancelled in the same tick
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert pool.total == 0
+    await t.aclose()
+
+
+async def test_a_second_answer_in_the_same_read_never_joins_the_first() -> None:
+    async def two_answers(conn: Conn, head: bytes) -> None:
+        conn.send(ok(b"hi") + ok(b"evil!"))
+
+    async with Server(two_answers) as server:
+        t = transport()
+        assert (await fetch(t, server.url()))[2] == b"hi"
+        assert (await fetch(t, server.url()))[2] == b"hi"
+        assert server.connections == 2  # the out-of-step connection was not reused
+        await t.aclose()
+
+
+async def test_a_connection_paused_for_a_large_body_reads_again_when_reused() -> None:
+    async with Server(answer_ok) as server:
+        t = transport(read_timeout=1.0)
+        await fetch(t, server.url())
+        conn = t._pool(f"127.0.0.1:{server.port}").idle[-1]
+        conn._paused = True  # as after a body that crossed the high-water mark and ended
+        assert conn.transport is not None
+        conn.transport.pause_reading()
+        assert (await fetch(t, server.url()))[2] == b"ok"
+        assert server.connections == 1
+        await t.aclose()
+
+
+async def test_the_keep_alive_race_is_retried_for_idempotent_methods_only() -> None:
+    async def second_request_drops(conn: Conn, head: bytes) -> None:
+        if conn.requests == 2:
+            conn.writer.transport.abort()
+            return
+        conn.send(ok())
+
+    async with Server(second_request_drops) as server:
+        t = transport()
+        await fetch(t, server.url(), "POST", body=b"x")
+        with pytest.raises(httpx.HTTPError):
+            await fetch(t, server.url(), "POST", body=b"x")
+        await t.aclose()
+
+
+def test_targets_split_at_the_first_slash_question_mark_or_hash() -> None:
+    assert h1._split("http://h:1/a?b") == ("h:1", "/a?b")
+    assert h1._split("http://h:1?q=1") == ("h:1", "/?q=1")
+    assert h1._split("http://h:1") == ("h:1", "/")
+    assert h1._split("https://h/") is None
+    assert h1._split("http://u:p@h/") is None
