@@ -28,6 +28,19 @@ log = logging.getLogger(__name__)
 
 ACCEPT_BURST = 128  # connections accepted per readiness of the listening socket
 _RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+# What accept(2) may report for one connection (Linux passes pending network errors
+# on): skip it, keep accepting.
+_TRANSIENT_ERRORS = (
+    errno.EPROTO,
+    errno.ENETDOWN,
+    errno.ENOPROTOOPT,
+    errno.EHOSTDOWN,
+    errno.ENONET,
+    errno.EHOSTUNREACH,
+    errno.EOPNOTSUPP,
+    errno.ENETUNREACH,
+    errno.EPERM,
+)
 _RESUME_AFTER = 0.1  # seconds without accepting after running out of descriptors
 
 
@@ -62,6 +75,8 @@ class BurstAcceptor:
             except ConnectionAbortedError:
                 continue  # the client gave up while queued: next one
             except OSError as exc:
+                if exc.errno in _TRANSIENT_ERRORS:
+                    continue
                 if exc.errno in _RESOURCE_ERRORS:
                     # Out of descriptors: stop polling for a moment instead of spinning;
                     # the kernel keeps the rest queued in the backlog.
@@ -70,9 +85,13 @@ class BurstAcceptor:
                     self._loop.call_later(_RESUME_AFTER, self._resume)
                     return
                 raise
-            conn.setblocking(False)
-            if self._nodelay:
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                conn.setblocking(False)
+                if self._nodelay:
+                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:  # reset before we got to it
+                conn.close()
+                continue
             task = self._loop.create_task(self._loop.connect_accepted_socket(self._factory, conn))
             self._pending.add(task)
             task.add_done_callback(self._connected)

@@ -32,7 +32,8 @@ class CoalescingTransport:
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         pending = self._pending
-        if len(data) > _SMALL:
+        if len(data) + (len(pending) if pending else 0) > _SMALL:
+            # Large, or what is pending would grow large: out now, in order.
             if pending:
                 self._pending = b""  # the scheduled flush finds nothing left
                 self._transport.write(pending)

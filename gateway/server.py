@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import ctypes.util
 import gc
 import logging
 import math
@@ -35,6 +34,7 @@ __all__ = ["GatewayServer", "raise_open_file_limit", "run"]
 
 # gc.set_threshold while serving (see GatewayServer.serve).
 GC_THRESHOLDS = (50_000, 20, 100)
+FULL_COLLECTION_EVERY = 30.0  # seconds (GatewayServer._release_memory)
 
 log = logging.getLogger("gateway.server")
 
@@ -91,6 +91,9 @@ class _Server(uvicorn.Server):
         before anything left is cancelled."""
         for server in self.servers:
             server.close()
+        for server in self.servers:
+            if isinstance(server, BurstAcceptor):
+                await server.wait_closed()  # connections accepted just before: join them
         for sock in sockets or []:
             sock.close()
         for connection in list(self.server_state.connections):
@@ -293,21 +296,32 @@ class GatewayServer:
         """After a burst of client connections has closed (at least 1,000, and half of
         the peak), collect the garbage they left and hand freed heap back to the OS:
         young collections are rare while serving (GC_THRESHOLDS), and glibc keeps freed
-        pages otherwise. What pymalloc's arenas keep is the rest (README, Limits)."""
+        pages otherwise. What pymalloc's arenas keep is the rest (README, Limits).
+
+        And a full collection every `FULL_COLLECTION_EVERY` seconds whatever the load:
+        with young collections every 50,000 allocations, a quiet gateway would
+        otherwise keep reference cycles (exceptions and their tracebacks) for hours.
+        Start-up objects are frozen, so it walks only what requests left behind."""
         trim = _malloc_trim()
         connections = self.data.server_state.connections
         peak = len(connections)
+        since_full = 0.0
         while True:
             await asyncio.sleep(every)
+            since_full += every
             now = len(connections)
             if now >= peak:
                 peak = now
             elif peak - now >= 1000 and now <= peak // 2:
                 gc.collect()
+                since_full = 0.0
                 if trim is not None:
                     trim(0)
                 log.debug("memory released", extra={"client_connections": now, "peak": peak})
                 peak = now
+            if since_full >= FULL_COLLECTION_EVERY:
+                gc.collect()
+                since_full = 0.0
 
     async def _report_ready(self, fd: int) -> None:
         """Tell the supervisor (one line on a pipe) once this worker accepts requests
@@ -389,7 +403,7 @@ class GatewayServer:
 def _malloc_trim() -> Callable[[int], int] | None:
     """glibc's malloc_trim, or None where there is none (musl, macOS)."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)  # the process's own symbols: libc's among them
         trim: Callable[[int], int] = libc.malloc_trim
     except (OSError, AttributeError):
         return None

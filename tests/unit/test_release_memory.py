@@ -45,3 +45,20 @@ def test_malloc_trim_is_found_on_glibc() -> None:
     trim = server._malloc_trim()
     assert trim is not None
     assert trim(0) in (0, 1)
+
+
+async def test_a_full_collection_runs_periodically_without_bursts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    collects: list[int] = []
+    monkeypatch.setattr(server, "FULL_COLLECTION_EVERY", 0.05)
+    monkeypatch.setattr(server.gc, "collect", lambda *a: collects.append(1) or 0)
+    fake = SimpleNamespace(data=SimpleNamespace(server_state=SimpleNamespace(connections=set())))
+    task = asyncio.create_task(server.GatewayServer._release_memory(fake, every=0.01))  # type: ignore[arg-type]
+    try:
+        await asyncio.sleep(0.3)
+        assert 2 <= len(collects) <= 8
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
