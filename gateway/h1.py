@@ -520,12 +520,14 @@ def _split(url: str) -> tuple[str, str] | None:
     leaves to aiohttp (https, credentials in the URL)."""
     if not url.startswith("http://"):
         return None
-    end = len(url)
-    for mark in "/?#":
-        found = url.find(mark, 7)
-        if 0 <= found < end:
-            end = found
-    authority, target = url[7:end], url[end:]
+    end = url.find("/", 7)
+    if end < 0:
+        end = len(url)
+    authority = url[7:end]
+    if "?" in authority or "#" in authority:  # no path, a query or fragment right away
+        end = min(i for i in (authority.find("?"), authority.find("#")) if i >= 0) + 7
+        authority = url[7:end]
+    target = url[end:]
     if not target.startswith("/"):
         target = "/" + target
     if "@" in authority or not authority:
