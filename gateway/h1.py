@@ -93,17 +93,15 @@ class _Conn(asyncio.BufferedProtocol):
         self._drain: asyncio.Future[None] | None = None
         self.write_paused = False
         self._paused = False
+        self.chunks: deque[bytes] = deque()  # one per connection, emptied per exchange
         self._reset()
 
     def _reset(self) -> None:
-        if self._paused:  # a body that ended within the read that paused it
-            self._paused = False
-            if self.transport is not None:
-                self.transport.resume_reading()
+        self._resume_reading()  # a body that ended within the read that paused it
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.head_bytes = 0
-        self.chunks: deque[bytes] = deque()
+        self.chunks.clear()
         self.buffered = 0
         self.head_done = False
         self.done = False
@@ -280,15 +278,19 @@ class _Conn(asyncio.BufferedProtocol):
                 data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
                 chunks.clear()
                 self.buffered = 0
-                if self._paused and self.transport is not None:
-                    self._paused = False
-                    self.transport.resume_reading()
+                self._resume_reading()
                 return data
             if self.done:
                 return b""
             if self.error is not None:
                 raise self.error
             await self._wait()
+
+    def _resume_reading(self) -> None:
+        if self._paused:
+            self._paused = False
+            if self.transport is not None:
+                self.transport.resume_reading()
 
     def abort(self) -> None:
         if self.transport is not None and not self.closed:
@@ -591,9 +593,8 @@ class H1Transport(AiohttpTransport):
                     await _send_stream(conn, transport, stream, chunked=chunked)
                 await conn.head()
             except BaseException as exc:
-                conn.in_exchange = False
-                pool.busy.discard(conn)
-                conn.abort()
+                conn.retire = True  # whatever it got, a failed exchange is never reused
+                pool.release(conn)  # ...so this closes it
                 if (
                     attempt == 0
                     and reused
