@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from typing import Any, NoReturn, Protocol
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
-from redis.retry import Retry
 
 from gateway.edge import EdgeContext, RequestFilter
 from gateway.errors import GatewayError, RateLimited

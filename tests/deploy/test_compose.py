@@ -21,11 +21,11 @@ from tests.deploy.support import (
     REPO,
     dockerfile_stages,
     env_of,
-    free_port,
     load_gateway_yaml,
     process,
     wait_http,
 )
+from tests.integration.harness import free_port
 
 COMPOSE = DEPLOY / "docker-compose.yml"
 

@@ -26,12 +26,12 @@ from tests.deploy.support import (
     dockerfile_stages,
     env_of,
     exec_form,
-    free_port,
     load_gateway_yaml,
     process,
     split_options,
     wait_http,
 )
+from tests.integration.harness import free_port
 
 PINNED_PYTHON = re.compile(
     r"python:(?P<version>3\.(?P<minor>\d+)\.(?P<patch>\d+))-slim(?:-(?:bookworm|trixie))?"

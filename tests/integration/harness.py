@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -27,10 +29,49 @@ import yaml
 __all__ = ["GatewayProcess", "UpstreamServer", "free_port"]
 
 
+# Ports for test servers come from below the kernel's ephemeral range (32768-60999 by
+# default), so an outgoing connection of another test can never take a port between the
+# moment it is chosen and the moment its server binds it. Each xdist worker draws from its
+# own slice, and no process hands the same port out twice.
+_PORT_LOW, _PORT_HIGH = 20_000, 32_000
+_SLICES = 8
+
+
+def _port_slice() -> range:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    index = int(worker[2:]) % _SLICES if worker[2:].isdigit() else _SLICES - 1
+    width = (_PORT_HIGH - _PORT_LOW) // _SLICES
+    start = _PORT_LOW + index * width
+    return range(start, start + width)
+
+
+class _PortPool:
+    def __init__(self) -> None:
+        ports = list(_port_slice())
+        random.SystemRandom().shuffle(ports)
+        self._ports = iter(ports)
+        self._lock = threading.Lock()
+
+    def take(self) -> int:
+        with self._lock:
+            for port in self._ports:
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                    try:
+                        s.bind(("127.0.0.1", port))
+                    except OSError:
+                        continue
+                    return port
+        raise RuntimeError("no free test port left in this worker's slice")
+
+
+@functools.cache
+def _port_pool() -> _PortPool:
+    return _PortPool()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port that is free now and that no other test will be handed."""
+    return _port_pool().take()
 
 
 class _QuietServer(uvicorn.Server):
@@ -81,6 +122,10 @@ class UpstreamServer:
         self.stop()
 
 
+class _PortTaken(RuntimeError):
+    """The gateway could not bind a port the harness chose for it."""
+
+
 class GatewayProcess:
     """`python -m gateway run -c FILE` with its ports filled in; stopped on exit."""
 
@@ -91,29 +136,45 @@ class GatewayProcess:
         env: dict[str, str] | None = None,
         args: list[str] | None = None,
     ) -> None:
-        self.port = free_port()
-        self.admin_port = free_port()
         if isinstance(config, str):
             config = yaml.safe_load(config) or {}
         server = config.setdefault("server", {})
+        self._auto_ports = "port" not in server and "admin_port" not in server
         server.setdefault("host", "127.0.0.1")
-        server.setdefault("port", self.port)
+        server.setdefault("port", free_port())
         server.setdefault("admin_host", "127.0.0.1")
-        server.setdefault("admin_port", self.admin_port)
+        server.setdefault("admin_port", free_port())
         server.setdefault("drain_timeout", "5s")
-        self.port = server["port"]
-        self.admin_port = server["admin_port"]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.admin_url = f"http://127.0.0.1:{self.admin_port}"
-        self.config_path = tmp_path / f"gateway-{self.port}.yaml"
-        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-        self.stdout_path = tmp_path / f"gateway-{self.port}.out"
-        self.stderr_path = tmp_path / f"gateway-{self.port}.err"
+        self._config = config
+        self._tmp_path = tmp_path
+        self._place(server["port"], server["admin_port"])
         self.env = {**os.environ, **(env or {})}
         self.args = args or []
         self.proc: subprocess.Popen[bytes] | None = None
 
+    def _place(self, port: int, admin_port: int) -> None:
+        self._config["server"].update(port=port, admin_port=admin_port)
+        self.port, self.admin_port = port, admin_port
+        self.url = f"http://127.0.0.1:{port}"
+        self.admin_url = f"http://127.0.0.1:{admin_port}"
+        self.config_path = self._tmp_path / f"gateway-{port}.yaml"
+        self.config_path.write_text(yaml.safe_dump(self._config, sort_keys=False))
+        self.stdout_path = self._tmp_path / f"gateway-{port}.out"
+        self.stderr_path = self._tmp_path / f"gateway-{port}.err"
+
     def start(self, timeout: float = 15.0) -> GatewayProcess:
+        # A port taken between choosing it and binding it (by a process outside this test
+        # run) is the one failure that says nothing about the gateway: try other ports.
+        for _ in range(2):
+            try:
+                return self._start(timeout)
+            except _PortTaken:
+                if not self._auto_ports:
+                    raise
+                self._place(free_port(), free_port())
+        return self._start(timeout)
+
+    def _start(self, timeout: float) -> GatewayProcess:
         # The child keeps its own copies of the descriptors; ours close right away.
         with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
             self.proc = subprocess.Popen(
@@ -125,6 +186,8 @@ class GatewayProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                if "address already in use" in self.stderr:
+                    raise _PortTaken(self.stderr)
                 raise RuntimeError(f"gateway exited {self.proc.returncode}: {self.stderr}")
             try:
                 if httpx.get(self.admin_url + "/readyz", timeout=0.5).status_code == 200:
