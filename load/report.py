@@ -138,6 +138,10 @@ class Table:
             points.add(self.base)
         return sorted(points)
 
+    def cpus(self) -> int | None:
+        cpus = (self.data.get("meta", {}).get("machine") or {}).get("cpus")
+        return int(cpus) if cpus else None
+
     def sweep_systems(self) -> list[str]:
         spec = self.data["scenarios"].get("sweep")
         return list(spec["systems"]) if spec else []
@@ -149,13 +153,37 @@ def ratio(row: dict[str, Any], ref: dict[str, Any], key: str = "rps") -> float |
     return float(row[key]) / float(ref[key])
 
 
-def _goal(name: str, measured: str, target: str, ok: bool | None) -> dict[str, Any]:
-    verdict = "not measured" if ok is None else ("met" if ok else "NOT MET")
+def _goal(
+    name: str, measured: str, target: str, ok: bool | None, verdict: str | None = None
+) -> dict[str, Any]:
+    if verdict is None:
+        verdict = "not measured" if ok is None else ("met" if ok else "NOT MET")
     return {"goal": name, "measured": measured, "target": target, "verdict": verdict}
 
 
 def _x(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
+
+
+def workers_ceiling(
+    w1: dict[str, Any], w2: dict[str, Any], cpus: int | None
+) -> dict[str, Any] | None:
+    """The best `--workers 2 / 1` this machine allows, from the CPU the runs used: with
+    every CPU busy, two workers serve `cpus / (gateway + rest)` requests per second, where
+    `rest` is what everything else on the machine (wrk, the upstream) spent per request.
+    """
+    needed = ("rps", "cpu_pct", "host_busy_pct")
+    if not cpus or not w1 or not w2 or any(not row.get(k) for row in (w1, w2) for k in needed):
+        return None
+    gateway = w2["cpu_pct"] / 100 / w2["rps"]
+    rest = max(w2["host_busy_pct"] - w2["cpu_pct"], 0) / 100 / w2["rps"]
+    return {
+        "cpus": cpus,
+        "gateway_us": gateway * 1e6,
+        "rest_us": rest * 1e6,
+        "busy_pct": w2["host_busy_pct"] / cpus,
+        "ceiling": cpus / (gateway + rest) / w1["rps"],
+    }
 
 
 def evaluate_goals(table: Table) -> list[dict[str, Any]]:
@@ -271,6 +299,19 @@ def evaluate_goals(table: Table) -> list[dict[str, Any]]:
     w2 = table.get("workers", "gateway-2w")
     r = ratio(w2, w1)
     goals.append(_goal("--workers 2 vs 1", _x(r), ">= 1.6x", None if r is None else r >= 1.6))
+    bound = workers_ceiling(w1, w2, table.cpus())
+    if bound is not None:
+        goals.append(
+            _goal(
+                "--workers 2 vs 1: what this rig allows",
+                f"{bound['ceiling']:.2f}x at most (gateway {bound['gateway_us']:.0f} us, "
+                f"wrk + upstream {bound['rest_us']:.0f} us per request; machine "
+                f"{bound['busy_pct']:.0f}% busy with 2 workers)",
+                "(the ceiling the goal above is judged against)",
+                None,
+                verdict="-",
+            )
+        )
 
     mem = table.data.get("memory") or {}
     if mem.get("rss_per_connection_kib") is not None:
@@ -555,9 +596,21 @@ def render_markdown(
             "",
         ]
         lines += _md_table(*scenario_rows(table, "workers", c, host=True))
-        r = ratio(table.get("workers", "gateway-2w"), table.get("workers", "gateway-1w"))
+        w1, w2 = table.get("workers", "gateway-1w"), table.get("workers", "gateway-2w")
+        r = ratio(w2, w1)
         if r is not None:
             lines += [f"2 workers / 1 worker: {r:.2f}x", ""]
+        bound = workers_ceiling(w1, w2, table.cpus())
+        if bound is not None:
+            lines += [
+                f"What this rig allows: with every CPU busy, two workers can serve at most "
+                f"{bound['cpus']} CPUs / (gateway {bound['gateway_us']:.0f} us + wrk and "
+                f"upstream {bound['rest_us']:.0f} us per request, both measured in the "
+                f"2-worker run) = {bound['ceiling']:.2f}x the 1-worker rate. The load "
+                "generator and the upstream share the machine, so the more the gateway "
+                "saves per request, the lower this ceiling falls.",
+                "",
+            ]
     mem = data.get("memory")
     if mem:
         lines += ["## Idle keep-alive connections (gateway)", ""]
