@@ -394,10 +394,11 @@ class _CancelOnDisconnect:
         self._watcher: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> None:
-        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task(loop)
         assert task is not None
         self._task = task
-        self._timer = asyncio.get_running_loop().call_later(self.WATCH_AFTER, self._watch)
+        self._timer = loop.call_later(self.WATCH_AFTER, self._watch)
 
     def _watch(self) -> None:
         self._watcher = asyncio.create_task(self._reader.watch_disconnect(self._task))

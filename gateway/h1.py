@@ -318,6 +318,18 @@ class H1Response:
         self.status = conn.status
         self.headers = conn.headers
 
+    def whole(self) -> bytes | None:
+        """The entire body if it arrived with the head (a small answer usually does),
+        else None and it streams from `body`. Once taken, `body` yields nothing."""
+        conn = self._conn
+        if not conn.done or conn.error is not None:
+            return None
+        chunks = conn.chunks
+        data = (chunks[0] if len(chunks) == 1 else b"".join(chunks)) if chunks else b""
+        chunks.clear()
+        conn.buffered = 0
+        return data
+
     async def body(self) -> AsyncIterator[bytes]:
         read = self._conn.read
         while chunk := await read():

@@ -22,6 +22,8 @@ __all__ = [
     "Handler",
     "Headers",
     "Policy",
+    "WholeBody",
+    "closed",
     "empty_body",
 ]
 
@@ -95,12 +97,42 @@ class GatewayRequest:
 
 @dataclass(slots=True)
 class GatewayResponse:
+    """Status and headers now, the body as a stream. `whole` is the entire body when it
+    had already arrived with the headers (its upstream connection is then back in the
+    pool): whoever reads the body may take it in one piece instead of iterating `body`,
+    which yields the same bytes."""
+
     status: int
     headers: Headers
     body: AsyncIterator[bytes]
     close: Callable[[], Awaitable[None]]
     upstream: str | None = None
     target: str | None = None
+    whole: bytes | None = None
+
+
+class WholeBody:
+    """`body` for a response whose `whole` is set: yields it once. A plain iterator
+    object rather than an async generator: it is built for most small answers."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: bytes) -> None:
+        self._data: bytes | None = data
+
+    def __aiter__(self) -> WholeBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        data = self._data
+        if data is None:
+            raise StopAsyncIteration
+        self._data = None
+        return data
+
+
+async def closed() -> None:
+    """`close` of a response that holds nothing open."""
 
 
 Handler = Callable[[GatewayRequest], Awaitable[GatewayResponse]]

@@ -328,6 +328,11 @@ async def send_response(
     if extra:
         headers.extend(extra)
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
+    whole = response.whole
+    if whole is not None:  # the common small answer: one body message, nothing to iterate
+        reader.finished = True
+        await send({"type": "http.response.body", "body": whole, "more_body": False})
+        return len(whole)
     sent = 0
     async for chunk in response.body:
         if chunk:

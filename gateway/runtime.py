@@ -82,7 +82,10 @@ def build_route_handler(
     if upstream.breaker is not None:
         policies.append(breaker(upstream.breaker))
     policies.append(bulkhead(upstream.bulkhead))
-    policies.append(try_timeout(settings.read_timeout, upstream.name))
+    if settings.read_timeout < route.timeout:
+        # Otherwise it could never fire first: a try never outlives the route deadline,
+        # which X-Request-Timeout-Ms can only shorten.
+        policies.append(try_timeout(settings.read_timeout, upstream.name))
     handler: Handler = upstream.send
     for policy in reversed(policies):
         handler = policy(handler)

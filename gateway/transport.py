@@ -67,6 +67,9 @@ class RawResponse:
         self.status = response.status
         self.headers: list[tuple[bytes, bytes]] = list(response.raw_headers)
 
+    def whole(self) -> bytes | None:
+        return None  # the body always streams (see H1Response.whole)
+
     async def body(self) -> AsyncIterator[bytes]:
         content = self._response.content
         with _map_aiohttp_errors():
@@ -231,6 +234,9 @@ class ReqwestResponse:
         self.headers: list[tuple[bytes, bytes]] = [
             (k.encode("latin-1"), v.encode("latin-1")) for k, v in response.headers.items()
         ]
+
+    def whole(self) -> bytes | None:
+        return None  # the body always streams (see H1Response.whole)
 
     async def body(self) -> AsyncIterator[bytes]:
         reader = self._response.body_reader

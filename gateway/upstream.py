@@ -16,7 +16,7 @@ import httpx
 from gateway.balancers import Balancer, make_balancer
 from gateway.errors import UpstreamError, UpstreamUnhealthy, map_httpx_errors
 from gateway.metrics import Metrics, UpstreamStats
-from gateway.pipeline import GatewayRequest, GatewayResponse
+from gateway.pipeline import GatewayRequest, GatewayResponse, WholeBody, closed
 from gateway.policies.breaker import CircuitBreaker
 from gateway.policies.budget import RetryBudget
 from gateway.policies.bulkhead import Bulkhead
@@ -160,6 +160,7 @@ class Upstream:
         target.inflight += 1
         stats.inflight.inc()
         started = time.monotonic()
+        whole: bytes | None = None
         try:
             with map_httpx_errors(self.name, target.url):
                 if self._raw is not None:
@@ -167,7 +168,13 @@ class Upstream:
                     # response objects and browser features (cookies, redirects) of send.
                     raw = await self._raw.open(request.method, url, headers, content)
                     status, response_headers = raw.status, raw.headers
-                    chunks, aclose = raw.body(), raw.aclose
+                    whole = raw.whole()
+                    if whole is not None:
+                        # The whole answer is in: its connection goes back to the pool
+                        # now, and nothing is left to stream or to close.
+                        await raw.aclose()
+                    else:
+                        chunks, aclose = raw.body(), raw.aclose
                 else:
                     response = await self.client.send(
                         httpx.Request(
@@ -189,6 +196,18 @@ class Upstream:
             _raise_body_error(request, exc)
             raise
         stats.record(_STATUS_CLASS.get(status // 100, "other"), time.monotonic() - started)
+        if whole is not None:
+            target.inflight -= 1
+            stats.inflight.dec()
+            return GatewayResponse(
+                status=status,
+                headers=response_headers,
+                body=WholeBody(whole),
+                close=closed,
+                upstream=self.name,
+                target=target.url,
+                whole=whole,
+            )
 
         released = False
 

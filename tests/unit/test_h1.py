@@ -487,3 +487,52 @@ def test_targets_split_at_the_first_slash_question_mark_or_hash() -> None:
     assert h1._split("http://h:1") == ("h:1", "/")
     assert h1._split("https://h/") is None
     assert h1._split("http://u:p@h/") is None
+
+
+async def test_an_answer_complete_with_its_head_is_taken_whole() -> None:
+    async with Server(answer_ok) as server:
+        t = transport()
+        response = await t.open("GET", server.url(), [], None)
+        assert response.whole() == b"ok"
+        assert [chunk async for chunk in response.body()] == []  # taken once
+        await response.aclose()
+        status, _, data = await fetch(t, server.url())  # the connection was reused
+        assert (status, data, server.connections) == (200, b"ok", 1)
+        await t.aclose()
+
+
+async def test_an_answer_still_streaming_is_not_whole() -> None:
+    release = asyncio.Event()
+
+    async def slow(conn: Conn, head: bytes) -> None:
+        conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nfirst")
+        await conn.writer.drain()
+        await release.wait()
+        conn.send(b"-rest")
+
+    async with Server(slow) as server:
+        t = transport()
+        response = await t.open("GET", server.url(), [], None)
+        assert response.whole() is None
+        release.set()
+        assert b"".join([chunk async for chunk in response.body()]) == b"first-rest"
+        await response.aclose()
+        await t.aclose()
+
+
+async def test_a_failed_answer_is_never_whole() -> None:
+    async def short(conn: Conn, head: bytes) -> None:
+        conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+        await conn.writer.drain()
+        conn.writer.close()
+
+    async with Server(short) as server:
+        t = transport()
+        response = await t.open("GET", server.url(), [], None)
+        await asyncio.sleep(0.05)  # the close has arrived: the body is cut short
+        assert response.whole() is None
+        with pytest.raises(httpx.RemoteProtocolError):
+            async for _ in response.body():
+                pass
+        await response.aclose()
+        await t.aclose()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -467,3 +468,31 @@ async def test_hot_path_truncated_body_is_an_upstream_error(loopback: UpstreamSe
         assert upstream.targets[0].inflight == 0
     finally:
         await upstream.aclose()
+
+
+async def test_hot_path_answer_complete_with_its_head_is_whole_and_released_at_once() -> None:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\n\r\nhello")
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    upstream = hot_upstream(f"http://127.0.0.1:{port}")
+    try:
+        response = await upstream.send(make_request())
+        assert (response.status, response.whole) == (200, b"hello")
+        assert (b"X-A", b"1") in response.headers
+        # Nothing is left open: the connection is back in the pool before the body
+        # is even read, and the body still reads as a stream for whoever asks.
+        assert upstream.targets[0].inflight == 0
+        assert await read_all(response) == b"hello"
+        again = await upstream.send(make_request())
+        assert again.whole == b"hello"
+        assert upstream.client._transport.connections() == 1  # type: ignore[attr-defined]
+    finally:
+        await upstream.aclose()
+        server.close()
