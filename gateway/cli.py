@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -47,6 +48,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check":
         return _check(args.file)
     if args.command == "run":
+        if argv is None and not _allocator(resolve_config_path(args.config)):
+            return 1
         return _run(args.config, workers=args.workers, port=args.port)
     parser.print_help(sys.stderr)
     return 2
@@ -69,6 +72,26 @@ def _check(file: str) -> int:
         return 1
     print(route_table(settings))
     return 0
+
+
+def _allocator(config_path: str) -> bool:
+    """Re-execute under the configured allocator if it is not in place yet (this process
+    is then replaced); False when it cannot be had. Only for the process's own command
+    line: `main(argv)` called from Python never replaces its caller."""
+    from gateway import allocator
+
+    try:
+        setting = load_config(config_path).server.allocator
+    except ConfigError:
+        return True  # `run` reports it, with file, line and field
+    try:
+        env = allocator.reexec_env(setting, os.environ)
+    except allocator.AllocatorMissing as exc:
+        print(f"{config_path}: {exc}", file=sys.stderr)
+        return False
+    if env is not None:
+        allocator.reexec(env)
+    return True
 
 
 def _run(config: str | None, *, workers: int | None, port: int | None) -> int:

@@ -21,6 +21,7 @@ import uvicorn
 
 from gateway.accept import BurstAcceptor
 from gateway.admin import build_admin_app
+from gateway.allocator import active as active_allocator
 from gateway.app import DataPlane, GatewayState
 from gateway.loader import ConfigError, load_config
 from gateway.metrics import Metrics
@@ -481,6 +482,7 @@ def run(config_path: str, *, workers: int | None = None, port: int | None = None
             print(f"{config_path}: {problem}", file=sys.stderr)
         return 1
     configure_logging(settings.server.log_level)
+    log.info("memory allocator", extra={"allocator": active_allocator()})
     raise_open_file_limit()  # workers inherit it
     count = workers or settings.server.workers
     if count > 1:

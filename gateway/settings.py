@@ -78,6 +78,8 @@ class ServerSettings(Model):
     body_timeout: Duration = 10.0  # the longest pause between request body chunks: 408
     keepalive_timeout: Duration = 5.0  # idle time between requests on one connection
     max_client_connections: int = Field(10_000, ge=1)  # per worker; beyond it: 503
+    # gateway/allocator.py: jemalloc where installed gives memory back after bursts.
+    allocator: Literal["auto", "jemalloc", "python"] = "auto"
 
     @field_validator(
         "max_request_line",
