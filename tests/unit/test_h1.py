@@ -536,3 +536,34 @@ async def test_a_failed_answer_is_never_whole() -> None:
                 pass
         await response.aclose()
         await t.aclose()
+
+
+async def test_connections_over_max_keepalive_in_use_within_the_grace_are_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(h1, "_OVER_KEEPALIVE_GRACE", 0.2)
+    release = asyncio.Event()
+
+    async def gated(conn: Conn, head: bytes) -> None:
+        await release.wait()
+        conn.send(ok())
+
+    async with Server(gated) as server:
+        t = transport(max_keepalive=1)
+        tasks = [asyncio.create_task(fetch(t, server.url())) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        release.set()
+        await asyncio.gather(*tasks)
+        # Steady traffic on two connections at once, a little past the grace: each
+        # goes idle again and again but never for the whole grace, so neither is
+        # closed (no connect per request under load); the third was never needed.
+        loop = asyncio.get_running_loop()
+        until = loop.time() + 0.35
+        while loop.time() < until:
+            await asyncio.gather(fetch(t, server.url()), fetch(t, server.url()))
+            await asyncio.sleep(0.02)
+        assert t.connections() == 2
+        assert server.connections == 3
+        await asyncio.sleep(0.35)  # now idle for longer than the grace: down to one
+        assert t.connections() == 1
+        await t.aclose()
