@@ -40,7 +40,11 @@ unit: $(STAMP)
 bench: $(BENCH_STAMP)
 	QUICK="$(QUICK)" bash load/bench.sh
 
-.PHONY: profile load
+.PHONY: profile load instructions
+
+## instructions: CPU instructions per proxied request under callgrind (INSTR_ARGS="--path /profile/1")
+instructions: $(BENCH_STAMP)
+	bash load/instructions.sh $(INSTR_ARGS)
 
 ## profile: py-spy flame graph (SVG + raw) of the gateway under the simple-GET wrk load, top frames
 profile: $(BENCH_STAMP)

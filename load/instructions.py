@@ -1,0 +1,177 @@
+"""`make instructions`: CPU instructions per proxied request, counted by callgrind.
+
+Wall-clock figures on a shared 2-core machine move by 10-30 % from run to run, which
+hides the few-percent changes most hot-path work is about. An instruction count does
+not move: the same code, config and requests give the same figure to the last digit.
+It misses what instructions do not show (cache misses, system-call time), so a change
+it favours is still confirmed with `make bench`; but it tells at once whether a change
+made the gateway do more or less work per request.
+
+Starts the bench's nginx upstream (CPU 1) and the gateway with the bench's config
+(every policy on, access log to a file) under `valgrind --tool=callgrind` with
+instrumentation off; warms it up with a few hundred requests, switches counting on,
+sends `--requests` keep-alive requests over `--connections` connections, one at a time
+per connection, and reads the total back. Everything on 127.0.0.1, bounded in time.
+
+    python load/instructions.py                         # GET /hello, 2,000 requests
+    python load/instructions.py --path /profile/1       # the fan-out route
+    python load/instructions.py --checkout ../other     # another checkout of the gateway
+    make instructions                                   # the first, with valgrind ensured
+
+Prints `<checkout> <path>: N requests, X k instructions per request`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import benchlib
+from benchlib import ROOT, Procs
+
+_LENGTH = re.compile(rb"content-length:\s*(\d+)")
+# Runs the gateway's CLI from the given checkout (first on sys.path), whatever is
+# installed in the virtualenv.
+_LAUNCH = (
+    "import os, sys; sys.path.insert(0, os.environ['GATEWAY_CHECKOUT']); "
+    "from gateway.cli import main; sys.argv[0] = 'gateway'; sys.exit(main())"
+)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkout", type=Path, default=ROOT, help="gateway source tree")
+    parser.add_argument("--path", default="/hello", help="the bench route to request")
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=400)
+    parser.add_argument(
+        "--keep", type=Path, help="copy the callgrind dump here (for callgrind_annotate)"
+    )
+    return parser.parse_args(argv)
+
+
+def _read_answer(sock: socket.socket) -> None:
+    data = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("the gateway closed the connection")
+        data += chunk
+        head, sep, body = data.partition(b"\r\n\r\n")
+        if not sep:
+            continue
+        match = _LENGTH.search(head.lower())
+        if match is not None and len(body) >= int(match.group(1)):
+            return
+        if match is None and body.endswith(b"0\r\n\r\n"):
+            return
+
+
+def drive(port: int, path: str, count: int, connections: int) -> int:
+    """`count` requests (rounded down to whole rounds), one in flight per connection."""
+    request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(connections)]
+    done = 0
+    try:
+        for _ in range(count // connections):
+            for sock in socks:
+                sock.sendall(request)
+            for sock in socks:
+                _read_answer(sock)
+                done += 1
+    finally:
+        for sock in socks:
+            sock.close()
+    return done
+
+
+def total_instructions(folder: Path) -> int:
+    total = 0
+    for dump in folder.glob("callgrind.out*"):
+        for line in dump.read_text(errors="replace").splitlines():
+            if line.startswith(("summary:", "totals:")):
+                total = max(total, int(line.split()[1]))
+    return total
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    checkout = args.checkout.resolve()
+    with tempfile.TemporaryDirectory(prefix="gateway-instructions.") as tmp:
+        work = Path(tmp)
+        work.chmod(0o755)  # nginx workers run as nobody
+        procs = Procs(work)
+        up, sink, port, admin = benchlib.free_ports(4)
+        (work / "upstream.conf").write_text(benchlib.nginx_upstream_conf(work, up, sink))
+        config = benchlib.gateway_config(port=port, admin_port=admin, upstream_port=up)
+        (work / "gateway.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        try:
+            procs.start("upstream", ["nginx", "-c", str(work / "upstream.conf")], cpus="1")
+            gateway = procs.start(
+                "gateway",
+                [
+                    "valgrind",
+                    "--tool=callgrind",
+                    "--instr-atstart=no",
+                    f"--callgrind-out-file={work}/callgrind.out",
+                    str(ROOT / ".venv" / "bin" / "python"),
+                    "-c",
+                    _LAUNCH,
+                    "run",
+                    "-c",
+                    str(work / "gateway.yaml"),
+                ],
+                cpus="0",
+                # Python's own allocator: valgrind cannot follow a re-executed process.
+                env={"GATEWAY_CHECKOUT": str(checkout), "GATEWAY_SERVER__ALLOCATOR": "python"},
+                stdout=work / "access.log",
+            )
+            problem = benchlib.wait_http(f"http://127.0.0.1:{admin}/readyz", 300, gateway.pid)
+            if problem is not None:
+                print(f"the gateway did not start: {problem}", file=sys.stderr)
+                print(procs.log_tail("gateway"), file=sys.stderr)
+                return 1
+            drive(port, args.path, args.warmup, args.connections)
+            subprocess.run(
+                ["callgrind_control", "-i", "on", str(gateway.pid)], check=True, capture_output=True
+            )
+            started = time.monotonic()
+            done = drive(port, args.path, args.requests, args.connections)
+            took = time.monotonic() - started
+            subprocess.run(
+                ["callgrind_control", "-d", str(gateway.pid)], check=True, capture_output=True
+            )
+            time.sleep(0.5)
+            total = total_instructions(work)
+            if args.keep is not None:
+                dumps = sorted(work.glob("callgrind.out.*"), key=lambda p: p.stat().st_mtime)
+                if dumps:
+                    shutil.copy(dumps[-1], args.keep)
+        finally:
+            procs.stop_all()
+    if not total or not done:
+        print("no instructions were counted", file=sys.stderr)
+        return 1
+    print(
+        f"{checkout} {args.path}: {done:,} requests, "
+        f"{total / done / 1000:.1f} k instructions per request ({took:.0f} s under callgrind)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
