@@ -403,22 +403,32 @@ async def test_large_bodies_stream_with_flow_control() -> None:
         await t.aclose()
 
 
+class Burst:
+    """A server whose first answers wait for `burst`: that many requests at once open
+    that many connections, all idle together when the answers come."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+
+    async def handler(self, conn: Conn, head: bytes) -> None:
+        await self.release.wait()
+        conn.send(ok())
+
+    async def burst(self, t: H1Transport, server: Server, count: int = 3) -> None:
+        tasks = [asyncio.create_task(fetch(t, server.url())) for _ in range(count)]
+        await asyncio.sleep(0.05)
+        self.release.set()
+        await asyncio.gather(*tasks)
+
+
 async def test_idle_connections_over_max_keepalive_are_closed_after_a_moment(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(h1, "_OVER_KEEPALIVE_GRACE", 0.1)
-    release = asyncio.Event()
-
-    async def gated(conn: Conn, head: bytes) -> None:
-        await release.wait()
-        conn.send(ok())
-
-    async with Server(gated) as server:
+    gate = Burst()
+    async with Server(gate.handler) as server:
         t = transport(max_keepalive=1)
-        tasks = [asyncio.create_task(fetch(t, server.url())) for _ in range(3)]
-        await asyncio.sleep(0.1)
-        release.set()
-        await asyncio.gather(*tasks)
+        await gate.burst(t, server)
         assert t.connections() == 3  # a burst: kept for the requests right behind it
         await asyncio.sleep(0.3)
         assert t.connections() == 1
@@ -542,18 +552,10 @@ async def test_connections_over_max_keepalive_in_use_within_the_grace_are_kept(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(h1, "_OVER_KEEPALIVE_GRACE", 0.2)
-    release = asyncio.Event()
-
-    async def gated(conn: Conn, head: bytes) -> None:
-        await release.wait()
-        conn.send(ok())
-
-    async with Server(gated) as server:
+    gate = Burst()
+    async with Server(gate.handler) as server:
         t = transport(max_keepalive=1)
-        tasks = [asyncio.create_task(fetch(t, server.url())) for _ in range(3)]
-        await asyncio.sleep(0.05)
-        release.set()
-        await asyncio.gather(*tasks)
+        await gate.burst(t, server)
         # Steady traffic on two connections at once, a little past the grace: each
         # goes idle again and again but never for the whole grace, so neither is
         # closed (no connect per request under load); the third was never needed.
