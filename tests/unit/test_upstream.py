@@ -471,13 +471,20 @@ async def test_hot_path_truncated_body_is_an_upstream_error(loopback: UpstreamSe
 
 
 async def test_hot_path_answer_complete_with_its_head_is_whole_and_released_at_once() -> None:
+    handlers: list[asyncio.Task[Any]] = []
+
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
-            while True:
-                await reader.readuntil(b"\r\n\r\n")
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\n\r\nhello")
-                await writer.drain()
-        writer.close()
+        task = asyncio.current_task()
+        assert task is not None
+        handlers.append(task)
+        try:
+            with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+                while True:
+                    await reader.readuntil(b"\r\n\r\n")
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\n\r\nhello")
+                    await writer.drain()
+        finally:
+            writer.close()
 
     server = await asyncio.start_server(answer, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
@@ -496,3 +503,6 @@ async def test_hot_path_answer_complete_with_its_head_is_whole_and_released_at_o
     finally:
         await upstream.aclose()
         server.close()
+        # Every server-side connection is closed before the test's loop goes away.
+        await asyncio.gather(*handlers, return_exceptions=True)
+        await server.wait_closed()
