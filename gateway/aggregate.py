@@ -278,22 +278,22 @@ class AggregateRoute:
                     upstream=backend.upstream,
                     outcome="status",
                 )
-            data = response.whole
-            if data is None:
-                chunks = []
-                size = 0
-                async for chunk in response.body:
-                    size += len(chunk)
-                    if size > self.max_response_size:
-                        raise self._too_large(backend)
-                    chunks.append(chunk)
-                data = b"".join(chunks)
-            elif len(data) > self.max_response_size:
-                raise self._too_large(backend)
+            chunks = []
+            size = 0
+            async for chunk in response.body:  # a `whole` answer comes as one chunk
+                size += len(chunk)
+                if size > self.max_response_size:
+                    raise UpstreamUnavailable(
+                        f"{backend.describe()} answered more than max_response_size "
+                        f"({self.max_response_size} bytes)",
+                        upstream=backend.upstream,
+                        outcome="too_large",
+                    )
+                chunks.append(chunk)
         finally:
             await response.close()
         try:
-            value = _loads(data)
+            value = _loads(b"".join(chunks))
         except (ValueError, RecursionError):  # RecursionError: nested too deep
             raise UpstreamUnavailable(
                 f"{backend.describe()} answered a body that is not JSON",
@@ -301,14 +301,6 @@ class AggregateRoute:
                 outcome="bad_body",
             ) from None
         return self._shape(backend, value)
-
-    def _too_large(self, backend: Backend) -> UpstreamUnavailable:
-        return UpstreamUnavailable(
-            f"{backend.describe()} answered more than max_response_size "
-            f"({self.max_response_size} bytes)",
-            upstream=backend.upstream,
-            outcome="too_large",
-        )
 
     @staticmethod
     def _shape(backend: Backend, value: Any) -> Any:

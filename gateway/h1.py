@@ -273,18 +273,24 @@ class _Conn(asyncio.BufferedProtocol):
     async def read(self) -> bytes:
         """The next body bytes (everything buffered, joined), b"" at the end."""
         while True:
-            chunks = self.chunks
-            if chunks:
-                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-                chunks.clear()
-                self.buffered = 0
-                self._resume_reading()
-                return data
+            if self.chunks:
+                return self.take()
             if self.done:
                 return b""
             if self.error is not None:
                 raise self.error
             await self._wait()
+
+    def take(self) -> bytes:
+        """Everything buffered, joined (b"" when nothing is), and reading resumed."""
+        chunks = self.chunks
+        if not chunks:
+            return b""
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self.buffered = 0
+        self._resume_reading()
+        return data
 
     def _resume_reading(self) -> None:
         if self._paused:
@@ -324,11 +330,7 @@ class H1Response:
         conn = self._conn
         if not conn.done or conn.error is not None:
             return None
-        chunks = conn.chunks
-        data = (chunks[0] if len(chunks) == 1 else b"".join(chunks)) if chunks else b""
-        chunks.clear()
-        conn.buffered = 0
-        return data
+        return conn.take()
 
     async def body(self) -> AsyncIterator[bytes]:
         read = self._conn.read

@@ -141,9 +141,11 @@ class GatewayProcess:
         server = config.setdefault("server", {})
         self._auto_ports = "port" not in server and "admin_port" not in server
         server.setdefault("host", "127.0.0.1")
-        server.setdefault("port", free_port())
+        if "port" not in server:
+            server["port"] = free_port()
         server.setdefault("admin_host", "127.0.0.1")
-        server.setdefault("admin_port", free_port())
+        if "admin_port" not in server:
+            server["admin_port"] = free_port()
         server.setdefault("drain_timeout", "5s")
         self._config = config
         self._tmp_path = tmp_path

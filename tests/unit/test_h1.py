@@ -93,6 +93,17 @@ async def answer_ok(conn: Conn, head: bytes) -> None:
     conn.send(ok())
 
 
+def answer_and_close(data: bytes) -> Handler:
+    """A handler that sends `data` and closes the connection."""
+
+    async def handler(conn: Conn, head: bytes) -> None:
+        conn.send(data)
+        await conn.writer.drain()
+        conn.writer.close()
+
+    return handler
+
+
 def transport(**overrides: float) -> H1Transport:
     values: dict[str, float] = {
         "max_connections": 16,
@@ -178,12 +189,7 @@ async def test_connection_close_and_http10_answers_are_not_reused() -> None:
 
 
 async def test_a_close_delimited_body_is_read_to_the_end_and_not_reused() -> None:
-    async def handler(conn: Conn, head: bytes) -> None:
-        conn.send(b"HTTP/1.1 200 OK\r\n\r\nuntil the end")
-        await conn.writer.drain()
-        conn.writer.close()
-
-    async with Server(handler) as server:
+    async with Server(answer_and_close(b"HTTP/1.1 200 OK\r\n\r\nuntil the end")) as server:
         t = transport()
         status, _, data = await fetch(t, server.url())
         assert (status, data) == (200, b"until the end")
@@ -193,12 +199,8 @@ async def test_a_close_delimited_body_is_read_to_the_end_and_not_reused() -> Non
 
 
 async def test_a_body_shorter_than_its_content_length_fails_the_read() -> None:
-    async def handler(conn: Conn, head: bytes) -> None:
-        conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc")
-        await conn.writer.drain()
-        conn.writer.close()
-
-    async with Server(handler) as server:
+    short = answer_and_close(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc")
+    async with Server(short) as server:
         t = transport()
         with pytest.raises(httpx.RemoteProtocolError):
             await fetch(t, server.url())
@@ -531,11 +533,7 @@ async def test_an_answer_still_streaming_is_not_whole() -> None:
 
 
 async def test_a_failed_answer_is_never_whole() -> None:
-    async def short(conn: Conn, head: bytes) -> None:
-        conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
-        await conn.writer.drain()
-        conn.writer.close()
-
+    short = answer_and_close(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
     async with Server(short) as server:
         t = transport()
         response = await t.open("GET", server.url(), [], None)
