@@ -41,7 +41,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import httptools
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 
 from gateway.coalesce import CoalescingTransport
 from gateway.errors import (
@@ -133,6 +137,64 @@ def raw_invalid(request_id: str) -> tuple[bytes, int]:
         b"connection: close\r\n\r\n",
     ]
     return b"".join(head) + _INVALID, len(_INVALID)
+
+
+class Http10Cycle(RequestResponseCycle):
+    """The response side of an HTTP/1.0 request, where uvicorn has two gaps.
+
+    - uvicorn closes every HTTP/1.0 connection, even one whose request asked for
+      `Connection: keep-alive` (as `ab -k` and older clients do). Here, as in nginx, such
+      a connection stays open when the response's length is known (`Content-Length`,
+      `HEAD`, `204`, `304`), and the response says `Connection: keep-alive`, which a
+      1.0 client needs to see (RFC 9112, 9.3 and Appendix C.2.2).
+    - uvicorn frames a response without `Content-Length` as chunked whatever the
+      request's version, and a 1.0 client does not know chunked coding: "A server MUST
+      NOT send a response containing Transfer-Encoding unless the corresponding request
+      indicates HTTP/1.1" (RFC 9112, 6.1). Such a response (a streamed upstream body)
+      goes out with no framing header and `Connection: close`, and its end is the
+      connection's close (RFC 9112, 6.3 rule 8).
+
+    The protocol gives an HTTP/1.0 request's cycle this class once uvicorn has built it
+    (`LimitedHttpProtocol.on_headers_complete`); HTTP/1.1 requests never meet it."""
+
+    _until_close = False  # the body ends when the connection closes
+
+    async def send(self, message: Any) -> None:
+        kind = message["type"]
+        if kind == "http.response.start" and not self.response_started:
+            message = self._frame(message)
+        elif kind == "http.response.body" and self._until_close and not self.response_complete:
+            await self._send_until_close(message)
+            return
+        await super().send(message)
+
+    def _frame(self, message: Any) -> Any:
+        headers = list(message.get("headers", ()))
+        names = {name.lower() for name, _ in headers}
+        status = message["status"]
+        if b"content-length" in names or self.scope["method"] == "HEAD" or status in (204, 304):
+            if self.keep_alive and b"connection" not in names:
+                headers.append((b"connection", b"keep-alive"))
+        else:
+            headers = [(n, v) for n, v in headers if n.lower() != b"transfer-encoding"]
+            self.keep_alive = False  # uvicorn adds `connection: close` and closes at the end
+            self.chunked_encoding = False  # and no chunked framing of its own
+            self._until_close = True
+        return {**message, "headers": headers}
+
+    async def _send_until_close(self, message: Any) -> None:
+        if self.flow.write_paused and not self.disconnected:
+            await self.flow.drain()
+        if self.disconnected:
+            return
+        body = message.get("body", b"")
+        if body:
+            self.transport.write(body)
+        if not message.get("more_body", False):
+            self.response_complete = True
+            self.message_event.set()
+            self.transport.close()
+            self.on_response()
 
 
 class LimitedHttpProtocol(HttpToolsProtocol):
@@ -263,6 +325,17 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._header_bytes = 0
         super().on_headers_complete()
+        cycle = self.cycle
+        if (
+            self.scope["http_version"] == "1.0"
+            and cycle is not None
+            and cycle.scope is self.scope
+            and not cycle.response_started
+        ):
+            # uvicorn built this request's cycle and scheduled its task, which has not
+            # run yet: HTTP/1.0's framing and keep-alive rules apply (`Http10Cycle`).
+            cycle.__class__ = Http10Cycle
+            cycle.keep_alive = self.parser.should_keep_alive()
 
     def on_chunk_header(self) -> None:
         # Called for chunked bodies only. Whether this is the last chunk (size 0, the

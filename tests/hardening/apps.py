@@ -5,9 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-__all__ = ["RecordingApp"]
+from tests.integration.harness import GatewayProcess, UpstreamServer
+
+__all__ = ["RecordingApp", "RecordingEnv", "recording_gateway"]
 
 
 class RecordingApp:
@@ -75,3 +81,23 @@ class RecordingApp:
             }
         )
         await send({"type": "http.response.body", "body": payload})
+
+
+@dataclass
+class RecordingEnv:
+    gw: GatewayProcess
+    app: RecordingApp
+
+
+@contextmanager
+def recording_gateway(folder: Path, methods: list[str] | None = None) -> Iterator[RecordingEnv]:
+    """A gateway whose one route sends every path (for `methods`, default all) to a
+    `RecordingApp`."""
+    app = RecordingApp()
+    route: dict[str, Any] = {"name": "all", "path": "/{rest:path}", "upstream": "app"}
+    if methods is not None:
+        route["methods"] = methods
+    with UpstreamServer(app) as up:
+        config = {"upstreams": {"app": {"targets": [up.url]}}, "routes": [route]}
+        with GatewayProcess(config, folder) as gw:
+            yield RecordingEnv(gw, app)

@@ -11,31 +11,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import pytest
 
-from tests.hardening.apps import RecordingApp
+from tests.hardening.apps import RecordingEnv as Env
+from tests.hardening.apps import recording_gateway
 from tests.hardening.rawhttp import connect, exchange, read_answer, serves_normally
-from tests.integration.harness import GatewayProcess, UpstreamServer
-
-
-@dataclass
-class Env:
-    gw: GatewayProcess
-    app: RecordingApp
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    app = RecordingApp()
-    with UpstreamServer(app) as up:
-        config = {
-            "upstreams": {"app": {"targets": [up.url]}},
-            "routes": [{"name": "all", "path": "/{rest:path}", "upstream": "app"}],
-        }
-        with GatewayProcess(config, tmp_path_factory.mktemp("smuggling")) as gw:
-            yield Env(gw, app)
+    with recording_gateway(tmp_path_factory.mktemp("smuggling")) as env:
+        yield env
 
 
 SMUGGLE = b"GET /smuggled HTTP/1.1\r\nHost: gw.test\r\n\r\n"
