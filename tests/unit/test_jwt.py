@@ -12,8 +12,10 @@ from typing import Any
 import pytest
 
 from gateway.edge import EdgeContext
+from gateway.edge import jwt as jwt_module
 from gateway.edge.build import config_problems
 from gateway.edge.jwt import (
+    TOKEN_CACHE_SIZE,
     InvalidToken,
     JwksKeys,
     JwtVerifier,
@@ -70,6 +72,7 @@ async def verifier(
     source: Source | None = None,
     secret: bytes | None = None,
     clock: FakeClock | None = None,
+    now: FakeClock | None = None,
 ) -> JwtVerifier:
     settings = settings or jwt_settings()
     keys = None
@@ -77,7 +80,7 @@ async def verifier(
         source = source or Source(jwks(public_jwk(rsa_key(), "k1"), public_jwk(ec_key(), "e1")))
         keys = JwksKeys(source, settings.jwks_refresh, clock=clock or FakeClock())
         await keys.start()
-    return JwtVerifier(settings, keys, secret)
+    return JwtVerifier(settings, keys, secret, now=now or time.time)
 
 
 def ctx(*headers: tuple[bytes, bytes]) -> EdgeContext:
@@ -338,3 +341,85 @@ def test_config_problems_check_the_secret_and_the_jwks_file(tmp_path: Any) -> No
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     assert "is not a JWKS" in problems({"jwks_file": str(bad)}, {})[0]
+
+
+class CountingDecode:
+    """Counts the signature checks PyJWT makes (`jwt.decode` calls)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls = 0
+        real = jwt_module.jwt.decode
+
+        def decode(*args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(jwt_module.jwt, "decode", decode)
+
+
+async def test_a_verified_token_is_not_checked_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    decode = CountingDecode(monkeypatch)
+    v = await verifier()
+    token = sign(rsa_key(), "RS256", "k1")
+    for _ in range(3):
+        assert (await v.verify(token))["sub"] == "user-42"
+    assert decode.calls == 1
+    await v.verify(sign(rsa_key(), "RS256", "k1", sub="someone-else"))
+    assert decode.calls == 2
+
+
+async def test_a_remembered_token_still_expires() -> None:
+    wall = FakeClock(time.time())
+    v = await verifier(now=wall)
+    token = sign(rsa_key(), exp=int(wall()) + 60)
+    await v.verify(token)
+    wall.advance(60 + 29)  # inside the 30 s leeway
+    await v.verify(token)
+    wall.advance(2)
+    with pytest.raises(InvalidToken, match="token expired"):
+        await v.verify(token)
+
+
+async def test_refused_tokens_are_never_remembered(monkeypatch: pytest.MonkeyPatch) -> None:
+    decode = CountingDecode(monkeypatch)
+    v = await verifier()
+    token = sign(rsa_key(), aud="someone-else")
+    for _ in range(2):
+        with pytest.raises(InvalidToken, match="wrong audience"):
+            await v.verify(token)
+    assert decode.calls == 2
+
+
+async def test_a_re_read_jwks_drops_what_was_remembered() -> None:
+    """A key removed from the JWKS stops accepting its tokens at the next re-read."""
+    source = Source(jwks(public_jwk(rsa_key(), "k1"), public_jwk(rsa_key("b"), "k2")))
+    clock = FakeClock()
+    v = await verifier(source=source, clock=clock)
+    token = sign(rsa_key("b"), kid="k2")
+    await v.verify(token)
+    source.doc = jwks(public_jwk(rsa_key(), "k1"))  # k2 revoked
+    clock.advance(301)
+    await v.verify(token)  # the re-read starts in the background; this one is still served
+    for _ in range(20):
+        if source.reads == 2:
+            break
+        await asyncio.sleep(0)
+    assert source.reads == 2  # started by a remembered token, without a signature check
+    with pytest.raises(InvalidToken, match="no key"):
+        await v.verify(token)
+    assert (await v.verify(sign(rsa_key(), kid="k1")))["sub"] == "user-42"
+
+
+async def test_the_remembered_tokens_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(jwt_module, "TOKEN_CACHE_SIZE", 3)
+    decode = CountingDecode(monkeypatch)
+    v = await verifier()
+    tokens = [sign(rsa_key(), sub=f"user-{i}") for i in range(4)]
+    for token in tokens:
+        await v.verify(token)
+    assert decode.calls == 4
+    await v.verify(tokens[3])  # the newest are kept
+    assert decode.calls == 4
+    await v.verify(tokens[0])  # the oldest went first
+    assert decode.calls == 5
+    assert TOKEN_CACHE_SIZE >= 1000  # the real bound
