@@ -34,6 +34,7 @@ from gateway.proxy import (
     BodyReader,
     IncomingHeaders,
     add_forwarded,
+    http_date,
     parse_incoming,
     send_problem,
     send_response,
@@ -197,6 +198,7 @@ class DataPlane:
                 *ctx.response_headers,
                 (b"content-length", str(len(early.body)).encode()),
                 (b"x-request-id", exchange.request_id.encode("ascii")),
+                (b"date", http_date()),
             ]
             exchange.status = early.status
             exchange.response_started = True
@@ -367,6 +369,7 @@ class DataPlane:
         if exchange.error == "client_disconnected":
             return
         headers.append((b"x-request-id", incoming.request_id.encode("ascii")))
+        headers.append((b"date", http_date()))
         if exchange.extra_headers:
             headers.extend(exchange.extra_headers)
         exchange.status = status

@@ -57,7 +57,7 @@ from gateway.errors import (
     UriTooLong,
     problem_body,
 )
-from gateway.proxy import new_request_id
+from gateway.proxy import http_date, new_request_id
 from gateway.refusals import Refusals, target_path
 from gateway.settings import ServerSettings
 from gateway.types import Receive, Scope, Send
@@ -121,6 +121,7 @@ def raw_problem(error: GatewayError, request_id: str) -> tuple[bytes, int]:
         b"content-type: application/problem+json\r\n",
         b"content-length: %d\r\n" % len(body),
         b"x-request-id: " + request_id.encode("ascii") + b"\r\n",
+        b"date: " + http_date() + b"\r\n",
         *(name + b": " + value + b"\r\n" for name, value in error.headers),
         b"connection: close\r\n\r\n",
     ]
@@ -134,6 +135,7 @@ def raw_invalid(request_id: str) -> tuple[bytes, int]:
         b"content-type: text/plain; charset=utf-8\r\n",
         b"content-length: %d\r\n" % len(_INVALID),
         b"x-request-id: " + request_id.encode("ascii") + b"\r\n",
+        b"date: " + http_date() + b"\r\n",
         b"connection: close\r\n\r\n",
     ]
     return b"".join(head) + _INVALID, len(_INVALID)
@@ -440,6 +442,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
                     (b"content-type", b"application/problem+json"),
                     (b"content-length", str(len(body)).encode()),
                     (b"x-request-id", request_id.encode("ascii")),
+                    (b"date", http_date()),
                     *error.headers,
                     (b"connection", b"close"),
                 ],

@@ -10,8 +10,11 @@ import asyncio
 import ipaddress
 import os
 import random
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from email.utils import formatdate
+from typing import Any
 
 from gateway.errors import BodyTooLarge, ClientClosedRequest, GatewayError, RequestTimeout
 from gateway.pipeline import GatewayResponse, Headers
@@ -22,6 +25,7 @@ __all__ = [
     "REPLAY_LIMIT",
     "BodyReader",
     "IncomingHeaders",
+    "http_date",
     "parse_incoming",
     "real_client_ip",
     "response_headers",
@@ -73,6 +77,21 @@ def new_request_id() -> str:
     """128 random bits as hex. A request id needs uniqueness, not secrecy: a PRNG seeded
     from the OS is enough and costs no system call per request."""
     return f"{_ids.getrandbits(128):032x}"
+
+
+_date: list[Any] = [0, b""]  # [the second it was made for, the header value]
+
+
+def http_date() -> bytes:
+    """`Date` for a response the gateway makes or forwards without one (RFC 9110,
+    6.6.1: an origin MUST send it, a proxy MUST add it where it is missing), in
+    IMF-fixdate form, made once per second."""
+    now = int(time.time())
+    if _date[0] != now:
+        _date[0] = now
+        _date[1] = formatdate(now, usegmt=True).encode("ascii")
+    value: bytes = _date[1]
+    return value
 
 
 def sane_request_id(value: bytes) -> str | None:
@@ -220,13 +239,20 @@ def add_forwarded(incoming: IncomingHeaders, scope: Scope, trusted: tuple[IPNetw
 
 
 def response_headers(raw: Headers, request_id: bytes) -> Headers:
-    """The upstream's headers minus hop-by-hop ones (and those Connection names)."""
+    """The upstream's headers minus hop-by-hop ones (and those Connection names), with
+    a `Date` added when the upstream sent none."""
     drop = _DROP_DOWN
+    dated = False
     for name, value in raw:
-        if name.lower() == b"connection":
+        lname = name.lower()
+        if lname == b"connection":
             drop = drop | _connection_tokens(value)
+        elif lname == b"date":
+            dated = True
     out = [(n, v) for n, v in raw if n.lower() not in drop]
     out.append((b"x-request-id", request_id))
+    if not dated:
+        out.append((b"date", http_date()))
     return out
 
 
@@ -353,6 +379,7 @@ async def send_problem(
         (b"content-type", b"application/problem+json"),
         (b"content-length", str(len(body)).encode()),
         (b"x-request-id", request_id.encode("ascii")),
+        (b"date", http_date()),
         *error.headers,
         *(extra or ()),
     ]

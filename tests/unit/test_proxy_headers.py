@@ -226,8 +226,16 @@ def test_response_hop_by_hop_headers_are_dropped() -> None:
 def test_response_carries_the_gateways_request_id_only() -> None:
     out = response_headers([(b"x-request-id", b"upstream-made-this")], b"rid-9")
     assert values(out, b"x-request-id") == [b"rid-9"]
-    out = response_headers([], b"rid-10")
-    assert out == [(b"x-request-id", b"rid-10")]
+    out = response_headers([(b"date", b"Sun, 06 Nov 1994 08:49:37 GMT")], b"rid-10")
+    assert out == [(b"date", b"Sun, 06 Nov 1994 08:49:37 GMT"), (b"x-request-id", b"rid-10")]
+
+
+def test_a_response_without_date_gets_one() -> None:
+    out = response_headers([(b"content-type", b"text/plain")], b"r")
+    assert [n for n, _ in out] == [b"content-type", b"x-request-id", b"date"]
+    assert values(out, b"date")[0].endswith(b" GMT")
+    kept = response_headers([(b"Date", b"Sun, 06 Nov 1994 08:49:37 GMT")], b"r")
+    assert [n for n, _ in kept] == [b"Date", b"x-request-id"]
 
 
 def test_response_headers_keep_order_and_case_of_the_rest() -> None:
