@@ -44,6 +44,12 @@ _TRANSIENT_ERRORS = (
 _RESUME_AFTER = 0.1  # seconds without accepting after running out of descriptors
 
 
+class _Accepted(socket.socket):
+    """An accepted connection's socket object (subclassed per listener, above)."""
+
+    __slots__ = ()
+
+
 class BurstAcceptor:
     """Owns one listening socket; `close` stops accepting and closes it."""
 
@@ -59,7 +65,20 @@ class BurstAcceptor:
         self._loop = loop
         self._pending: set[asyncio.Task[object]] = set()
         self._closed = False
-        self._nodelay = sock.family in (socket.AF_INET, socket.AF_INET6)
+        # Accepted sockets are made as `_Accepted` of this listener's family, whose
+        # `family` and `type` are plain class attributes: `socket.accept()` and uvloop
+        # read them several times per connection, and the properties of
+        # `socket.socket` build an enum member on each read.
+        self._family, self._type, self._proto = sock.family, sock.type, sock.proto
+        if self._family in (socket.AF_INET, socket.AF_INET6):
+            # What an accepted TCP socket is: asyncio's own loop sets TCP_NODELAY only
+            # on sockets that say so (uvloop sets it on every TCP transport).
+            self._proto = socket.IPPROTO_TCP
+        self._accepted = type(
+            "_Accepted",
+            (_Accepted,),
+            {"__slots__": (), "family": self._family, "type": self._type},
+        )
         loop.add_reader(sock.fileno(), self._accept)
 
     @property
@@ -67,9 +86,12 @@ class BurstAcceptor:
         return [self._sock]
 
     def _accept(self) -> None:
+        accept = self._sock._accept  # type: ignore[attr-defined]  # accept4(2), no wrapper
+        make = self._accepted
+        family, kind, proto = self._family, self._type, self._proto
         for _ in range(ACCEPT_BURST):
             try:
-                conn, _ = self._sock.accept()
+                fd, _ = accept()
             except (BlockingIOError, InterruptedError):
                 return
             except ConnectionAbortedError:
@@ -85,13 +107,10 @@ class BurstAcceptor:
                     self._loop.call_later(_RESUME_AFTER, self._resume)
                     return
                 raise
-            try:
-                conn.setblocking(False)
-                if self._nodelay:
-                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:  # reset before we got to it
-                conn.close()
-                continue
+            # No setblocking(False) or TCP_NODELAY here: the loop's transport sets both
+            # on the descriptor (uvloop: libuv's uv_tcp_open and uv_tcp_nodelay; asyncio:
+            # `_create_connection_transport` and `_set_nodelay`).
+            conn = make(family, kind, proto, fd)
             task = self._loop.create_task(self._loop.connect_accepted_socket(self._factory, conn))
             self._pending.add(task)
             task.add_done_callback(self._connected)

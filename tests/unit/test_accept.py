@@ -4,12 +4,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+
+import pytest
 
 from gateway.accept import ACCEPT_BURST, BurstAcceptor
 
 
-async def test_a_burst_of_connections_is_accepted_per_readiness() -> None:
+async def accept_a_burst() -> None:
     loop = asyncio.get_running_loop()
     listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
     made: list[asyncio.BaseTransport] = []
@@ -29,9 +32,11 @@ async def test_a_burst_of_connections_is_accepted_per_readiness() -> None:
         acceptor._accept()
         await asyncio.sleep(0.05)
         assert len(made) == total
-        transport = made[0]
-        sock = transport.get_extra_info("socket")
-        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        # The loop's transport made each socket non-blocking and TCP_NODELAY.
+        for transport in (made[0], made[-1]):
+            sock = transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            assert not os.get_blocking(sock.fileno())
     finally:
         for client in clients:
             client.close()
@@ -40,6 +45,19 @@ async def test_a_burst_of_connections_is_accepted_per_readiness() -> None:
         acceptor.close()
         await acceptor.wait_closed()
     assert listener.fileno() == -1
+
+
+async def test_a_burst_of_connections_is_accepted_per_readiness() -> None:
+    await accept_a_burst()
+
+
+def test_a_burst_is_accepted_the_same_under_uvloop() -> None:
+    uvloop = pytest.importorskip("uvloop")
+    loop = uvloop.new_event_loop()
+    try:
+        loop.run_until_complete(accept_a_burst())
+    finally:
+        loop.close()
 
 
 async def test_after_close_nothing_is_accepted() -> None:
