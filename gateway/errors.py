@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import ClassVar
 
 import httpx
@@ -212,20 +210,33 @@ def problem_body(error: GatewayError, request_id: str) -> bytes:
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
-@contextmanager
-def map_httpx_errors(upstream: str, target: str) -> Iterator[None]:
+class map_httpx_errors:
     """Translate httpx's exceptions into the gateway's. Client-facing details name the
-    upstream, never the internal target address; the cause is logged with the target."""
-    try:
-        yield
-    except httpx.HTTPError as exc:
-        log.debug(
-            "upstream try failed: %s: %s",
-            type(exc).__name__,
-            exc,
-            extra={"upstream": upstream, "target": target},
-        )
-        raise _translate(exc, upstream) from exc
+    upstream, never the internal target address; the cause is logged with the target.
+
+    A class rather than a `@contextmanager` generator: it wraps every upstream try, and
+    a generator-based context manager costs a generator and its frame each time."""
+
+    __slots__ = ("_target", "_upstream")
+
+    def __init__(self, upstream: str, target: str) -> None:
+        self._upstream = upstream
+        self._target = target
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        if isinstance(exc, httpx.HTTPError):
+            log.debug(
+                "upstream try failed: %s: %s",
+                type(exc).__name__,
+                exc,
+                extra={"upstream": self._upstream, "target": self._target},
+            )
+            raise _translate(exc, self._upstream) from exc
 
 
 def _translate(exc: httpx.HTTPError, upstream: str) -> UpstreamError:
