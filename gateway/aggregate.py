@@ -24,6 +24,7 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from gateway.expiry import Expiry
 from gateway.pipeline import Deadline, GatewayRequest, Handler, Headers
 
 __all__ = ["AggregateRoute", "Backend", "BackendTemplate"]
@@ -252,7 +253,7 @@ class AggregateRoute:
                     # `run` ends every call at the route deadline (asyncio.wait).
                     value = await self._fetch(backend, request)
                 else:
-                    async with asyncio.timeout(max(limit.remaining(), 0)):
+                    with Expiry(max(limit.remaining(), 0)):
                         value = await self._fetch(backend, request)
             except TimeoutError:
                 raise UpstreamTimeout(

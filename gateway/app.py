@@ -26,6 +26,7 @@ from gateway.errors import (
     RequestTimeout,
     ShuttingDown,
 )
+from gateway.expiry import Expiry
 from gateway.metrics import Metrics
 from gateway.observability import AccessLog
 from gateway.pipeline import Deadline, GatewayRequest, GatewayResponse, Headers
@@ -300,7 +301,7 @@ class DataPlane:
         if (length or 0) > 0 or incoming.chunked:
             if length is not None and length <= REPLAY_LIMIT:
                 try:
-                    async with asyncio.timeout(max(deadline.remaining(), 0)):
+                    with Expiry(max(deadline.remaining(), 0)):
                         request.body = await reader.read_all()
                 except TimeoutError:
                     raise RequestTimeout(

@@ -17,6 +17,7 @@ from email.utils import formatdate
 from typing import Any
 
 from gateway.errors import BodyTooLarge, ClientClosedRequest, GatewayError, RequestTimeout
+from gateway.expiry import Expiry
 from gateway.pipeline import GatewayResponse, Headers
 from gateway.settings import IPNetwork
 from gateway.types import Receive, Scope, Send
@@ -291,7 +292,7 @@ class BodyReader:
             message = await self._receive()
         else:
             try:
-                async with asyncio.timeout(self.idle_timeout):
+                with Expiry(self.idle_timeout):
                     message = await self._receive()
             except TimeoutError:
                 self.error = RequestTimeout(

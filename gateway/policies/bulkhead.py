@@ -17,6 +17,7 @@ import collections
 import contextlib
 
 from gateway.errors import UpstreamSaturated, UpstreamTimeout
+from gateway.expiry import Expiry
 from gateway.metrics import Gauge
 from gateway.pipeline import Deadline, GatewayRequest, GatewayResponse, Handler, Policy
 
@@ -102,7 +103,7 @@ class Bulkhead:
             self._gauge.inc()
         try:
             try:
-                async with asyncio.timeout(wait):
+                with Expiry(wait):
                     await waiter
             finally:
                 if self._gauge is not None:

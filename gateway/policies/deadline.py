@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from gateway.errors import UpstreamTimeout
+from gateway.expiry import Expiry
 from gateway.pipeline import GatewayRequest, GatewayResponse, Handler, Policy
 
 __all__ = ["deadline"]
@@ -21,7 +20,7 @@ def deadline(upstream: str | None = None) -> Policy:
                     upstream=upstream,
                 )
             try:
-                async with asyncio.timeout(remaining):
+                with Expiry(remaining):
                     return await inner(request)
             except TimeoutError as exc:
                 raise UpstreamTimeout(

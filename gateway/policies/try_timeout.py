@@ -10,9 +10,8 @@ breaker sees that cancellation with the deadline passed and counts it as a failu
 
 from __future__ import annotations
 
-import asyncio
-
 from gateway.errors import UpstreamTimeout
+from gateway.expiry import Expiry
 from gateway.pipeline import GatewayRequest, GatewayResponse, Handler, Policy
 
 __all__ = ["try_timeout"]
@@ -35,7 +34,7 @@ def try_timeout(read_timeout: float, upstream: str | None = None) -> Policy:
                 # timer per request would only cost. The breaker counts that cut too.
                 return await inner(request)
             try:
-                async with asyncio.timeout(read_timeout):
+                with Expiry(read_timeout):
                     return await inner(request)
             except TimeoutError as exc:
                 raise UpstreamTimeout(
