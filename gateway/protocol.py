@@ -55,9 +55,8 @@ from gateway.errors import (
     RequestTimeout,
     TooManyConnections,
     UriTooLong,
-    problem_body,
 )
-from gateway.proxy import http_date, new_request_id
+from gateway.proxy import http_date, new_request_id, problem_response, send_problem
 from gateway.refusals import Refusals, target_path
 from gateway.settings import ServerSettings
 from gateway.types import Receive, Scope, Send
@@ -71,6 +70,7 @@ log = logging.getLogger("gateway.server")
 
 # uvicorn's own answer to a request llhttp refuses, kept as it was (plus X-Request-ID).
 _INVALID = b"Invalid HTTP request received."
+_CLOSE = [(b"connection", b"close")]
 _TRAILER_SLACK = 4 * 1024  # raw bytes allowed past max_header_size for line ends and colons
 
 
@@ -115,17 +115,9 @@ class _WarnOncePerSecond:
 def raw_problem(error: GatewayError, request_id: str) -> tuple[bytes, int]:
     """A whole problem+json response that closes the connection, as bytes on the wire,
     and the length of its body."""
-    body = problem_body(error, request_id)
-    head = [
-        STATUS_LINE[error.status],
-        b"content-type: application/problem+json\r\n",
-        b"content-length: %d\r\n" % len(body),
-        b"x-request-id: " + request_id.encode("ascii") + b"\r\n",
-        b"date: " + http_date() + b"\r\n",
-        *(name + b": " + value + b"\r\n" for name, value in error.headers),
-        b"connection: close\r\n\r\n",
-    ]
-    return b"".join(head) + body, len(body)
+    headers, body = problem_response(error, request_id, _CLOSE)
+    head = [STATUS_LINE[error.status], *(name + b": " + value + b"\r\n" for name, value in headers)]
+    return b"".join(head) + b"\r\n" + body, len(body)
 
 
 def raw_invalid(request_id: str) -> tuple[bytes, int]:
@@ -433,24 +425,9 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             "this gateway worker has too many open client connections; retry shortly"
         )
         request_id = new_request_id()
-        body = problem_body(error, request_id)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": error.status,
-                "headers": [
-                    (b"content-type", b"application/problem+json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"x-request-id", request_id.encode("ascii")),
-                    (b"date", http_date()),
-                    *error.headers,
-                    (b"connection", b"close"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        sent = await send_problem(send, error, request_id, _CLOSE)
         path = target_path(scope.get("raw_path") or b"")
-        self._record(error, request_id, scope["method"], path, len(body), 0.0)
+        self._record(error, request_id, scope["method"], path, sent, 0.0)
 
     def _head_elapsed(self) -> float:
         """How long the head being refused has taken, read off its timer (no timer: it

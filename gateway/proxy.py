@@ -28,6 +28,7 @@ __all__ = [
     "IncomingHeaders",
     "http_date",
     "parse_incoming",
+    "problem_response",
     "real_client_ip",
     "response_headers",
     "send_response",
@@ -370,9 +371,10 @@ async def send_response(
     return sent
 
 
-async def send_problem(
-    send: Send, error: GatewayError, request_id: str, extra: Headers | None = None
-) -> int:
+def problem_response(
+    error: GatewayError, request_id: str, extra: Headers | None = None
+) -> tuple[Headers, bytes]:
+    """The headers and problem+json body of an answer the gateway makes for `error`."""
     from gateway.errors import problem_body
 
     body = problem_body(error, request_id)
@@ -384,6 +386,13 @@ async def send_problem(
         *error.headers,
         *(extra or ()),
     ]
+    return headers, body
+
+
+async def send_problem(
+    send: Send, error: GatewayError, request_id: str, extra: Headers | None = None
+) -> int:
+    headers, body = problem_response(error, request_id, extra)
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
     return len(body)
