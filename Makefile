@@ -20,15 +20,17 @@ $(BENCH_STAMP): $(STAMP)
 
 ## run: serve the demo on 127.0.0.1:8080 (admin on 127.0.0.1:9901) with embedded demo upstreams
 run: $(STAMP)
-	$(BIN)/python -m gateway.demo --config config/gateway.yaml
+	$(BIN)/python -m examples.demo --config config/gateway.yaml
 
-## test: ruff, mypy --strict, and the whole pytest suite (unit + integration)
+## test: ruff, the import contracts, mypy --strict, and the whole pytest suite
 test: $(STAMP) lint typecheck
 	$(BIN)/pytest -n 2 -q
 
+## lint: ruff, and the package layout's import contracts (lint-imports; docs/architecture.md)
 lint: $(STAMP)
-	$(BIN)/ruff check gateway tests load
-	$(BIN)/ruff format --check gateway tests load
+	$(BIN)/ruff check gateway tests load examples tools
+	$(BIN)/ruff format --check gateway tests load examples tools
+	$(BIN)/lint-imports --no-cache
 
 typecheck: $(STAMP)
 	$(BIN)/mypy gateway

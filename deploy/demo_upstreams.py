@@ -1,7 +1,7 @@
-"""The demo upstreams of `gateway.demo`, on their own: the `upstreams` service of
+"""The demo upstreams of `examples/demo.py`, on their own: the `upstreams` service of
 deploy/docker-compose.yml.
 
-`python -m gateway.demo` starts them on 127.0.0.1 inside the gateway's own process.
+`python -m examples.demo` starts them on 127.0.0.1 inside the gateway's own process.
 In compose they are a separate container that the gateway reaches by its service
 name, so they listen on every interface here. SIGTERM or SIGINT stops them (exit 0).
 
@@ -15,11 +15,18 @@ import asyncio
 import contextlib
 import json
 import signal
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import uvicorn
 
-from gateway.demo import build_demo_app
+# examples/demo.py: mounted beside this file in the container (compose), or found in the
+# checkout's examples/ when run from a clone.
+_HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(_HERE), str(_HERE.parent / "examples")]
+
+from demo import build_demo_app  # noqa: E402
 
 
 class _Server(uvicorn.Server):
@@ -66,7 +73,7 @@ async def serve(host: str, ports: list[int]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Serve gateway.demo's upstreams alone.")
+    parser = argparse.ArgumentParser(description="Serve examples/demo.py's upstreams alone.")
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--ports", default="9001,9002,9003,9004")
     args = parser.parse_args(argv)

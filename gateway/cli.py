@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from gateway import __version__
-from gateway.loader import (
+from gateway.config.loader import (
     CONFIG_ENV,
     DEFAULT_CONFIG_PATH,
     ConfigError,
@@ -62,7 +62,7 @@ def _check(file: str) -> int:
         for line in exc.errors:
             print(line, file=sys.stderr)
         return 1
-    from gateway.runtime import unsupported
+    from gateway.build.factory import unsupported
 
     problems = unsupported(settings)
     if problems:
@@ -78,7 +78,7 @@ def _allocator(config_path: str) -> bool:
     """Re-execute under the configured allocator if it is not in place yet (this process
     is then replaced); False when it cannot be had. Only for the process's own command
     line: `main(argv)` called from Python never replaces its caller."""
-    from gateway import allocator
+    from gateway.server import allocator
 
     try:
         setting = load_config(config_path).server.allocator

@@ -20,18 +20,20 @@
     │   └── UpstreamUnhealthy         503 upstream_unhealthy     (circuit open / no healthy target)
     └── ShuttingDown                  503 shutting_down
 
-Foreign exceptions (httpx's) are translated at the boundary by `map_httpx_errors`, which
-also records the retry-relevant `outcome` of the failure (`connect_error`, `timeout`,
-`reset`), as Pingora's errors carry their retry decision.
+Foreign exceptions (httpx's) are translated at the upstream boundary by
+`gateway.upstream.transports.base.map_httpx_errors`, which also records the
+retry-relevant `outcome` of the failure (`connect_error`, `timeout`, `reset`), as
+Pingora's errors carry their retry decision.
+
+Every problem+json answer the gateway makes (the data plane's, the protocol's raw
+refusals, WebSocket refusals) is rendered by `problem_response`. This module imports no
+other gateway module.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from typing import ClassVar
-
-import httpx
 
 __all__ = [
     "BadRequest",
@@ -53,11 +55,10 @@ __all__ = [
     "UpstreamUnavailable",
     "UpstreamUnhealthy",
     "UriTooLong",
-    "map_httpx_errors",
     "problem_body",
+    "problem_response",
 ]
 
-log = logging.getLogger("gateway.upstream")
 PROBLEM_TYPE = "https://gateway.dev/problems/"
 Headers = list[tuple[bytes, bytes]]
 
@@ -210,54 +211,26 @@ def problem_body(error: GatewayError, request_id: str) -> bytes:
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
-class map_httpx_errors:
-    """Translate httpx's exceptions into the gateway's. Client-facing details name the
-    upstream, never the internal target address; the cause is logged with the target.
-
-    A class rather than a `@contextmanager` generator: it wraps every upstream try, and
-    a generator-based context manager costs a generator and its frame each time."""
-
-    __slots__ = ("_target", "_upstream")
-
-    def __init__(self, upstream: str, target: str) -> None:
-        self._upstream = upstream
-        self._target = target
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
-    ) -> None:
-        if isinstance(exc, httpx.HTTPError):
-            log.debug(
-                "upstream try failed: %s: %s",
-                type(exc).__name__,
-                exc,
-                extra={"upstream": self._upstream, "target": self._target},
-            )
-            raise _translate(exc, self._upstream) from exc
-
-
-def _translate(exc: httpx.HTTPError, upstream: str) -> UpstreamError:
-    if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
-        return UpstreamUnavailable(
-            f"connecting to upstream {upstream!r} timed out",
-            upstream=upstream,
-            outcome="connect_error",
-        )
-    if isinstance(exc, httpx.TimeoutException):
-        return UpstreamTimeout(f"upstream {upstream!r} did not answer in time", upstream=upstream)
-    if isinstance(exc, httpx.ConnectError):
-        return UpstreamUnavailable(
-            f"cannot connect to upstream {upstream!r}", upstream=upstream, outcome="connect_error"
-        )
-    if isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError | httpx.WriteError):
-        return UpstreamUnavailable(
-            f"upstream {upstream!r} closed the connection or spoke bad HTTP",
-            upstream=upstream,
-            outcome="reset",
-        )
-    return UpstreamUnavailable(
-        f"upstream {upstream!r} failed ({type(exc).__name__})", upstream=upstream, outcome="reset"
-    )
+def problem_response(
+    error: GatewayError,
+    request_id: str,
+    extra: Headers | None = None,
+    *,
+    date: bytes | None = None,
+    length: bool = True,
+) -> tuple[Headers, bytes]:
+    """The headers and problem+json body of an answer the gateway makes for `error`:
+    content type, length (left out where the server frames the body itself, as for a
+    WebSocket refusal), request id, `date` when given, the error's own headers
+    (Allow, Retry-After, Connection) and `extra` (the filters' headers)."""
+    body = problem_body(error, request_id)
+    headers: Headers = [(b"content-type", b"application/problem+json")]
+    if length:
+        headers.append((b"content-length", str(len(body)).encode()))
+    headers.append((b"x-request-id", request_id.encode("ascii")))
+    if date is not None:
+        headers.append((b"date", date))
+    headers.extend(error.headers)
+    if extra:
+        headers.extend(extra)
+    return headers, body

@@ -12,12 +12,9 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from gateway.pipeline import Headers
-from gateway.proxy import IncomingHeaders, real_client_ip
-from gateway.settings import IPNetwork
-from gateway.types import Scope
+from gateway.types import Headers, Scope
 
-__all__ = ["EarlyResponse", "EdgeContext", "RequestFilter", "edge_context", "run_filters"]
+__all__ = ["EarlyResponse", "EdgeContext", "RequestFilter", "run_filters"]
 
 
 @dataclass(slots=True)
@@ -45,24 +42,6 @@ class EarlyResponse:
 
 
 RequestFilter = Callable[[EdgeContext], Awaitable[EarlyResponse | None]]
-
-
-def edge_context(
-    scope: Scope,
-    method: str,
-    route: str,
-    trusted_proxies: tuple[IPNetwork, ...],
-    incoming: IncomingHeaders,
-) -> EdgeContext:
-    """The context of one request's filter phase, over the headers parsed already."""
-    return EdgeContext(
-        scope=scope,
-        method=method,
-        route=route,
-        client_ip=real_client_ip(scope, incoming, trusted_proxies),
-        request_headers=scope["headers"],
-        upstream_headers=incoming.upstream,
-    )
 
 
 async def run_filters(filters: tuple[RequestFilter, ...], ctx: EdgeContext) -> EarlyResponse | None:

@@ -14,15 +14,24 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+from dataclasses import dataclass
 
 from gateway.edge import EdgeContext, RequestFilter
 from gateway.errors import Unauthorized
-from gateway.settings import ApiKeySettings
 
-__all__ = ["api_key", "configured_keys"]
+__all__ = ["ApiKeys", "api_key", "configured_keys"]
 
 
-def configured_keys(settings: ApiKeySettings, environ: dict[str, str] | None = None) -> list[str]:
+@dataclass(frozen=True, slots=True)
+class ApiKeys:
+    """What the API-key filter reads: the header and where the keys come from."""
+
+    header: str = "X-API-Key"  # the request header carrying the key; default X-API-Key
+    keys: tuple[str, ...] = ()  # keys listed in the config; default none
+    keys_env: str | None = None  # variable holding more keys, comma-separated; default none
+
+
+def configured_keys(settings: ApiKeys, environ: dict[str, str] | None = None) -> list[str]:
     """The listed keys plus those in `keys_env`; blanks and surrounding spaces dropped."""
     env = os.environ if environ is None else environ
     keys = [k.strip() for k in settings.keys]
@@ -36,7 +45,7 @@ def _digest(value: bytes) -> bytes:
 
 
 def api_key(
-    settings: ApiKeySettings, *, forward: bool = False, environ: dict[str, str] | None = None
+    settings: ApiKeys, *, forward: bool = False, environ: dict[str, str] | None = None
 ) -> RequestFilter:
     """The route's API-key filter. Refuses with 401 and `WWW-Authenticate: ApiKey ...`."""
     digests = [_digest(k.encode()) for k in configured_keys(settings, environ)]

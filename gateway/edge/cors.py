@@ -19,12 +19,12 @@ answer of the route: what it carries depends on the Origin.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from gateway.edge import EarlyResponse, EdgeContext, RequestFilter
 from gateway.errors import MethodNotAllowed
-from gateway.settings import CorsSettings
 
-__all__ = ["ALL_METHODS", "SAFELISTED_HEADERS", "cors"]
+__all__ = ["ALL_METHODS", "SAFELISTED_HEADERS", "CorsRules", "cors"]
 
 log = logging.getLogger("gateway.cors")
 
@@ -37,7 +37,19 @@ _PREFLIGHT_VARY = (
 )
 
 
-def cors(settings: CorsSettings, route_methods: frozenset[str] | None = None) -> RequestFilter:
+@dataclass(frozen=True, slots=True)
+class CorsRules:
+    """What the CORS filter reads: the route's (or the gateway's) CORS policy."""
+
+    allow_origins: tuple[str, ...] = ()  # origins allowed, or "*"; default none
+    allow_methods: tuple[str, ...] = ("GET",)  # methods a preflight allows, or "*"; default GET
+    allow_headers: tuple[str, ...] = ()  # non-safelisted request headers, or "*"; default none
+    expose_headers: tuple[str, ...] = ()  # response headers a browser may read; default none
+    allow_credentials: bool = False  # cookies and auth allowed (origin echoed); default false
+    max_age: float = 600.0  # seconds a browser caches a preflight answer; default 600
+
+
+def cors(settings: CorsRules, route_methods: frozenset[str] | None = None) -> RequestFilter:
     """The route's CORS filter. `route_methods` are the methods the route itself serves
     (None: all): the router lets OPTIONS through for preflights, and a plain OPTIONS
     on a route that does not serve it is refused here with the route's 405."""

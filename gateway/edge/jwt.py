@@ -33,7 +33,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -44,12 +44,12 @@ from jwt import PyJWK
 
 from gateway.edge import EdgeContext, RequestFilter
 from gateway.errors import Unauthorized
-from gateway.settings import JwtSettings
 
 __all__ = [
     "InvalidToken",
     "JwksKey",
     "JwksKeys",
+    "JwtRules",
     "JwtVerifier",
     "bearer_token",
     "claim_header_value",
@@ -80,6 +80,22 @@ Loader = Callable[[], Awaitable[bytes]]
 
 class InvalidToken(Exception):
     """Why a token was refused (the problem's `detail`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class JwtRules:
+    """What the JWT verifier, the JWKS loader and the filter read: which tokens to accept,
+    where their keys come from, and which claims go upstream."""
+
+    issuer: str | None = None  # the required `iss`; default none (not checked)
+    audience: str | None = None  # the required `aud`; default none (not checked)
+    algorithms: tuple[str, ...] = ("RS256",)  # RS256, ES256 and/or HS256; default RS256
+    jwks_file: str | None = None  # path of a JWKS file; default none
+    jwks_url: str | None = None  # http(s) URL of a JWKS; default none
+    secret_env: str | None = None  # variable holding the HS256 secret; default none
+    leeway: float = 30.0  # seconds of clock skew allowed on exp, nbf and iat; default 30
+    # claim -> upstream header name, e.g. {"sub": "X-User-Id"}; default none
+    claims_to_headers: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +137,7 @@ def parse_jwks(data: bytes) -> list[JwksKey]:
     return keys
 
 
-def jwks_loader(settings: JwtSettings) -> Loader:
+def jwks_loader(settings: JwtRules) -> Loader:
     """Reads the configured JWKS source: the file, or the URL (bounded in time and size)."""
     if settings.jwks_file is not None:
         path = Path(settings.jwks_file)
@@ -269,7 +285,7 @@ class JwtVerifier:
 
     def __init__(
         self,
-        settings: JwtSettings,
+        settings: JwtRules,
         keys: JwksKeys | None,
         secret: bytes | None,
         *,
@@ -369,7 +385,7 @@ class JwtVerifier:
         return claims
 
 
-def hmac_secret(settings: JwtSettings, environ: dict[str, str] | None = None) -> bytes | None:
+def hmac_secret(settings: JwtRules, environ: dict[str, str] | None = None) -> bytes | None:
     if settings.secret_env is None:
         return None
     env = os.environ if environ is None else environ
@@ -403,7 +419,7 @@ def claim_header_value(value: object) -> bytes | None:
     return text.encode("ascii")
 
 
-def jwt_auth(settings: JwtSettings, verifier: JwtVerifier) -> RequestFilter:
+def jwt_auth(settings: JwtRules, verifier: JwtVerifier) -> RequestFilter:
     """The route's JWT filter. Refuses with 401 and `WWW-Authenticate: Bearer ...`."""
     mapping = [(claim, name.lower().encode()) for claim, name in settings.claims_to_headers.items()]
     strip = frozenset(name for _, name in mapping)

@@ -34,15 +34,16 @@ from redis.exceptions import RedisError
 
 from gateway.edge import EdgeContext, RequestFilter
 from gateway.errors import GatewayError, RateLimited
-from gateway.metrics import Metrics
-from gateway.settings import RateLimitSettings, RedisStore
+from gateway.ops.metrics import Metrics
 
 __all__ = [
     "Decision",
     "MemoryStore",
+    "RateLimit",
     "RateLimitStore",
     "RateLimitUnavailable",
     "RedisBucketStore",
+    "RedisStoreSpec",
     "StoreUnavailable",
     "make_store",
     "rate_limit",
@@ -59,6 +60,31 @@ REDIS_MAX_CONNECTIONS = 64  # per process; a request waits at most `timeout` for
 REDIS_BACKOFF = 1.0  # after a failure, seconds during which Redis is not asked at all
 LOG_EVERY = 10.0  # while Redis stays unreachable, one log line per this many seconds
 _MAX_KEY_PART = 64  # longer header values are hashed so a key stays small
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """What the rate-limit filter reads: one route's bucket size, refill and key."""
+
+    rate: float  # tokens added to a bucket per second; required
+    burst: int  # a bucket's size, in tokens (requests); required
+    key: str = "client_ip"  # client_ip, route or header:NAME; default client_ip
+    fail_closed: bool = False  # refuse with 503 when the store is unreachable; default false
+
+
+@dataclass(frozen=True, slots=True)
+class RedisStoreSpec:
+    """Where the shared (Redis) bucket store lives. The in-process store is the string
+    "memory" instead."""
+
+    redis: str  # redis://, rediss:// or unix:// URL; required
+    prefix: str = "gateway:rl:"  # every bucket key starts with it; default gateway:rl:
+    timeout: float = 0.2  # seconds for connect, pool wait and reply, each; default 0.2
+
+
+def _spec(settings: RedisStoreSpec) -> RedisStoreSpec:
+    """The same values as a `RedisStoreSpec`, whatever object carries them."""
+    return RedisStoreSpec(redis=settings.redis, prefix=settings.prefix, timeout=settings.timeout)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +124,7 @@ class RateLimitStore(Protocol):
 
     async def aclose(self) -> None: ...
 
-    def same_settings(self, settings: str | RedisStore) -> bool: ...
+    def same_settings(self, settings: str | RedisStoreSpec) -> bool: ...
 
 
 def _decide(tokens: float, rate: float, burst: int, allowed: bool) -> Decision:
@@ -149,7 +175,7 @@ class MemoryStore:
     async def aclose(self) -> None:
         self._buckets.clear()
 
-    def same_settings(self, settings: str | RedisStore) -> bool:
+    def same_settings(self, settings: str | RedisStoreSpec) -> bool:
         return settings == "memory"
 
     def __repr__(self) -> str:
@@ -186,7 +212,8 @@ class RedisBucketStore:
     """Buckets in Redis, shared by every gateway pointing at it. One round trip per
     request (EVALSHA of `_TAKE`; redis-py loads the script on NOSCRIPT)."""
 
-    def __init__(self, settings: RedisStore) -> None:
+    def __init__(self, settings: RedisStoreSpec) -> None:
+        settings = _spec(settings)  # plain values, compared by `same_settings`
         self.settings = settings
         self._prefix = settings.prefix
         self._timeout = settings.timeout
@@ -254,8 +281,8 @@ class RedisBucketStore:
             self._closed = True
             await self._client.aclose()
 
-    def same_settings(self, settings: str | RedisStore) -> bool:
-        return settings == self.settings
+    def same_settings(self, settings: str | RedisStoreSpec) -> bool:
+        return not isinstance(settings, str) and _spec(settings) == self.settings
 
     def __repr__(self) -> str:
         state = "down" if self._failing_since is not None else "up"
@@ -263,15 +290,16 @@ class RedisBucketStore:
 
 
 def make_store(
-    settings: str | RedisStore, previous: RateLimitStore | None = None
+    settings: str | RedisStoreSpec, previous: RateLimitStore | None = None
 ) -> RateLimitStore:
-    """The runtime's one store; a reload with the same store settings keeps the old one
-    (and with it every bucket and the Redis pool)."""
+    """The runtime's one store: "memory", or the Redis one these values describe. A
+    reload with the same store settings keeps the old one (and with it every bucket and
+    the Redis pool)."""
     if previous is not None and previous.same_settings(settings):
         return previous
-    if isinstance(settings, RedisStore):
-        return RedisBucketStore(settings)
-    return MemoryStore()
+    if isinstance(settings, str):
+        return MemoryStore()
+    return RedisBucketStore(settings)
 
 
 def _bucket_key(key: str, route: str) -> Callable[[EdgeContext], str]:
@@ -296,7 +324,7 @@ def _bucket_key(key: str, route: str) -> Callable[[EdgeContext], str]:
 
 
 def rate_limit(
-    settings: RateLimitSettings, route: str, store: RateLimitStore, metrics: Metrics | None
+    settings: RateLimit, route: str, store: RateLimitStore, metrics: Metrics | None
 ) -> RequestFilter:
     """The route's rate-limit filter: take a token or refuse with 429."""
     rate, burst, fail_closed = settings.rate, settings.burst, settings.fail_closed

@@ -24,15 +24,22 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 from gateway.errors import UpstreamError, UpstreamUnhealthy
-from gateway.metrics import Gauge
-from gateway.pipeline import GatewayRequest, GatewayResponse, Handler, Policy
+from gateway.ops.metrics import Gauge
 from gateway.policies.window import RollingCounter
-from gateway.settings import BreakerSettings
+from gateway.types import GatewayRequest, GatewayResponse, Handler, Policy
 
-__all__ = ["FAILURE_OUTCOMES", "BreakerState", "CircuitBreaker", "Ticket", "breaker"]
+__all__ = [
+    "FAILURE_OUTCOMES",
+    "BreakerRules",
+    "BreakerState",
+    "CircuitBreaker",
+    "Ticket",
+    "breaker",
+]
 
 log = logging.getLogger("gateway.breaker")
 
@@ -43,6 +50,17 @@ FAILURE_OUTCOMES = frozenset({"connect_error", "reset", "timeout"})
 # uvloop's timers run on a millisecond clock: a deadline timer may fire a hair before
 # `time.monotonic()` reaches the deadline itself.
 _DEADLINE_SLACK = 0.005
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerRules:
+    """When a circuit opens and how it closes again (the `circuit_breaker` block)."""
+
+    failure_ratio: float = 0.5  # failed share of the window's tries that opens it
+    min_requests: int = 20  # tries in the window before the ratio counts
+    window: float = 10.0  # seconds of history the ratio is taken over
+    open_for: float = 5.0  # seconds it stays open before half-open trials
+    half_open_requests: int = 1  # trial tries let through at a time while half-open
 
 
 class CircuitBreaker:
@@ -95,7 +113,7 @@ class CircuitBreaker:
     @classmethod
     def from_settings(
         cls,
-        settings: BreakerSettings,
+        settings: BreakerRules,
         name: str | None = None,
         clock: Callable[[], float] = time.monotonic,
         open_gauge: Gauge | None = None,

@@ -17,9 +17,9 @@ import collections
 import contextlib
 
 from gateway.errors import UpstreamSaturated, UpstreamTimeout
-from gateway.expiry import Expiry
-from gateway.metrics import Gauge
-from gateway.pipeline import Deadline, GatewayRequest, GatewayResponse, Handler, Policy
+from gateway.ops.metrics import Gauge
+from gateway.policies.expiry import Expiry
+from gateway.types import Deadline, GatewayRequest, GatewayResponse, Handler, Policy
 
 __all__ = ["SATURATED_RETRY_AFTER", "Bulkhead", "bulkhead"]
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from gateway.errors import UpstreamTimeout
-from gateway.expiry import Expiry
-from gateway.pipeline import GatewayRequest, GatewayResponse, Handler, Policy
+from gateway.policies.expiry import Expiry
+from gateway.types import GatewayRequest, GatewayResponse, Handler, Policy
 
 __all__ = ["deadline"]
 

@@ -17,19 +17,29 @@ import asyncio
 import logging
 import random
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from gateway.errors import UpstreamError, UpstreamTimeout
-from gateway.pipeline import GatewayRequest, GatewayResponse, Handler, Policy
 from gateway.policies.budget import RetryBudget
-from gateway.settings import RetrySettings
+from gateway.types import GatewayRequest, GatewayResponse, Handler, Policy
 
-__all__ = ["IDEMPOTENT_METHODS", "backoff_delay", "retry"]
+__all__ = ["IDEMPOTENT_METHODS", "RetryRules", "backoff_delay", "retry"]
 
 log = logging.getLogger("gateway.retry")
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 
 Sleep = Callable[[float], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class RetryRules:
+    """When to try again (the `retries` block's fields, but the budget's ratio)."""
+
+    attempts: int = 1  # tries after the first; 0 turns retries off
+    backoff: float = 0.025  # seconds before the first retry, doubled for each next one
+    # Outcomes (`connect_error`, `timeout`) and 5xx statuses that are worth a retry.
+    on: tuple[str | int, ...] = ("connect_error",)
 
 
 def backoff_delay(base: float, retry_number: int, rng: random.Random) -> float:
@@ -39,7 +49,7 @@ def backoff_delay(base: float, retry_number: int, rng: random.Random) -> float:
 
 
 def retry(
-    settings: RetrySettings,
+    settings: RetryRules,
     budget: RetryBudget,
     *,
     retry_non_idempotent: bool = False,

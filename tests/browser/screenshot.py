@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             [
                 sys.executable,
                 "-m",
-                "gateway.demo",
+                "examples.demo",
                 "--config",
                 str(config),
                 "--ports",

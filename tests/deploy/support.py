@@ -23,8 +23,8 @@ from typing import Any
 
 import yaml
 
-from gateway.loader import load_config_text
-from gateway.settings import GatewaySettings
+from gateway.config.loader import load_config_text
+from gateway.config.models import GatewaySettings
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from gateway.settings import GatewaySettings, RedisStore
+from gateway.config.models import GatewaySettings, RedisStore
 from tests.deploy.support import (
     CONTAINER_CONFIG,
     DEPLOY,

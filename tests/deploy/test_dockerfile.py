@@ -14,8 +14,8 @@ import pytest
 import yaml
 from packaging.specifiers import SpecifierSet
 
-from gateway.loader import CONFIG_ENV
-from gateway.settings import ServerSettings
+from gateway.config.loader import CONFIG_ENV
+from gateway.config.models import ServerSettings
 from tests.deploy.support import (
     CONTAINER_CONFIG,
     REPO,

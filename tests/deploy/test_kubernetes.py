@@ -16,7 +16,7 @@ import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
 
-from gateway.settings import GatewaySettings, RedisStore, ServerSettings
+from gateway.config.models import GatewaySettings, RedisStore, ServerSettings
 from tests.deploy.support import (
     KUBERNETES,
     configmap_gateway_yaml,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.settings import ServerSettings
+from gateway.config.models import ServerSettings
 from tests.deploy.support import DEPLOY, VENV_BIN
 
 UNIT = DEPLOY / "systemd" / "gateway.service"

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.proxy import parse_incoming
+from gateway.dataplane.headers import parse_incoming
 
 
 def h(*pairs: tuple[str, str]) -> list[tuple[bytes, bytes]]:

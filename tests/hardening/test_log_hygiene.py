@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import httpx
 
-from gateway.observability import AccessLog, JsonFormatter, scrub
+from gateway.ops.logs import AccessLog, JsonFormatter, scrub
 from tests.hardening.apps import RecordingApp
 from tests.hardening.rawhttp import exchange
 from tests.integration.harness import GatewayProcess, UpstreamServer, free_port

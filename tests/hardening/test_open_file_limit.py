@@ -53,7 +53,7 @@ def test_raise_open_file_limit_without_room_keeps_the_limit() -> None:
     """Soft already at hard: nothing to raise, the limit is only reported."""
     code = (
         "import resource\n"
-        "from gateway.server import raise_open_file_limit\n"
+        "from gateway.server.process import raise_open_file_limit\n"
         "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
         "resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), min(hard, 4096)))\n"
         "print(raise_open_file_limit() == (min(hard, 4096), min(hard, 4096)))\n"

@@ -19,8 +19,9 @@ from typing import Any
 import httpx
 import yaml
 
-from gateway.loader import load_config
-from gateway.server import GatewayServer, _event_loop_factory
+from gateway.config.loader import load_config
+from gateway.server.listeners import event_loop_factory as _event_loop_factory
+from gateway.server.process import GatewayServer
 from tests.hardening.apps import RecordingApp
 from tests.integration.harness import UpstreamServer, free_port
 

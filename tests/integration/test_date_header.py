@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.proxy import http_date
+from gateway.dataplane.headers import http_date
 from tests.hardening.apps import RecordingApp
 from tests.integration.harness import GatewayProcess, UpstreamServer
 

@@ -162,7 +162,7 @@ def test_two_workers_share_one_data_port_behind_one_admin_listener(
     pids = workers(gw)
     for pid in pids:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        assert b"gateway.supervisor" in cmdline
+        assert b"gateway.server.supervisor" in cmdline
     assert httpx.get(gw.admin_url + "/readyz", timeout=5).status_code == 200
     for i in range(10):
         r = fresh_get(f"{gw.url}/r/{i}")

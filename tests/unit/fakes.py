@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 from gateway.errors import UpstreamError, UpstreamUnavailable
-from gateway.pipeline import Deadline, GatewayRequest, GatewayResponse, empty_body
+from gateway.types import Deadline, GatewayRequest, GatewayResponse, empty_body
 
 __all__ = ["FakeClock", "Outcome", "Recorder", "connect_error", "make_request", "make_response"]
 

@@ -9,7 +9,7 @@ import socket
 
 import pytest
 
-from gateway.accept import ACCEPT_BURST, BurstAcceptor
+from gateway.server.accept import ACCEPT_BURST, BurstAcceptor
 
 
 async def accept_a_burst() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.allocator import ACTIVE_ENV, MALLOC_CONF, AllocatorMissing, reexec_env
+from gateway.server.allocator import ACTIVE_ENV, MALLOC_CONF, AllocatorMissing, reexec_env
 
 
 def found() -> str | None:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
+from gateway.build.edge import config_problems
+from gateway.config.models import ApiKeySettings, GatewaySettings
 from gateway.edge import EdgeContext
 from gateway.edge.apikey import api_key, configured_keys
-from gateway.edge.build import config_problems
 from gateway.errors import Unauthorized
-from gateway.settings import ApiKeySettings, GatewaySettings
 
 CHALLENGE = b'ApiKey realm="gateway", header="X-API-Key"'
 

@@ -5,8 +5,8 @@ import random
 
 import pytest
 
-from gateway.balancers import LeastInflight, RoundRobin, WeightedRandom, make_balancer
-from gateway.upstream import Target
+from gateway.upstream.balancers import LeastInflight, RoundRobin, WeightedRandom, make_balancer
+from gateway.upstream.target import Target
 
 
 def targets(*weights: int) -> list[Target]:

@@ -5,15 +5,15 @@ import logging
 
 import pytest
 
+from gateway.config.models import BreakerSettings
 from gateway.errors import (
     UpstreamSaturated,
     UpstreamTimeout,
     UpstreamUnavailable,
     UpstreamUnhealthy,
 )
-from gateway.pipeline import GatewayRequest, GatewayResponse, Handler
 from gateway.policies.breaker import CircuitBreaker, breaker
-from gateway.settings import BreakerSettings
+from gateway.types import GatewayRequest, GatewayResponse, Handler
 from tests.unit.fakes import FakeClock, Outcome, Recorder, connect_error, make_request
 
 

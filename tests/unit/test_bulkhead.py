@@ -6,8 +6,8 @@ import time
 import pytest
 
 from gateway.errors import UpstreamSaturated, UpstreamTimeout, UpstreamUnavailable
-from gateway.pipeline import GatewayRequest, GatewayResponse
 from gateway.policies.bulkhead import Bulkhead, bulkhead
+from gateway.types import GatewayRequest, GatewayResponse
 from tests.unit.fakes import Recorder, connect_error, make_request, make_response
 
 

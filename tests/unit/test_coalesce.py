@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from gateway.coalesce import CoalescingTransport
+from gateway.server.coalesce import CoalescingTransport
 
 
 class Recorder:

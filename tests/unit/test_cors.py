@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 
+from gateway.build.edge import build_filters, router_methods
+from gateway.config.models import CorsSettings, GatewaySettings
 from gateway.edge import EarlyResponse, EdgeContext
-from gateway.edge.build import build_filters, router_methods
 from gateway.edge.cors import cors
 from gateway.edge.ratelimit import MemoryStore
 from gateway.errors import MethodNotAllowed, Unauthorized
-from gateway.settings import CorsSettings, GatewaySettings
 
 APP = b"https://app.example"
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from gateway.expiry import Expiry
+from gateway.policies.expiry import Expiry
 
 
 class AsyncExpiry:

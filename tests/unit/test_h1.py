@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
-from gateway import h1
-from gateway.h1 import H1Transport
-from gateway.transport import TransportSettings
+from gateway.upstream.transports import h1
+from gateway.upstream.transports.base import TransportSettings
+from gateway.upstream.transports.h1 import H1Transport
 
 Handler = Callable[["Conn", bytes], Awaitable[None]]
 

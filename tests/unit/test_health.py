@@ -7,9 +7,10 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from gateway.policies.health import HealthChecker
-from gateway.settings import HealthCheckSettings, UpstreamSettings
-from gateway.upstream import Target, Upstream
+from gateway.build.upstreams import Upstream
+from gateway.config.models import HealthCheckSettings, UpstreamSettings
+from gateway.upstream.health import HealthChecker
+from gateway.upstream.target import Target
 
 
 class FakeUpstreams:

@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
+from gateway.build.edge import config_problems
+from gateway.config.models import GatewaySettings, JwtSettings
 from gateway.edge import EdgeContext
 from gateway.edge import jwt as jwt_module
-from gateway.edge.build import config_problems
 from gateway.edge.jwt import (
     TOKEN_CACHE_SIZE,
     InvalidToken,
@@ -25,7 +26,6 @@ from gateway.edge.jwt import (
     parse_jwks,
 )
 from gateway.errors import Unauthorized
-from gateway.settings import GatewaySettings, JwtSettings
 from tests.unit.fakes import FakeClock
 from tests.unit.jwtkit import (
     AUDIENCE,

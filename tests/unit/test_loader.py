@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.loader import (
+from gateway.config.loader import (
     ConfigError,
     cross_check,
     load_config,
@@ -18,7 +18,7 @@ from gateway.loader import (
     resolve_config_path,
     route_table,
 )
-from gateway.settings import GatewaySettings, RedisStore
+from gateway.config.models import GatewaySettings, RedisStore
 
 # A verbatim copy of the contract's gateway.example.yaml (the spec directory is not
 # shipped with the repository, so the tests must not read it from there).

@@ -7,7 +7,7 @@ import pytest
 from prometheus_client import values
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.metrics import LoopValue, Metrics, UpstreamStats, render
+from gateway.ops.metrics import LoopValue, Metrics, UpstreamStats, render
 
 
 def sample(text: str, name: str, **labels: str) -> float:

@@ -16,10 +16,10 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 
+from gateway.config.loader import ConfigError, load_config_text
+from gateway.config.models import GatewaySettings
+from gateway.dataplane.routing import CompiledTemplate, Router, normalize_path
 from gateway.errors import BadRequest, GatewayError
-from gateway.loader import ConfigError, load_config_text
-from gateway.routing import CompiledTemplate, Router, normalize_path
-from gateway.settings import GatewaySettings
 
 # Hypothesis keeps a cache directory; keep it out of the work tree.
 set_hypothesis_home_dir(os.path.join(tempfile.gettempdir(), "gateway-hypothesis"))

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from gateway.proxy import add_forwarded, parse_incoming, response_headers
+from gateway.dataplane.headers import add_forwarded, parse_incoming, response_headers
 
 HOP_BY_HOP = [
     (b"connection", b"keep-alive"),

@@ -9,6 +9,7 @@ import time
 import pytest
 from prometheus_client import CollectorRegistry
 
+from gateway.config.models import RateLimitSettings, RedisStore
 from gateway.edge import EdgeContext
 from gateway.edge.ratelimit import (
     Decision,
@@ -20,8 +21,7 @@ from gateway.edge.ratelimit import (
     rate_limit,
 )
 from gateway.errors import RateLimited
-from gateway.metrics import Metrics
-from gateway.settings import RateLimitSettings, RedisStore
+from gateway.ops.metrics import Metrics
 from tests.integration.harness import free_port
 from tests.unit.fakes import FakeClock
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import textwrap
 
-from gateway.admin import REDACTED, redact
-from gateway.loader import load_config_text
+from gateway.config.loader import load_config_text
+from gateway.ops.admin import REDACTED, redact
 
 
 def test_listed_api_keys_are_each_replaced() -> None:

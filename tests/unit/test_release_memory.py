@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from gateway import server
+from gateway.server import process as server
 
 
 async def test_memory_is_released_after_a_burst_closes_and_not_otherwise(

@@ -7,13 +7,13 @@ from typing import Any
 
 import pytest
 
+from gateway.config.models import RetrySettings
 from gateway.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
-from gateway.pipeline import GatewayRequest, GatewayResponse, Handler
 from gateway.policies.budget import RetryBudget
 from gateway.policies.deadline import deadline
 from gateway.policies.retry import IDEMPOTENT_METHODS, backoff_delay, retry
 from gateway.policies.try_timeout import try_timeout
-from gateway.settings import RetrySettings
+from gateway.types import GatewayRequest, GatewayResponse, Handler
 from tests.unit.fakes import FakeClock, Recorder, connect_error, make_request
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from gateway.config.models import RouteSettings
+from gateway.dataplane.routing import CompiledTemplate, Router, normalize_path
 from gateway.errors import BadRequest, MethodNotAllowed, RouteNotFound
-from gateway.routing import CompiledTemplate, Router, normalize_path
-from gateway.settings import RouteSettings
 
 # --- normalize_path -------------------------------------------------------------------
 

@@ -8,8 +8,9 @@ import time
 
 import pytest
 
-from gateway.runtime import Retirements, Runtime, build_runtime
-from gateway.settings import GatewaySettings
+from gateway.build.factory import build_runtime
+from gateway.build.runtime import Retirements, Runtime
+from gateway.config.models import GatewaySettings
 
 
 def settings(read_timeout: str = "5s") -> GatewaySettings:

@@ -9,18 +9,10 @@ from typing import Any
 
 import pytest
 
-from gateway.app import Exchange
-from gateway.settings import GatewaySettings
-from gateway.status import (
-    BOUNDS,
-    MAX_ROUTES,
-    RECENT_ERRORS,
-    WINDOW,
-    StatusBoard,
-    process_info,
-    quantile,
-    render,
-)
+from gateway.config.models import GatewaySettings
+from gateway.dataplane.state import Exchange
+from gateway.ops.board import BOUNDS, MAX_ROUTES, RECENT_ERRORS, WINDOW, StatusBoard
+from gateway.ops.page import process_info, quantile, render
 
 
 def exchange(

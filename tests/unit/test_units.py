@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
-from gateway.units import Duration, Rate, Size, parse_duration, parse_rate, parse_size
+from gateway.config.units import Duration, Rate, Size, parse_duration, parse_rate, parse_size
 
 
 @pytest.mark.parametrize(

@@ -12,10 +12,10 @@ import httpx
 import pytest
 import respx
 
+from gateway.build.upstreams import Upstream
+from gateway.config.models import UpstreamSettings
 from gateway.errors import UpstreamTimeout, UpstreamUnavailable, UpstreamUnhealthy
-from gateway.pipeline import Deadline, GatewayRequest, GatewayResponse
-from gateway.settings import UpstreamSettings
-from gateway.upstream import Upstream
+from gateway.types import Deadline, GatewayRequest, GatewayResponse
 from tests.integration.harness import UpstreamServer, free_port
 
 TARGET = "http://127.0.0.1:9001"

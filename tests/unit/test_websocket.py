@@ -20,7 +20,19 @@ from websockets.frames import Close
 from websockets.http11 import Response
 from websockets.typing import Subprotocol
 
-from gateway.app import Exchange, GatewayState
+from gateway.build.runtime import Runtime
+from gateway.build.upstreams import Upstream
+from gateway.config.models import GatewaySettings
+from gateway.dataplane.routes import Route as ProxyRoute
+from gateway.dataplane.routing import Router
+from gateway.dataplane.state import Exchange, GatewayState
+from gateway.dataplane.websocket import (
+    UpstreamRejected,
+    client_close,
+    map_websocket_errors,
+    proxy_websocket,
+    upstream_close,
+)
 from gateway.edge import EarlyResponse, EdgeContext, RequestFilter
 from gateway.errors import (
     RateLimited,
@@ -29,18 +41,7 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from gateway.pipeline import GatewayRequest, GatewayResponse
-from gateway.routing import Router
-from gateway.runtime import ProxyRoute, Runtime
-from gateway.settings import GatewaySettings
-from gateway.upstream import Upstream
-from gateway.websocket import (
-    UpstreamRejected,
-    client_close,
-    map_websocket_errors,
-    proxy_websocket,
-    upstream_close,
-)
+from gateway.types import GatewayRequest, GatewayResponse
 from tests.integration.harness import free_port
 
 # -- close codes ------------------------------------------------------------------------

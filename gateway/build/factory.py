@@ -1,0 +1,169 @@
+"""Compile settings into a `Runtime`, once: the route table, every route's handler chain
+and edge filters, and one `Upstream` per upstream (lura's `proxy/factory.go`).
+
+This is the only reader of the settings models after the command line: nothing on the
+request path reads them. Each policy, filter and upstream is handed plain values.
+"""
+
+from __future__ import annotations
+
+from starlette.routing import PARAM_REGEX
+
+from gateway.build.edge import EdgeResources, build_filters, config_problems, router_methods
+from gateway.build.runtime import Runtime
+from gateway.build.upstreams import Upstream
+from gateway.build.values import plain
+from gateway.config.models import GatewaySettings, RouteSettings, ServerSettings
+from gateway.dataplane.aggregate import Aggregation, Backend, BackendTemplate
+from gateway.dataplane.routes import Route
+from gateway.dataplane.routing import CompiledTemplate, Router
+from gateway.edge import RequestFilter
+from gateway.ops.metrics import Metrics
+from gateway.policies.breaker import breaker
+from gateway.policies.bulkhead import bulkhead
+from gateway.policies.deadline import deadline
+from gateway.policies.retry import RetryRules, retry
+from gateway.policies.try_timeout import try_timeout
+from gateway.types import Handler, Policy
+
+__all__ = [
+    "build_aggregate_route",
+    "build_route_handler",
+    "build_runtime",
+    "unsupported",
+]
+
+
+def build_route_handler(
+    route: RouteSettings, upstream: Upstream, *, own_deadline: bool = True
+) -> Handler:
+    """Compose the route's chain around one upstream try, outermost first:
+    deadline, retry, breaker, bulkhead, try timeout, upstream. Each retry passes
+    through the breaker and the bulkhead; the state of both (and the retry budget) lives
+    on the `Upstream`, shared by every route that uses it. The try timeout sits inside
+    the bulkhead so time spent queueing is not charged to `read_timeout`.
+
+    `own_deadline=False` leaves the deadline timer out, for an aggregate backend: the
+    fan-out bounds each call by the route deadline (or the backend's own timeout)
+    itself, a second timer on the same instant would only cost."""
+    settings = upstream.settings
+    policies: list[Policy] = [deadline(upstream.name)] if own_deadline else []
+    if settings.retries.attempts > 0:
+        policies.append(
+            retry(
+                plain(RetryRules, settings.retries),
+                upstream.retry_budget,
+                retry_non_idempotent=route.retry_non_idempotent,
+                upstream=upstream.name,
+            )
+        )
+    if upstream.breaker is not None:
+        policies.append(breaker(upstream.breaker))
+    policies.append(bulkhead(upstream.bulkhead))
+    if settings.read_timeout < route.timeout:
+        # Otherwise it could never fire first: a try never outlives the route deadline,
+        # which X-Request-Timeout-Ms can only shorten.
+        policies.append(try_timeout(settings.read_timeout, upstream.name))
+    handler: Handler = upstream.send
+    for policy in reversed(policies):
+        handler = policy(handler)
+    return handler
+
+
+def unsupported(settings: GatewaySettings) -> list[str]:
+    """Configured features this build cannot enforce as configured (a route asking for
+    auth without the global block, an empty key variable, an unreadable JWKS file):
+    refusing to start beats silently serving a route without the auth or limits its
+    operator asked for."""
+    return config_problems(settings)
+
+
+def build_runtime(
+    settings: GatewaySettings,
+    previous: Runtime | None = None,
+    metrics: Metrics | None = None,
+) -> Runtime:
+    """Compile `settings`. Upstreams whose settings did not change are taken over from
+    `previous` as they are: their pools, breakers and health checks carry on."""
+    upstreams: dict[str, Upstream] = {}
+    for name, upstream_settings in settings.upstreams.items():
+        old = previous.upstreams.get(name) if previous is not None else None
+        if old is not None and old.settings == upstream_settings:
+            upstreams[name] = old
+        else:
+            upstreams[name] = Upstream(name, upstream_settings, metrics=metrics)
+    # One rate-limit store and one JWT verifier for every route; kept across a reload
+    # whose settings for them did not change.
+    edge = EdgeResources(settings, previous.edge if previous is not None else None)
+    router: Router[Route] = Router()
+    server = settings.server
+    for route in settings.routes:
+        methods = router_methods(route, settings)
+        filters = build_filters(route, settings, edge.store, metrics, jwt=edge.jwt)
+        compiled: Route
+        if route.aggregate is not None:
+            compiled = build_aggregate_route(route, upstreams, server, filters)
+        else:
+            assert route.upstream is not None  # the settings model guarantees one
+            upstream = upstreams[route.upstream]
+            compiled = Route(
+                name=route.name,
+                upstream=upstream.name,
+                handler=build_route_handler(route, upstream),
+                rewrite=CompiledTemplate(route.rewrite) if route.rewrite else None,
+                timeout=route.timeout,
+                preserve_host=route.preserve_host,
+                max_body_size=server.max_body_size,
+                trusted_proxies=server.trusted_proxies,
+                filters=filters,
+            )
+        router.add(compiled, route.path, methods, route.host)
+    return Runtime(settings, router, upstreams, edge)
+
+
+def build_aggregate_route(
+    route: RouteSettings,
+    upstreams: dict[str, Upstream],
+    server: ServerSettings,
+    filters: tuple[RequestFilter, ...] = (),
+) -> Route:
+    """An aggregate route: its fan-out `Aggregation` as the handler, each backend with
+    its own upstream's chain."""
+    aggregate = route.aggregate
+    assert aggregate is not None
+    path_params = frozenset(
+        name for name, kind in PARAM_REGEX.findall(route.path) if kind == ":path"
+    )
+    backends = [
+        Backend(
+            index=i,
+            upstream=b.upstream,
+            template=BackendTemplate(b.path, path_params),
+            handler=build_route_handler(route, upstreams[b.upstream], own_deadline=False),
+            key=b.key,
+            required=b.required,
+            timeout=b.timeout,
+            fields=frozenset(b.fields) if b.fields is not None else None,
+            rename=dict(b.rename),
+        )
+        for i, b in enumerate(aggregate.backends)
+    ]
+    return Route(
+        name=route.name,
+        upstream=None,
+        handler=Aggregation(
+            route.name,
+            backends,
+            partial=aggregate.partial,
+            timeout=route.timeout,
+            max_response_size=aggregate.max_response_size,
+            forward_authorization=route.forward_authorization,
+        ),
+        rewrite=None,
+        timeout=route.timeout,
+        preserve_host=False,
+        max_body_size=server.max_body_size,
+        trusted_proxies=server.trusted_proxies,
+        filters=filters,
+        reads_body=False,
+    )

@@ -1,0 +1,506 @@
+"""The configuration schema: small frozen pydantic models whose field names are the contract's.
+
+Validation here is per-field and per-model; cross-references (a route naming an
+unknown upstream, duplicate route names) are checked by `loader.cross_check`, which
+reports them with the same `FILE:LINE:COL: path: message` locations.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from starlette.routing import PARAM_REGEX, compile_path
+
+from gateway.config.units import Duration, Rate, Size
+
+__all__ = [
+    "AggregateSettings",
+    "ApiKeySettings",
+    "AuthSettings",
+    "BackendSettings",
+    "BreakerSettings",
+    "CorsSettings",
+    "GatewaySettings",
+    "HealthCheckSettings",
+    "JwtSettings",
+    "RateLimitSettings",
+    "RedisStore",
+    "RetrySettings",
+    "RouteSettings",
+    "ServerSettings",
+    "TargetSettings",
+    "UpstreamSettings",
+]
+
+KiB = 1024
+MiB = 1024 * 1024
+HTTP_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"}
+)
+
+
+class Model(BaseModel):
+    """Base of every block: unknown keys are errors and settings are frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ServerSettings(Model):
+    """The `server:` block: listeners, client limits, drain and logging."""
+
+    host: str = "0.0.0.0"  # data-plane listen address; default 0.0.0.0
+    port: int = Field(8080, ge=0, le=65535)  # data-plane TCP port (0-65535); default 8080
+    # worker processes sharing the data port (1-64; --workers overrides); default 1
+    workers: int = Field(1, ge=1, le=64)
+    admin_host: str = "127.0.0.1"  # admin listener address; default 127.0.0.1
+    admin_port: int = Field(9901, ge=0, le=65535)  # admin listener TCP port (0-65535); default 9901
+    max_body_size: Size = 10 * MiB  # bytes a request body may have; more: 413; default 10MiB
+    # seconds in-flight requests get to finish after SIGTERM/SIGINT; default 30s
+    drain_timeout: Duration = 30.0
+    # CIDRs whose X-Forwarded-For is believed; default [127.0.0.1/32]
+    trusted_proxies: tuple[IPNetwork, ...] = (ipaddress.IPv4Network("127.0.0.1/32"),)
+    access_log: bool = True  # one JSON line per request on stdout; default true
+    # level of the JSON application logs on stderr; default info
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    watch: bool = False  # reload when the config file changes (polled every second); default false
+    # variable holding the admin bearer token; default unset (admin paths open)
+    admin_token_env: str | None = None
+    # What one client connection may send or hold (docs/limits.md). Per worker process,
+    # read at start: a reload does not change them.
+    max_request_line: Size = 8 * KiB  # bytes of the request target; longer: 414; default 8KiB
+    # bytes of all header field lines together; more: 431; default 32KiB
+    max_header_size: Size = 32 * KiB
+    # header fields in one request; more: 431; default 100
+    max_header_count: int = Field(100, ge=1, le=10_000)
+    # seconds from connect (or first byte) to the end of the head; default 10s
+    header_timeout: Duration = 10.0
+    # seconds of the longest pause between request body chunks; more: 408; default 10s
+    body_timeout: Duration = 10.0
+    keepalive_timeout: Duration = 5.0  # seconds idle between requests on one connection; default 5s
+    # open client connections per worker; beyond it: 503; default 10000
+    max_client_connections: int = Field(10_000, ge=1)
+    # memory allocator; auto: jemalloc where installed (returns memory after bursts); default auto
+    allocator: Literal["auto", "jemalloc", "python"] = "auto"
+
+    @field_validator(
+        "max_request_line",
+        "max_header_size",
+        "header_timeout",
+        "body_timeout",
+        "keepalive_timeout",
+    )
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("must be greater than zero")
+        return value
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _networks(cls, value: Any) -> Any:
+        if isinstance(value, list | tuple):
+            return tuple(ipaddress.ip_network(v, strict=False) for v in value)
+        return value
+
+
+class TargetSettings(Model):
+    """One entry of `upstreams.<name>.targets`: a URL, or `{url, weight}`."""
+
+    url: str  # the target's base URL, http(s)://host:port with no path; required
+    weight: int = Field(1, ge=1, le=1000)  # relative weight among the targets (1-1000); default 1
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/?#\s]+$", value.rstrip("/")):
+            raise ValueError(
+                f"invalid target URL {value!r}: expected http(s)://host:port with no path"
+            )
+        return value.rstrip("/")
+
+
+class RetrySettings(Model):
+    """The `upstreams.<name>.retries:` block: when a failed try is tried again."""
+
+    # tries after the first (0-10); 0 turns retries off; default 1
+    attempts: int = Field(1, ge=0, le=10)
+    # seconds before the first retry, doubled each retry, with jitter; default 25ms
+    backoff: Duration = 0.025
+    # outcomes (connect_error, timeout) and 5xx statuses worth a retry; default [connect_error]
+    on: tuple[Literal["connect_error", "timeout"] | Annotated[int, Field(ge=500, le=599)], ...] = (
+        "connect_error",
+    )
+    # retries at most this share of recent requests (0-1, or 0%-100%); default 20%
+    budget: float = 0.2
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _percent(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().endswith("%"):
+            return float(value.strip()[:-1]) / 100
+        return value
+
+    @field_validator("budget")
+    @classmethod
+    def _budget_range(cls, value: float) -> float:
+        if not 0 <= value <= 1:
+            raise ValueError("budget is a share of requests: between 0% and 100%")
+        return value
+
+
+class BreakerSettings(Model):
+    """The `upstreams.<name>.circuit_breaker:` block: when a circuit opens and closes."""
+
+    # failed share of the window's tries that opens the circuit (0-1]; default 0.5
+    failure_ratio: float = Field(0.5, gt=0, le=1)
+    # tries in the window before the failure ratio counts; default 20
+    min_requests: int = Field(20, ge=1)
+    window: Duration = 10.0  # seconds of history the failure ratio is taken over; default 10s
+    open_for: Duration = 5.0  # seconds the circuit stays open before half-open trials; default 5s
+    # trial requests let through at a time while half-open; default 1
+    half_open_requests: int = Field(1, ge=1)
+
+
+class HealthCheckSettings(Model):
+    """The `upstreams.<name>.health_check:` block: active probes of each target."""
+
+    # path probed with GET on each target; a 2xx is healthy; default /healthz
+    path: str = "/healthz"
+    interval: Duration = 5.0  # seconds between the end of one probe and the next; default 5s
+    timeout: Duration = 1.0  # seconds a probe has to answer completely, else it failed; default 1s
+    # consecutive successes that bring a target back; default 2
+    healthy_threshold: int = Field(2, ge=1)
+    # consecutive failures that take a target out; default 3
+    unhealthy_threshold: int = Field(3, ge=1)
+
+
+class UpstreamSettings(Model):
+    """One `upstreams.<name>:` block: targets, pool, queue, timeouts and resilience."""
+
+    # URLs, or {url, weight}; at least one; required
+    targets: tuple[TargetSettings, ...] = Field(min_length=1)
+    # how a target is picked: round_robin | least_inflight | random; default round_robin
+    balancer: Literal["round_robin", "least_inflight", "random"] = "round_robin"
+    max_connections: int = Field(256, ge=1)  # connections per target, open or opening; default 256
+    # idle connections kept per target; 0 disables keep-alive; default 64
+    max_keepalive: int = Field(64, ge=0)
+    keepalive_expiry: Duration = 4.0  # seconds an idle connection is kept for reuse; default 4s
+    # requests in flight to this upstream at once (the bulkhead); default 1024
+    max_concurrency: int = Field(1024, ge=1)
+    # requests that may wait for a slot; queue full: 503; default 1024
+    max_queue: int = Field(1024, ge=0)
+    queue_timeout: Duration = 1.0  # seconds a request may wait in that queue, then 503; default 1s
+    connect_timeout: Duration = 2.0  # seconds to establish a connection to a target; default 2s
+    read_timeout: Duration = 30.0  # seconds between two reads of an upstream answer; default 30s
+    # when a failed try is tried again; default attempts 1, on [connect_error], budget 20%
+    retries: RetrySettings = RetrySettings()
+    circuit_breaker: BreakerSettings | None = None  # the circuit breaker; default none (no breaker)
+    # active probes of each target; default none (no probes)
+    health_check: HealthCheckSettings | None = None
+
+    @field_validator("targets", mode="before")
+    @classmethod
+    def _targets(cls, value: Any) -> Any:
+        if isinstance(value, list | tuple):
+            return tuple({"url": v} if isinstance(v, str) else v for v in value)
+        return value
+
+
+class RateLimitSettings(Model):
+    """The `routes[].rate_limit:` block: a token bucket per key."""
+
+    rate: Rate  # token refill rate, per second (YAML 100/s, 6000/m, 50000/h); required
+    burst: int = Field(ge=1)  # bucket size in requests: the most allowed at once; required
+    key: str = "client_ip"  # one bucket per client_ip | header:NAME | route; default client_ip
+    # Redis unreachable: false lets requests through, true answers 503; default false
+    fail_closed: bool = False
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, value: str) -> str:
+        if value in ("client_ip", "route") or re.match(r"^header:[A-Za-z0-9-]+$", value):
+            return value
+        raise ValueError("key must be client_ip, route or header:NAME")
+
+
+class RedisStore(Model):
+    """The `rate_limit_store: {redis: URL}` form: buckets shared by every replica."""
+
+    redis: str  # redis://, rediss:// or unix:// URL of the shared store; required
+    # prefix of every bucket key (one Redis, several gateways); default gateway:rl:
+    prefix: str = "gateway:rl:"
+    # seconds for connect, pool wait and reply, each; a dead Redis never stalls; default 200ms
+    timeout: Duration = 0.2
+
+    @field_validator("redis")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("expected a redis:// URL")
+        return value
+
+
+class ApiKeySettings(Model):
+    """The `auth.api_keys:` block: the key header and where the keys come from."""
+
+    header: str = "X-API-Key"  # request header carrying the key; default X-API-Key
+    keys: tuple[str, ...] = ()  # keys listed in the config; default none
+    keys_env: str | None = None  # variable holding more keys, comma-separated; default none
+
+    @field_validator("header")
+    @classmethod
+    def _header(cls, value: str) -> str:
+        if not re.match(r"^[A-Za-z0-9-]+$", value):
+            raise ValueError("header must be a header name such as X-API-Key")
+        return value
+
+
+class JwtSettings(Model):
+    """The `auth.jwt:` block: which tokens are accepted and which claims go upstream."""
+
+    issuer: str | None = None  # the required `iss` claim; default none (not checked)
+    audience: str | None = None  # the required `aud` claim; default none (not checked)
+    # accepted `alg` values: RS256, ES256, HS256; default [RS256]
+    algorithms: tuple[Literal["RS256", "ES256", "HS256"], ...] = Field(("RS256",), min_length=1)
+    jwks_file: str | None = None  # path of a JWKS file (RS256/ES256 keys); default none
+    jwks_url: str | None = None  # http(s) URL of a JWKS, exclusive with jwks_file; default none
+    # variable holding the HS256 secret (at least 32 bytes); default none
+    secret_env: str | None = None
+    leeway: Duration = 30.0  # seconds of clock skew allowed on exp, nbf and iat; default 30s
+    # seconds between JWKS re-reads; an unknown kid also triggers one; default 5m
+    jwks_refresh: Duration = 300.0
+    # verified claim -> upstream header, e.g. {sub: X-User-Id}; default none
+    claims_to_headers: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("claims_to_headers")
+    @classmethod
+    def _claim_headers(cls, value: dict[str, str]) -> dict[str, str]:
+        for header in value.values():
+            if not re.match(r"^[A-Za-z0-9-]+$", header):
+                raise ValueError(f"{header!r} is not a header name")
+        return value
+
+    @model_validator(mode="after")
+    def _key_sources(self) -> JwtSettings:
+        if self.jwks_file is not None and self.jwks_url is not None:
+            raise ValueError("jwks_file and jwks_url are exclusive: give one")
+        asymmetric = [a for a in self.algorithms if a != "HS256"]
+        if asymmetric and self.jwks_file is None and self.jwks_url is None:
+            raise ValueError(f"{', '.join(asymmetric)} needs jwks_file or jwks_url")
+        if "HS256" in self.algorithms and self.secret_env is None:
+            raise ValueError("HS256 needs secret_env (the variable holding the shared secret)")
+        if self.jwks_url is not None and not self.jwks_url.startswith(("https://", "http://")):
+            raise ValueError("jwks_url must be an http(s) URL")
+        return self
+
+
+class AuthSettings(Model):
+    """The `auth:` block: API keys and JWT, for the routes that ask for them."""
+
+    # API-key auth for routes with auth: api_key; default none
+    api_keys: ApiKeySettings | None = None
+    jwt: JwtSettings | None = None  # JWT auth for routes with auth: jwt; default none
+
+
+class CorsSettings(Model):
+    """A `cors:` block, global or per route (`routes[].cors`)."""
+
+    allow_origins: tuple[str, ...] = ()  # origins allowed, or *; default none
+    allow_methods: tuple[str, ...] = ("GET",)  # methods a preflight allows, or *; default [GET]
+    # non-safelisted request headers allowed, or * (mirrors the request); default none
+    allow_headers: tuple[str, ...] = ()
+    expose_headers: tuple[str, ...] = ()  # response headers a browser may read; default none
+    # cookies and auth allowed (the origin is echoed); default false
+    allow_credentials: bool = False
+    max_age: Duration = 600.0  # seconds a browser caches a preflight answer; default 10m
+
+
+def _template_is_valid(template: str) -> None:
+    """Raise ValueError when Starlette cannot compile the template (unknown convertor...)."""
+    try:
+        compile_path(template)
+    except (AssertionError, ValueError) as exc:
+        raise ValueError(str(exc) or f"invalid path template {template!r}") from exc
+
+
+def _template_params(template: str) -> list[str]:
+    return [m.group(1) for m in PARAM_REGEX.finditer(template)]
+
+
+class BackendSettings(Model):
+    """One entry of `routes[].aggregate.backends`: a backend call and its merge."""
+
+    upstream: str  # name of the upstream called; required
+    path: str  # path template over the route's parameters, may carry a query; required
+    # nest the backend's JSON under this key; default none (merge its fields)
+    key: str | None = None
+    required: bool = False  # a failure of this backend fails the whole request; default false
+    # seconds this backend may take, within the route deadline; default none (the deadline)
+    timeout: Duration | None = None
+    fields: tuple[str, ...] | None = None  # top-level fields kept; default none (all kept)
+    # top-level fields renamed {old: new}, after fields; default none
+    rename: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError("a backend path must start with /")
+        return value
+
+
+class AggregateSettings(Model):
+    """The `routes[].aggregate:` block: backends fanned out to and merged."""
+
+    # allow: 200 without failed non-required backends; fail: any failure fails; default allow
+    partial: Literal["allow", "fail"] = "allow"
+    # bytes of each backend's body; more fails that backend; default 10MiB
+    max_response_size: Size = 10 * MiB
+    # backends called concurrently (1-32); required
+    backends: tuple[BackendSettings, ...] = Field(min_length=1, max_length=32)
+
+    @model_validator(mode="after")
+    def _unique_keys(self) -> AggregateSettings:
+        keys = [b.key for b in self.backends if b.key is not None]
+        dupes = sorted({k for k in keys if keys.count(k) > 1})
+        if dupes:
+            raise ValueError(f"backend keys must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+
+class RouteSettings(Model):
+    """One `routes[]` entry: what it matches and where it sends the request."""
+
+    name: str = Field(min_length=1)  # unique route name (metrics, logs, errors); required
+    path: str  # Starlette-style path template, e.g. /users/{id}; required
+    # HTTP methods allowed (HEAD wherever GET); default none (any)
+    methods: tuple[str, ...] | None = None
+    # Host matched, exact or *.example.com, port ignored; default none (any)
+    host: str | None = None
+    upstream: str | None = None  # name of the upstream proxied to; required unless aggregate
+    # path template sent upstream instead of the path; default none (unchanged)
+    rewrite: str | None = None
+    # send the client's Host upstream instead of the target's; default false
+    preserve_host: bool = False
+    # seconds of the route deadline: queueing, every try and backend; default 15s
+    timeout: Duration = 15.0
+    retry_non_idempotent: bool = False  # retry POST/PATCH too (opt-in); default false
+    # aggregate routes: send Authorization to every backend; default true
+    forward_authorization: bool = True
+    # send the API key header upstream (auth: api_key removes it); default false
+    forward_api_key: bool = False
+    # token-bucket rate limit of this route; default none (unlimited)
+    rate_limit: RateLimitSettings | None = None
+    # authentication required: none | api_key | jwt; default none
+    auth: Literal["none", "api_key", "jwt"] = "none"
+    # this route's CORS policy, replacing the global one; default none (the global)
+    cors: CorsSettings | None = None
+    # fan out to backends instead of proxying to upstream; default none
+    aggregate: AggregateSettings | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError("a route path must start with /")
+        _template_is_valid(value)
+        return value
+
+    @field_validator("rewrite")
+    @classmethod
+    def _rewrite(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.startswith("/"):
+            raise ValueError("a rewrite must start with /")
+        if "?" in value or "#" in value:
+            raise ValueError(
+                "a rewrite is a path only: the client's query string is forwarded as it is"
+            )
+        return value
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is None:
+            return None
+        upper = tuple(m.upper() for m in value)
+        unknown = [m for m in upper if m not in HTTP_METHODS]
+        if unknown:
+            raise ValueError(f"unknown HTTP method(s): {', '.join(unknown)}")
+        if not upper:
+            raise ValueError("methods cannot be empty; omit it to allow every method")
+        return upper
+
+    @field_validator("timeout")
+    @classmethod
+    def _timeout(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("a route timeout must be positive")
+        return value
+
+    @model_validator(mode="after")
+    def _shape(self) -> RouteSettings:
+        if self.aggregate is None and self.upstream is None:
+            raise ValueError("a route needs an upstream (or an aggregate)")
+        if self.aggregate is not None and self.rewrite is not None:
+            raise ValueError("rewrite does not apply to an aggregate route")
+        params = set(_template_params(self.path))
+        for template in [self.rewrite] + [
+            b.path for b in (self.aggregate.backends if self.aggregate else ())
+        ]:
+            if template is None:
+                continue
+            missing = [p for p in _template_params(template) if p not in params]
+            if missing:
+                raise ValueError(
+                    f"template {template!r} uses {', '.join(missing)}, "
+                    f"which the path {self.path!r} does not define"
+                )
+        return self
+
+
+class GatewaySettings(BaseSettings):
+    """The whole file. Environment variables `GATEWAY_<SECTION>__<FIELD>` override it."""
+
+    model_config = SettingsConfigDict(
+        extra="forbid",
+        frozen=True,
+        env_prefix="GATEWAY_",
+        env_nested_delimiter="__",
+        nested_model_default_partial_update=True,
+    )
+
+    server: ServerSettings = ServerSettings()  # the `server:` block; default every server default
+    # upstreams by name; default none
+    upstreams: dict[str, UpstreamSettings] = Field(default_factory=dict)
+    routes: tuple[RouteSettings, ...] = ()  # routes, tried in file order; default none
+    # memory (per process) or {redis: URL} shared by replicas; default memory
+    rate_limit_store: Literal["memory"] | RedisStore = "memory"
+    auth: AuthSettings | None = None  # credentials for api_key and jwt routes; default none
+    cors: CorsSettings | None = None  # global CORS policy for every route; default none (no CORS)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment wins over the file, as operators expect of GATEWAY_SERVER__PORT.
+        return env_settings, init_settings

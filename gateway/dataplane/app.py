@@ -1,0 +1,306 @@
+"""The data plane: one pure ASGI callable, built once, that proxies every request.
+
+A request's life, in Pingora's phases: match the route, build the upstream request
+(headers, body, deadline), run the route's handler chain, stream the response back,
+and in every case end in one place that records what happened. Gateway errors become
+problem+json in one place (`send_problem`); nothing else ever reaches the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+
+from gateway.dataplane.bodies import REPLAY_LIMIT, BodyReader, send_problem, send_response
+from gateway.dataplane.headers import IncomingHeaders, add_forwarded, http_date, parse_incoming
+from gateway.dataplane.logphase import LoggingPhase
+from gateway.dataplane.phases import deadline_for, enrich, request_filter
+from gateway.dataplane.routes import Route
+from gateway.dataplane.routing import normalize_path
+from gateway.dataplane.state import Exchange, GatewayState, RuntimeView
+from gateway.dataplane.websocket import proxy_websocket
+from gateway.errors import (
+    BadRequest,
+    BodyTooLarge,
+    ClientClosedRequest,
+    GatewayError,
+    InternalError,
+    RequestTimeout,
+    ShuttingDown,
+)
+from gateway.policies.expiry import Expiry
+from gateway.types import GatewayRequest, GatewayResponse, Receive, Scope, Send
+
+__all__ = ["DataPlane"]
+
+log = logging.getLogger("gateway.app")
+
+# A host (reg-name, IPv4 or bracketed IPv6) with an optional port: RFC 3986's shape.
+_SANE_HOST = re.compile(r"^(?:[A-Za-z0-9._~!$&'()*+,;=%-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$")
+
+
+class DataPlane:
+    """The ASGI callable of the data listener: `http` and `websocket` scopes, one
+    request path for proxy and aggregate routes alike, one logging phase."""
+
+    def __init__(
+        self, state: GatewayState[RuntimeView], *, body_timeout: float | None = None
+    ) -> None:
+        self.state = state
+        self.body_timeout = body_timeout  # the longest pause between request body chunks
+        self.phase = LoggingPhase(state)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+        elif scope["type"] == "websocket":
+            exchange = Exchange(time.monotonic(), "GET", scope["path"], "")
+            runtime = self.state.runtime
+            try:
+                await proxy_websocket(self.state, scope, receive, send, exchange)
+            finally:
+                self.phase.finish(exchange, scope.get("client"), runtime)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        runtime = self.state.runtime
+        incoming = parse_incoming(scope["headers"])
+        raw_path = scope.get("raw_path")
+        path = raw_path.decode("latin-1") if raw_path else scope["path"]
+        exchange = Exchange(time.monotonic(), scope["method"], path, incoming.request_id)
+        if runtime is not None:
+            runtime.active += 1
+        try:
+            await self._serve(runtime, path, scope, receive, send, incoming, exchange)
+        finally:
+            if runtime is not None:
+                runtime.leave()
+            self.phase.finish(exchange, scope.get("client"), runtime)
+
+    async def _serve(
+        self,
+        runtime: RuntimeView | None,
+        path: str,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        incoming: IncomingHeaders,
+        exchange: Exchange,
+    ) -> None:
+        try:
+            if self.state.draining or runtime is None:
+                raise ShuttingDown("the gateway is draining; retry on another instance")
+            if incoming.framing_error is not None:
+                # Never forwarded: the body's framing (or the Host) is ambiguous, so the
+                # connection cannot be trusted for another request either.
+                raise BadRequest(incoming.framing_error, headers=[(b"connection", b"close")])
+            version = scope.get("http_version")
+            if version not in ("1.0", "1.1"):
+                raise BadRequest(
+                    f"HTTP/{version} is not served", headers=[(b"connection", b"close")]
+                )
+            if version == "1.1" and not _SANE_HOST.match(incoming.host):
+                # RFC 9112 3.2: a request without exactly one valid Host is a 400.
+                raise BadRequest(
+                    "a missing or invalid Host header", headers=[(b"connection", b"close")]
+                )
+            if incoming.chunked and version == "1.0":
+                raise BadRequest(
+                    "Transfer-Encoding is not defined for HTTP/1.0",
+                    headers=[(b"connection", b"close")],
+                )
+            path = normalize_path(path)
+            match = runtime.router.match(incoming.host, scope["method"], path)
+            route = match.route
+            exchange.route = route.name
+            exchange.upstream = route.upstream
+            if route.filters and await self._filter(route, scope, send, incoming, exchange):
+                return
+            if route.rewrite is not None:
+                path = route.rewrite.fill(match.params)
+            await self._proxy(route, path, match.params, scope, receive, send, incoming, exchange)
+        except GatewayError as exc:
+            await self._fail(send, exc, exchange)
+        except Exception as exc:  # a bug: log it whole, tell the client nothing about it
+            log.exception("unexpected error serving %s %s", exchange.method, exchange.path)
+            await self._fail(send, InternalError("unexpected gateway error"), exchange)
+            del exc
+
+    async def _filter(
+        self,
+        route: Route,
+        scope: Scope,
+        send: Send,
+        incoming: IncomingHeaders,
+        exchange: Exchange,
+    ) -> bool:
+        """The request-filter phase. True when a filter answered the request itself."""
+        early = await request_filter(route, scope, scope["method"], incoming, exchange)
+        if early is None:
+            return False
+        headers = [
+            *early.headers,
+            *(exchange.extra_headers or ()),
+            (b"content-length", str(len(early.body)).encode()),
+            (b"x-request-id", exchange.request_id.encode("ascii")),
+            (b"date", http_date()),
+        ]
+        exchange.status = early.status
+        exchange.response_started = True
+        exchange.bytes_out = len(early.body)
+        await send({"type": "http.response.start", "status": early.status, "headers": headers})
+        await send({"type": "http.response.body", "body": early.body})
+        return True
+
+    async def _fail(self, send: Send, error: GatewayError, exchange: Exchange) -> None:
+        exchange.error = error.code
+        if isinstance(error, ClientClosedRequest):
+            exchange.status = exchange.status or error.status
+            return  # nobody is listening
+        if exchange.response_started:
+            return  # too late for an error document: ending early aborts the connection
+        enrich(error, exchange)
+        exchange.response_started = True
+        exchange.bytes_out = await send_problem(
+            send, error, exchange.request_id, exchange.extra_headers
+        )
+
+    async def _proxy(
+        self,
+        route: Route,
+        path: str,
+        params: dict[str, str],
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        incoming: IncomingHeaders,
+        exchange: Exchange,
+    ) -> None:
+        length = incoming.content_length
+        reads_body = route.reads_body
+        if length is not None and length > route.max_body_size and reads_body:
+            raise BodyTooLarge(
+                f"Content-Length {length} exceeds max_body_size ({route.max_body_size} bytes)"
+            )
+        deadline = deadline_for(route.timeout, incoming)
+        add_forwarded(incoming, scope, route.trusted_proxies)
+        reader = BodyReader(receive, route.max_body_size, self.body_timeout)
+        request = GatewayRequest(
+            method=scope["method"],
+            path=path,
+            query=scope.get("query_string", b""),
+            headers=incoming.upstream,
+            deadline=deadline,
+            request_id=incoming.request_id,
+            route=route.name,
+            host=incoming.host if route.preserve_host else None,
+            params=params,
+        )
+        if reads_body and ((length or 0) > 0 or incoming.chunked):
+            if length is not None and length <= REPLAY_LIMIT:
+                try:
+                    with Expiry(max(deadline.remaining(), 0)):
+                        request.body = await reader.read_all()
+                except TimeoutError:
+                    raise RequestTimeout(
+                        "the request body did not arrive within the deadline",
+                        headers=[(b"connection", b"close")],
+                    ) from None
+            else:
+                request.stream = reader.stream()
+                request.source = reader
+        else:
+            reader.done = True
+
+        response: GatewayResponse | None = None
+        async with _CancelOnDisconnect(reader, exchange):
+            try:
+                try:
+                    response = await route.handler(request)
+                except GatewayError:
+                    if reader.error is not None:
+                        raise reader.error from None
+                    raise
+                exchange.target = response.target
+                exchange.status = response.status
+                exchange.response_started = True
+                await self._stream(send, response, reader, exchange)
+            finally:
+                if response is not None:
+                    await response.close()
+
+    async def _stream(
+        self, send: Send, response: GatewayResponse, reader: BodyReader, exchange: Exchange
+    ) -> None:
+        rid = exchange.request_id.encode("ascii")
+        try:
+            exchange.bytes_out = await send_response(
+                send, response, rid, reader, exchange.extra_headers
+            )
+        except GatewayError as exc:
+            # The upstream failed mid-body: the status line is gone, so the only honest
+            # signal left is to end the connection without completing the response.
+            exchange.error = exc.code
+            log.warning(
+                "upstream body failed after the response started: %s",
+                exc.detail,
+                extra={"request_id": exchange.request_id, "route": exchange.route},
+            )
+
+
+class _CancelOnDisconnect:
+    """While the body runs, a watcher cancels this task if the client goes away; the
+    resulting CancelledError is swallowed here so the request simply ends (the upstream
+    request it cancelled has released its connection on the way out).
+
+    The watcher task starts only once the exchange has lasted `WATCH_AFTER` seconds:
+    most requests finish sooner, and a timer is far cheaper than a task per request."""
+
+    WATCH_AFTER = 0.1
+
+    __slots__ = ("_exchange", "_reader", "_task", "_timer", "_watcher")
+
+    def __init__(self, reader: BodyReader, exchange: Exchange) -> None:
+        self._reader = reader
+        self._exchange = exchange
+        self._watcher: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> None:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task(loop)
+        assert task is not None
+        self._task = task
+        self._timer = loop.call_later(self.WATCH_AFTER, self._watch)
+
+    def _watch(self) -> None:
+        self._watcher = asyncio.create_task(self._reader.watch_disconnect(self._task))
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, *_: object) -> bool:
+        self._timer.cancel()
+        watcher = self._watcher
+        if watcher is None:
+            return False
+        watcher.cancel()
+        if (
+            exc_type is asyncio.CancelledError
+            and watcher.done()
+            and not watcher.cancelled()
+            and self._task.cancelling()
+        ):
+            self._task.uncancel()
+            self._exchange.error = "client_disconnected"
+            return True
+        return False
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

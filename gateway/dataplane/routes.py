@@ -1,0 +1,31 @@
+"""A compiled route: everything the request path needs of it, precomputed by the
+factory (`gateway/build/factory.py`). Proxy and aggregate routes are the same record:
+what differs is the handler (an upstream's policy chain, or the fan-out)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gateway.dataplane.routing import CompiledTemplate
+from gateway.edge import RequestFilter
+from gateway.types import Handler, IPNetwork
+
+__all__ = ["Route"]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One route of the table. `upstream` is None for an aggregate route, whose
+    backends each name their own; such a route reads no request body (its backends
+    are called with GET) and cannot be upgraded to a WebSocket."""
+
+    name: str
+    upstream: str | None
+    handler: Handler
+    rewrite: CompiledTemplate | None  # the upstream path template, if the route rewrites
+    timeout: float  # seconds: the route deadline, which X-Request-Timeout-Ms can shorten
+    preserve_host: bool  # send the client's Host upstream instead of the target's
+    max_body_size: int  # bytes of request body accepted
+    trusted_proxies: tuple[IPNetwork, ...]  # peers whose X-Forwarded-* are believed
+    filters: tuple[RequestFilter, ...] = ()  # the request-filter phase, in order
+    reads_body: bool = True  # False: the body is never read nor forwarded (aggregate)

@@ -1,0 +1,581 @@
+"""WebSocket proxying: an upgrade on a route becomes a second WebSocket to the upstream
+(the `websockets` package as client), and messages are relayed both ways until either
+side closes. Caddy keeps this in `streaming.go`; here it is one module with three phases:
+
+1. handshake: route, the request-filter phase (auth, rate limits), the deadline (the
+   route's, shortened by X-Request-Timeout-Ms), bulkhead slot, circuit breaker, then
+   the upstream's opening handshake. Only when the upstream said 101 is the client accepted,
+   with the subprotocol the upstream chose. Any refusal before that is an HTTP answer to
+   the client (the ASGI `websocket.http.response` extension): the gateway's own errors as
+   problem+json, the upstream's own 3xx/4xx/5xx as they came.
+2. relay: one task per direction; text stays text, binary stays binary. Each side's
+   keepalive pings are the library's business (uvicorn's towards the client, the
+   `websockets` client's towards the upstream); pings are answered hop by hop.
+3. close: whichever side closed first, its code and reason are passed to the other,
+   mapped only where RFC 6455 forbids sending them (`client_close`, `upstream_close`).
+   The bulkhead slot and the target's in-flight count are held until both ends are shut.
+
+The phases it shares with plain requests (`phases.py`: filters, deadline, error
+enrichment) and the logging phase that ends it are the data plane's own; only the
+handshake and relay are WebSocket's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, cast
+from urllib.parse import urlsplit
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import (
+    ConnectionClosed,
+    InvalidHandshake,
+    InvalidStatus,
+    InvalidURI,
+)
+from websockets.frames import EXTERNAL_CLOSE_CODES, Close, CloseCode
+from websockets.http11 import Response
+from websockets.protocol import State
+from websockets.typing import Subprotocol
+
+from gateway.dataplane.headers import (
+    IncomingHeaders,
+    add_forwarded,
+    parse_incoming,
+    response_headers,
+)
+from gateway.dataplane.phases import deadline_for, enrich, request_filter
+from gateway.dataplane.routes import Route
+from gateway.dataplane.routing import normalize_path
+from gateway.dataplane.state import Exchange, GatewayState, RuntimeView, UpgradeUpstream
+from gateway.errors import (
+    BadRequest,
+    GatewayError,
+    InternalError,
+    ShuttingDown,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    UpstreamUnhealthy,
+    problem_response,
+)
+from gateway.policies.breaker import FAILURE_OUTCOMES, CircuitBreaker, Ticket
+from gateway.types import Deadline, Headers, Message, Receive, Scope, Send
+from gateway.upstream.target import Target
+
+__all__ = [
+    "CLOSE_TIMEOUT",
+    "KEEPALIVE_INTERVAL",
+    "MAX_MESSAGE_SIZE",
+    "UpstreamRejected",
+    "client_close",
+    "map_websocket_errors",
+    "proxy_websocket",
+    "upstream_close",
+]
+
+log = logging.getLogger("gateway.websocket")
+
+# The largest message accepted from the upstream: uvicorn's default `ws_max_size` on the
+# client side, so one limit holds in both directions. A bigger message fails its side
+# with 1009 (message too big).
+MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+# Keepalive pings to the upstream (and how long a pong may take): the same as uvicorn's
+# towards the client, so a dead peer on either side is noticed within ~40 s.
+KEEPALIVE_INTERVAL = 20.0
+# How long a closing handshake with the upstream may take before the TCP connection
+# is simply dropped.
+CLOSE_TIMEOUT = 5.0
+
+_HTTP_RESPONSE_EXTENSION = "websocket.http.response"
+# Request headers the `websockets` client writes itself; the client's own values
+# belong to the client's hop (its key, version, extensions) or are sent re-negotiated.
+_HANDSHAKE_HEADERS = (b"sec-websocket-",)
+# Upstream 101 headers the gateway's server side writes itself.
+_ACCEPT_DROP = frozenset(
+    {
+        b"connection",
+        b"upgrade",
+        b"date",
+        b"server",
+        b"content-length",
+        b"transfer-encoding",
+        b"x-request-id",
+    }
+)
+_GOING_AWAY = (int(CloseCode.GOING_AWAY), "")
+_ABNORMAL = (int(CloseCode.BAD_GATEWAY), "upstream closed the connection abnormally")
+
+
+class UpstreamRejected(Exception):
+    """The upstream answered the upgrade with its own HTTP error (or redirect); the
+    client gets that answer as it came, as it would for a plain request."""
+
+    def __init__(self, response: Response) -> None:
+        super().__init__(f"upstream answered {response.status_code}")
+        self.response = response
+
+
+def _sendable(code: int) -> bool:
+    return code in EXTERNAL_CLOSE_CODES or 3000 <= code < 5000
+
+
+def client_close(code: int, reason: str) -> tuple[int, str]:
+    """The close the upstream gets for the client's `websocket.disconnect`. 1005 and
+    1006 (no code: a code-less close frame or a dropped connection, which uvicorn
+    cannot always tell apart) may not be sent, and become 1001 Going Away."""
+    if _sendable(code):
+        return code, reason
+    return _GOING_AWAY
+
+
+def upstream_close(received: Close | None) -> tuple[int, str]:
+    """The close the client gets when the upstream ended the connection. A close frame
+    without a code is a normal closure (1000); no close frame at all (the connection
+    dropped, a keepalive timeout) is 1014 Bad Gateway."""
+    if received is None:
+        return _ABNORMAL
+    if received.code == CloseCode.NO_STATUS_RCVD:
+        return int(CloseCode.NORMAL_CLOSURE), ""
+    if _sendable(received.code):
+        return received.code, received.reason
+    return _ABNORMAL
+
+
+@contextmanager
+def map_websocket_errors(upstream: str, target: str) -> Iterator[None]:
+    """Translate the `websockets` client's handshake failures into the gateway's errors
+    (the counterpart of `map_httpx_errors`); details never name the target address."""
+    try:
+        yield
+    except InvalidStatus as exc:
+        status = exc.response.status_code
+        log.debug("upstream refused the upgrade with %d", status, extra={"target": target})
+        if status >= 300:
+            raise UpstreamRejected(exc.response) from exc
+        raise UpstreamUnavailable(
+            f"upstream {upstream!r} did not accept the WebSocket upgrade (it answered {status})",
+            upstream=upstream,
+            outcome="reset",
+        ) from exc
+    except TimeoutError as exc:  # before OSError: TimeoutError is one
+        raise UpstreamTimeout(
+            f"upstream {upstream!r} did not complete the WebSocket handshake in time",
+            upstream=upstream,
+        ) from exc
+    except OSError as exc:
+        log.debug("upstream connect failed: %s", exc, extra={"target": target})
+        raise UpstreamUnavailable(
+            f"cannot connect to upstream {upstream!r}", upstream=upstream, outcome="connect_error"
+        ) from exc
+    except (InvalidHandshake, ConnectionClosed) as exc:
+        log.debug("upstream handshake failed: %s", exc, extra={"target": target})
+        raise UpstreamUnavailable(
+            f"upstream {upstream!r} failed the WebSocket handshake",
+            upstream=upstream,
+            outcome="reset",
+        ) from exc
+
+
+class _Connect(connect):
+    """`connect` that never follows a redirect: a proxy relays the upstream's 3xx to
+    the client (as `UpstreamRejected`) rather than chasing it itself."""
+
+    def process_redirect(self, exc: Exception) -> Exception | str:
+        return exc
+
+
+@dataclass(slots=True)
+class _Ends:
+    """How the relay ended, as the two directions found out."""
+
+    client_close: tuple[int, str] | None = None  # from the client's websocket.disconnect
+    client_gone: bool = False  # sending to the client failed: it is not there any more
+    failed: bool = False  # the relay itself broke (a bug)
+    bytes_down: int = 0
+
+
+async def proxy_websocket(
+    state: GatewayState[RuntimeView], scope: Scope, receive: Receive, send: Send, exchange: Exchange
+) -> None:
+    """Serve one `websocket` scope; `exchange` is filled for the logging phase."""
+    incoming = parse_incoming(scope["headers"])
+    raw_path = scope.get("raw_path")
+    path = raw_path.decode("latin-1") if raw_path else scope["path"]
+    exchange.path = path
+    exchange.request_id = incoming.request_id
+    if (await receive())["type"] != "websocket.connect":
+        return  # the client left before the handshake reached the application
+    runtime = state.runtime
+    try:
+        if state.draining or runtime is None:
+            raise ShuttingDown("the gateway is draining; retry on another instance")
+        await _serve(runtime, path, scope, receive, send, incoming, exchange)
+    except GatewayError as exc:
+        await _refuse_with_problem(scope, send, exc, exchange)
+    except UpstreamRejected as exc:
+        await _relay_rejection(scope, send, exc.response, exchange)
+    except Exception:  # a bug: log it whole, tell the client nothing about it
+        log.exception("unexpected error serving WebSocket %s", exchange.path)
+        if not exchange.response_started:
+            error = InternalError("unexpected gateway error")
+            await _refuse_with_problem(scope, send, error, exchange)
+
+
+async def _serve(
+    runtime: RuntimeView,
+    path: str,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    incoming: IncomingHeaders,
+    exchange: Exchange,
+) -> None:
+    match = runtime.router.match(incoming.host, "GET", normalize_path(path))
+    route = match.route
+    exchange.route = route.name
+    if route.upstream is None:
+        raise BadRequest(f"aggregate route {route.name!r} cannot be upgraded to a WebSocket")
+    exchange.upstream = route.upstream
+    if route.filters:
+        early = await request_filter(route, scope, "GET", incoming, exchange)
+        if early is not None:  # answered by a filter instead of upgrading
+            headers = [
+                *early.headers,
+                *(exchange.extra_headers or ()),
+                (b"x-request-id", exchange.request_id.encode("ascii")),
+            ]
+            await _refuse(scope, send, early.status, headers, early.body, exchange)
+            return
+    if route.rewrite is not None:
+        path = route.rewrite.fill(match.params)
+    upstream = runtime.upstreams[route.upstream]
+    # X-Forwarded-Proto names the HTTP scheme the upgrade came in on (as nginx's $scheme).
+    forwarded_scope = {
+        "client": scope.get("client"),
+        "scheme": "https" if scope.get("scheme") == "wss" else "http",
+    }
+    add_forwarded(incoming, forwarded_scope, route.trusted_proxies)
+    deadline = deadline_for(route.timeout, incoming)
+    await upstream.bulkhead.acquire(deadline, route.name)
+    try:
+        ws, target = await _open(upstream, route, path, scope, incoming, deadline)
+        await _session(ws, target, receive, send, exchange)
+    finally:
+        upstream.bulkhead.release()
+
+
+def _upstream_headers(incoming: IncomingHeaders) -> list[tuple[str, str]]:
+    return [
+        (name.decode("latin-1"), value.decode("latin-1"))
+        for name, value in incoming.upstream
+        if not name.startswith(_HANDSHAKE_HEADERS)
+    ]
+
+
+async def _open(
+    upstream: UpgradeUpstream,
+    route: Route,
+    path: str,
+    scope: Scope,
+    incoming: IncomingHeaders,
+    deadline: Deadline,
+) -> tuple[ClientConnection, Target]:
+    """The upstream's opening handshake. A target that refuses the TCP connection is
+    tried on the next one (up to `retries.attempts` more, as for plain requests), since
+    nothing was sent; every other failure is final. Each try passes the upstream's
+    circuit breaker, as a plain request's does, and counts in it the same way: a
+    refused, reset or timed-out handshake and a 5xx answer as failures."""
+    tries = upstream.connect_tries
+    breaker = upstream.breaker
+    tried: set[str] = set()
+    headers = _upstream_headers(incoming)
+    offered = scope.get("subprotocols") or None
+    query = scope.get("query_string", b"")
+    error: UpstreamError | None = None
+    for _ in range(tries):
+        try:
+            target = upstream.pick(tried)
+        except UpstreamUnhealthy:
+            if error is None:
+                raise
+            break  # the rest went unhealthy meanwhile: report the connect error
+        if target.url in tried:
+            break  # every target has had its try
+        tried.add(target.url)
+        ticket = breaker.admit(route.name) if breaker is not None else None
+        started = time.monotonic()
+        try:
+            with map_websocket_errors(upstream.name, target.url):
+                remaining = deadline.remaining()
+                if remaining <= 0:
+                    raise TimeoutError
+                ws = await _connector(
+                    target,
+                    path,
+                    query,
+                    incoming.host if route.preserve_host else None,
+                    headers,
+                    offered,
+                    remaining,
+                )
+        except UpstreamRejected as exc:
+            status = exc.response.status_code
+            upstream.stats.record(_status_class(status), _since(started))
+            _settle(breaker, ticket, status >= 500)
+            raise
+        except UpstreamError as exc:
+            upstream.stats.record(exc.outcome, _since(started))
+            _settle(breaker, ticket, True if exc.outcome in FAILURE_OUTCOMES else None)
+            if exc.outcome != "connect_error" or deadline.expired():
+                raise
+            error = exc
+            continue
+        except BaseException:
+            _settle(breaker, ticket, None)  # cancelled (the client left, a drain): no verdict
+            raise
+        upstream.stats.record("1xx", _since(started))
+        _settle(breaker, ticket, False)
+        return ws, target
+    assert error is not None  # the first try either returned or raised or set it
+    raise error
+
+
+def _connector(
+    target: Target,
+    path: str,
+    query: bytes,
+    host: str | None,
+    headers: list[tuple[str, str]],
+    offered: list[str] | None,
+    open_timeout: float,
+) -> _Connect:
+    """The `connect` call for one try. The TCP connection always goes to the target;
+    the URI's authority (the Host header) is the client's when the route preserves it."""
+    base = urlsplit(target.base)
+    secure = base.scheme == "https"
+    authority = host or base.netloc
+    uri = f"{'wss' if secure else 'ws'}://{authority}{base.path}{path}"
+    if query:
+        uri += "?" + query.decode("latin-1")
+    port = base.port or (443 if secure else 80)
+    tls: dict[str, Any] = {"server_hostname": base.hostname} if secure else {}
+    try:
+        return _Connect(
+            uri,
+            subprotocols=cast("list[Subprotocol] | None", offered),
+            compression=None,  # the client's hop negotiates its own; this one is internal
+            additional_headers=headers,
+            user_agent_header=None,  # the client's User-Agent is forwarded instead
+            proxy=None,  # never through $HTTP_PROXY and friends
+            open_timeout=open_timeout,
+            ping_interval=KEEPALIVE_INTERVAL,
+            ping_timeout=KEEPALIVE_INTERVAL,
+            close_timeout=CLOSE_TIMEOUT,
+            max_size=MAX_MESSAGE_SIZE,
+            host=base.hostname,
+            port=port,
+            **tls,
+        )
+    except InvalidURI as exc:
+        raise BadRequest("the Host header cannot be forwarded to the upstream") from exc
+
+
+async def _session(
+    ws: ClientConnection,
+    target: Target,
+    receive: Receive,
+    send: Send,
+    exchange: Exchange,
+) -> None:
+    """From the upstream's 101 to both ends being shut. The connection counts in its
+    target's in-flight figure (what `least_inflight` balances on) while it lives; not in
+    the `gateway_upstream_inflight` gauge, which a reload may reset under it."""
+    target.inflight += 1
+    ends = _Ends()
+    try:
+        try:
+            await send(
+                {
+                    "type": "websocket.accept",
+                    "subprotocol": ws.subprotocol,
+                    "headers": _accept_headers(ws, exchange),
+                }
+            )
+        except OSError:  # uvicorn's ClientDisconnected: it left while we were connecting
+            ends.client_gone = True
+            exchange.error = "client_disconnected"
+            return
+        exchange.status = 101
+        exchange.target = target.url
+        exchange.response_started = True
+        try:
+            await _relay(ws, receive, send, ends)
+        except Exception:  # a bug: log it whole, end both sides with 1011
+            log.exception("unexpected error relaying WebSocket %s", exchange.path)
+            exchange.error = "internal_error"
+            ends.failed = True
+    finally:
+        exchange.bytes_out = ends.bytes_down
+        try:
+            await _shut(ws, send, ends, exchange)
+        finally:
+            target.inflight -= 1
+
+
+def _accept_headers(ws: ClientConnection, exchange: Exchange) -> Headers:
+    """The upstream's 101 headers (cookies, its own fields), minus what the gateway's
+    server side writes itself, plus the request ID and the filters' headers."""
+    headers: Headers = [(b"x-request-id", exchange.request_id.encode("ascii"))]
+    if ws.response is not None:
+        for name, value in ws.response.headers.raw_items():
+            key = name.lower().encode("latin-1")
+            if key not in _ACCEPT_DROP and not key.startswith(_HANDSHAKE_HEADERS):
+                headers.append((key, value.encode("latin-1")))
+    if exchange.extra_headers:
+        headers.extend(exchange.extra_headers)
+    return headers
+
+
+async def _relay(ws: ClientConnection, receive: Receive, send: Send, ends: _Ends) -> None:
+    """Pump both directions until one of them ends, then stop the other."""
+    pumps = (
+        asyncio.create_task(_client_to_upstream(ws, receive, ends)),
+        asyncio.create_task(_upstream_to_client(ws, send, ends)),
+    )
+    try:
+        await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for pump in pumps:
+            pump.cancel()
+        outcomes = await asyncio.gather(*pumps, return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, Exception):
+            raise outcome
+
+
+async def _client_to_upstream(ws: ClientConnection, receive: Receive, ends: _Ends) -> None:
+    while True:
+        message = await receive()
+        kind = message["type"]
+        if kind == "websocket.receive":
+            text = message.get("text")
+            try:
+                await ws.send(text if text is not None else message.get("bytes") or b"")
+            except ConnectionClosed:
+                return  # the other pump reports how the upstream closed
+        elif kind == "websocket.disconnect":
+            ends.client_close = (message.get("code", 1005), message.get("reason") or "")
+            return
+
+
+async def _upstream_to_client(ws: ClientConnection, send: Send, ends: _Ends) -> None:
+    while True:
+        try:
+            data = await ws.recv()
+        except ConnectionClosed:
+            return
+        out: Message
+        if isinstance(data, str):
+            out = {"type": "websocket.send", "text": data}
+        else:
+            out = {"type": "websocket.send", "bytes": data}
+        try:
+            await send(out)
+        except OSError:  # uvicorn's ClientDisconnected
+            ends.client_gone = True
+            return
+        ends.bytes_down += len(data)  # payload length (characters, for text)
+
+
+async def _shut(ws: ClientConnection, send: Send, ends: _Ends, exchange: Exchange) -> None:
+    """Pass the first close on to the other side. Also runs when the task is cancelled
+    (uvicorn giving up at the end of a drain): the upstream is then told 1001."""
+    if ends.failed:
+        to_upstream = to_client = (int(CloseCode.INTERNAL_ERROR), "")
+    elif ends.client_close is not None or ends.client_gone or ws.state is not State.CLOSED:
+        # The client ended it (or we are being cancelled): it needs no close from us.
+        to_upstream = client_close(*ends.client_close) if ends.client_close else _GOING_AWAY
+        to_client = None
+    else:
+        received = ws.protocol.close_rcvd
+        if received is None:
+            exchange.error = "upstream_unavailable"
+        to_upstream, to_client = None, upstream_close(received)
+    if to_client is not None:
+        try:
+            await send({"type": "websocket.close", "code": to_client[0], "reason": to_client[1]})
+        except OSError:
+            pass  # the client is gone too
+    if to_upstream is not None:
+        try:
+            await ws.close(*to_upstream)  # bounded by CLOSE_TIMEOUT, then aborted
+        except BaseException:
+            ws.transport.abort()  # cancelled again mid-close: drop the connection now
+            raise
+
+
+async def _refuse(
+    scope: Scope, send: Send, status: int, headers: Headers, body: bytes, exchange: Exchange
+) -> None:
+    """Refuse the handshake with an HTTP answer where the server can send one, else by
+    closing before accepting (1008 for a refusal, 1011 for a failure; uvicorn turns
+    either into a bare 403)."""
+    exchange.status = status
+    exchange.response_started = True
+    exchange.bytes_out = len(body)
+    try:
+        if _HTTP_RESPONSE_EXTENSION in (scope.get("extensions") or {}):
+            headers = [*headers, (b"content-length", str(len(body)).encode())]
+            await send(
+                {"type": "websocket.http.response.start", "status": status, "headers": headers}
+            )
+            await send({"type": "websocket.http.response.body", "body": body})
+        else:
+            code = CloseCode.POLICY_VIOLATION if status < 500 else CloseCode.INTERNAL_ERROR
+            await send({"type": "websocket.close", "code": code})
+    except OSError:
+        exchange.error = exchange.error or "client_disconnected"
+
+
+async def _refuse_with_problem(
+    scope: Scope, send: Send, error: GatewayError, exchange: Exchange
+) -> None:
+    exchange.error = error.code
+    enrich(error, exchange)
+    headers, body = problem_response(
+        error, exchange.request_id, exchange.extra_headers, length=False
+    )
+    await _refuse(scope, send, error.status, headers, body, exchange)
+
+
+async def _relay_rejection(
+    scope: Scope, send: Send, response: Response, exchange: Exchange
+) -> None:
+    raw = [
+        (name.encode("latin-1"), value.encode("latin-1"))
+        for name, value in response.headers.raw_items()
+        if name.lower() != "content-length"
+    ]
+    headers = response_headers(raw, exchange.request_id.encode("ascii"))
+    if exchange.extra_headers:
+        headers.extend(exchange.extra_headers)
+    await _refuse(scope, send, response.status_code, headers, bytes(response.body), exchange)
+
+
+def _status_class(status: int) -> str:
+    return f"{status // 100}xx" if 100 <= status < 600 else "other"
+
+
+def _since(started: float) -> float:
+    return time.monotonic() - started
+
+
+def _settle(breaker: CircuitBreaker | None, ticket: Ticket | None, failed: bool | None) -> None:
+    if breaker is not None and ticket is not None:
+        breaker.record(ticket, failed)

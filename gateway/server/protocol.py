@@ -1,0 +1,480 @@
+"""The data plane's HTTP/1.1 protocol: uvicorn's httptools protocol plus the client
+limits neither uvicorn nor httptools (llhttp) enforce on their own.
+
+llhttp already refuses ambiguous framing (Content-Length with Transfer-Encoding,
+duplicate or non-numeric lengths, unknown codings, obs-fold, control characters) and
+uvicorn answers those with its plain `400` and closes. What is missing there, and added
+here per connection:
+
+- the head (request line and headers) is bounded in size and count: a target longer
+  than `max_request_line` is `414`, headers beyond `max_header_size` or
+  `max_header_count` are `431`, both answered once and the connection closed;
+- a head must be complete within `header_timeout` of the connection opening or of its
+  first byte (slowloris): a connection that sent nothing is closed quietly, one that
+  sent part of a head gets `408` and is closed;
+- the idle time between requests is `keepalive_timeout` (uvicorn's own timer, with
+  sub-second precision);
+- beyond `max_client_connections` open connections in this worker, a new connection's
+  first request is answered `503 too_many_connections` at once and the connection
+  closed, so one client holding thousands of sockets cannot starve the event loop;
+- the trailer section of a chunked body is bounded like a head (Envoy applies its
+  header limits to trailers too): more than `max_header_count` fields or more than
+  `max_header_size` bytes of them, or `max_header_size + 4KiB` raw bytes after the
+  last chunk without the section ending, is `431` and the connection closed.
+
+Every refusal made here (these, and uvicorn's plain `400` for a request llhttp refuses)
+is counted, logged and shown on the status page by the data plane's logging phase
+(`gateway/dataplane/logphase.py`), as every request it serves is. A refusal in the middle of a
+body (a bad chunk, an oversized trailer) is answered only if that request's response
+has not started, and ends the request the data plane is serving as a disconnect.
+
+uvicorn builds the protocol itself (`config.http_protocol_class(config=..., ...)`), so
+the limits ride on a subclass made per server by `protocol_class(limits)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import httptools
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
+
+from gateway.config.models import ServerSettings
+from gateway.dataplane.bodies import send_problem
+from gateway.dataplane.headers import http_date, new_request_id
+from gateway.dataplane.logphase import LoggingPhase, target_path
+from gateway.dataplane.state import GatewayState, RuntimeView
+from gateway.errors import (
+    BadRequest,
+    GatewayError,
+    HeadersTooLarge,
+    RequestTimeout,
+    TooManyConnections,
+    UriTooLong,
+    problem_response,
+)
+from gateway.server.coalesce import CoalescingTransport
+from gateway.types import Receive, Scope, Send
+
+__all__ = ["ClientLimits", "LimitedHttpProtocol", "protocol_class"]
+
+log = logging.getLogger("gateway.server")
+
+# uvicorn's own answer to a request llhttp refuses, kept as it was (plus X-Request-ID).
+_INVALID = b"Invalid HTTP request received."
+_CLOSE = [(b"connection", b"close")]
+_TRAILER_SLACK = 4 * 1024  # raw bytes allowed past max_header_size for line ends and colons
+
+
+@dataclass(frozen=True, slots=True)
+class ClientLimits:
+    max_request_line: int = 8 * 1024
+    max_header_size: int = 32 * 1024
+    max_header_count: int = 100
+    header_timeout: float = 10.0
+    keepalive_timeout: float = 5.0
+    max_client_connections: int = 10_000
+
+    @classmethod
+    def from_settings(cls, server: ServerSettings) -> ClientLimits:
+        return cls(
+            max_request_line=server.max_request_line,
+            max_header_size=server.max_header_size,
+            max_header_count=server.max_header_count,
+            header_timeout=server.header_timeout,
+            keepalive_timeout=server.keepalive_timeout,
+            max_client_connections=server.max_client_connections,
+        )
+
+
+class _Refused(Exception):
+    """Raised from a parser callback to stop parsing; `data_received` answers it."""
+
+
+class _WarnOncePerSecond:
+    __slots__ = ("_last",)
+
+    def __init__(self) -> None:
+        self._last = 0.0
+
+    def __call__(self, message: str, **extra: object) -> None:
+        now = time.monotonic()
+        if now - self._last >= 1.0:
+            self._last = now
+            log.warning(message, extra=extra)
+
+
+def raw_problem(error: GatewayError, request_id: str) -> tuple[bytes, int]:
+    """A whole problem+json response that closes the connection, as bytes on the wire,
+    and the length of its body."""
+    headers, body = problem_response(error, request_id, _CLOSE, date=http_date())
+    head = [STATUS_LINE[error.status], *(name + b": " + value + b"\r\n" for name, value in headers)]
+    return b"".join(head) + b"\r\n" + body, len(body)
+
+
+def raw_invalid(request_id: str) -> tuple[bytes, int]:
+    """uvicorn's plain `400` for what llhttp refuses, with the request ID added."""
+    head = [
+        STATUS_LINE[400],
+        b"content-type: text/plain; charset=utf-8\r\n",
+        b"content-length: %d\r\n" % len(_INVALID),
+        b"x-request-id: " + request_id.encode("ascii") + b"\r\n",
+        b"date: " + http_date() + b"\r\n",
+        b"connection: close\r\n\r\n",
+    ]
+    return b"".join(head) + _INVALID, len(_INVALID)
+
+
+class Http10Cycle(RequestResponseCycle):
+    """The response side of an HTTP/1.0 request, where uvicorn has two gaps.
+
+    - uvicorn closes every HTTP/1.0 connection, even one whose request asked for
+      `Connection: keep-alive` (as `ab -k` and older clients do). Here, as in nginx, such
+      a connection stays open when the response's length is known (`Content-Length`,
+      `HEAD`, `204`, `304`), and the response says `Connection: keep-alive`, which a
+      1.0 client needs to see (RFC 9112, 9.3 and Appendix C.2.2).
+    - uvicorn frames a response without `Content-Length` as chunked whatever the
+      request's version, and a 1.0 client does not know chunked coding: "A server MUST
+      NOT send a response containing Transfer-Encoding unless the corresponding request
+      indicates HTTP/1.1" (RFC 9112, 6.1). Such a response (a streamed upstream body)
+      goes out with no framing header and `Connection: close`, and its end is the
+      connection's close (RFC 9112, 6.3 rule 8).
+
+    The protocol gives an HTTP/1.0 request's cycle this class once uvicorn has built it
+    (`LimitedHttpProtocol.on_headers_complete`); HTTP/1.1 requests never meet it."""
+
+    _until_close = False  # the body ends when the connection closes
+
+    async def send(self, message: Any) -> None:
+        kind = message["type"]
+        if kind == "http.response.start" and not self.response_started:
+            message = self._frame(message)
+        elif kind == "http.response.body" and self._until_close and not self.response_complete:
+            await self._send_until_close(message)
+            return
+        await super().send(message)
+
+    def _frame(self, message: Any) -> Any:
+        headers = list(message.get("headers", ()))
+        names = {name.lower() for name, _ in headers}
+        status = message["status"]
+        if b"content-length" in names or self.scope["method"] == "HEAD" or status in (204, 304):
+            if self.keep_alive and b"connection" not in names:
+                headers.append((b"connection", b"keep-alive"))
+        else:
+            headers = [(n, v) for n, v in headers if n.lower() != b"transfer-encoding"]
+            self.keep_alive = False  # uvicorn adds `connection: close` and closes at the end
+            self.chunked_encoding = False  # and no chunked framing of its own
+            self._until_close = True
+        return {**message, "headers": headers}
+
+    async def _send_until_close(self, message: Any) -> None:
+        if self.flow.write_paused and not self.disconnected:
+            await self.flow.drain()
+        if self.disconnected:
+            return
+        body = message.get("body", b"")
+        if body:
+            self.transport.write(body)
+        if not message.get("more_body", False):
+            self.response_complete = True
+            self.message_event.set()
+            self.transport.close()
+            self.on_response()
+
+
+class LimitedHttpProtocol(HttpToolsProtocol):
+    """`HttpToolsProtocol` with head size, head count, head timeout, trailer and
+    connection limits.
+
+    State per connection: `_in_head` is true from the end of one request (or the
+    connection's start) until the next request's headers are complete; `_head_bytes`
+    counts what arrived meanwhile; `_head_timer` is armed while a head is awaited and
+    unfinished. In a chunked body, `_chunk_pending` is true from a chunk header until
+    that chunk's data arrives: after the last (empty) chunk it stays true through the
+    trailer section, whose raw bytes `_trailer_bytes` counts."""
+
+    limits: ClassVar[ClientLimits] = ClientLimits()
+    refusals: ClassVar[LoggingPhase | None] = None  # where refusals are recorded, if anywhere
+    _warn: ClassVar[_WarnOncePerSecond] = _WarnOncePerSecond()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        limits = self.limits
+        self.timeout_keep_alive = limits.keepalive_timeout  # type: ignore[assignment]
+        self._max_head = limits.max_request_line + limits.max_header_size + 4 * 1024
+        self._in_head = True
+        self._head_bytes = 0
+        self._began = False  # the parser has seen the first byte of the awaited request
+        self._header_bytes = 0
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._refusal: GatewayError | None = None
+        self._chunk_pending = False
+        self._trailer_bytes = 0
+        self._trailer_fields = 0
+        self._trailer_size = 0
+
+    # Connection life
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        # A response's head and body leave in one send() (gateway/coalesce.py).
+        self.transport = CoalescingTransport(transport, self.loop)  # type: ignore[assignment]
+        if len(self.connections) > self.limits.max_client_connections:
+            self.app = self._too_many_connections
+            self._warn(
+                "client connection limit reached: new connections get 503",
+                max_client_connections=self.limits.max_client_connections,
+            )
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self._unset_keepalive_if_required()
+        if self._in_head:
+            self._head_bytes += len(data)
+        elif self._chunk_pending:
+            self._trailer_bytes += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            if self._refusal is not None:
+                self._refuse(self._refusal)
+            else:
+                self.logger.warning("Invalid HTTP request received.")
+                # llhttp's reason is one of its own fixed strings, never client bytes.
+                self._refuse(BadRequest(f"invalid HTTP request: {exc}"[:200]), plain=True)
+            return
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+            return
+        if self._in_head:
+            # A head still unfinished after this read: bound its size and arm its timer.
+            # (A head that completes within one read never costs a timer.)
+            if self._head_bytes or self._began:
+                if self._head_bytes > self._max_head:
+                    self._refuse(HeadersTooLarge("the request head is too large"))
+                else:
+                    self._arm()
+        elif (
+            self._chunk_pending
+            and self._trailer_bytes > self.limits.max_header_size + _TRAILER_SLACK
+        ):
+            # One trailer field sent in pieces and never finished: httptools buffers it
+            # without calling back, so the raw byte count is what stops it.
+            self._refuse(HeadersTooLarge("the trailer section is too large"))
+
+    # Parser callbacks
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._began = True
+
+    def on_url(self, url: bytes) -> None:
+        super().on_url(url)
+        if len(self.url) > self.limits.max_request_line:
+            self._stop(
+                UriTooLong(f"the request target exceeds {self.limits.max_request_line} bytes")
+            )
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        limits = self.limits
+        if not self._in_head:
+            # A trailer field of a chunked body. uvicorn would append it to the request's
+            # headers (the very list the app already holds); RFC 9110 forbids merging
+            # trailers into the header section, and a proxy must never let one smuggle a
+            # header past the checks made on the head. Counted, bounded, dropped.
+            self._trailer_fields += 1
+            self._trailer_size += len(name) + len(value) + 4
+            if self._trailer_fields > limits.max_header_count:
+                self._stop(HeadersTooLarge(f"more than {limits.max_header_count} trailer fields"))
+            if self._trailer_size > limits.max_header_size:
+                self._stop(HeadersTooLarge(f"trailer fields exceed {limits.max_header_size} bytes"))
+            return
+        super().on_header(name, value)
+        self._header_bytes += len(name) + len(value) + 4
+        if len(self.headers) > limits.max_header_count:
+            self._stop(HeadersTooLarge(f"more than {limits.max_header_count} header fields"))
+        if self._header_bytes > limits.max_header_size:
+            self._stop(HeadersTooLarge(f"header fields exceed {limits.max_header_size} bytes"))
+
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        self._in_head = False
+        self._began = False
+        self._head_bytes = 0
+        self._header_bytes = 0
+        super().on_headers_complete()
+        cycle = self.cycle
+        if (
+            self.scope["http_version"] == "1.0"
+            and cycle is not None
+            and cycle.scope is self.scope
+            and not cycle.response_started
+        ):
+            # uvicorn built this request's cycle and scheduled its task, which has not
+            # run yet: HTTP/1.0's framing and keep-alive rules apply (`Http10Cycle`).
+            cycle.__class__ = Http10Cycle
+            cycle.keep_alive = self.parser.should_keep_alive()
+
+    def on_chunk_header(self) -> None:
+        # Called for chunked bodies only. Whether this is the last chunk (size 0, the
+        # trailer section follows) shows only in that no data follows it.
+        self._chunk_pending = True
+        self._trailer_bytes = 0
+        self._trailer_fields = 0
+        self._trailer_size = 0
+
+    def on_body(self, body: bytes) -> None:
+        self._chunk_pending = False
+        HttpToolsProtocol.on_body(self, body)
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._in_head = True  # what follows on this connection is the next request's head
+        self._chunk_pending = False
+
+    # Helpers
+
+    def _stop(self, error: GatewayError) -> None:
+        self._refusal = error
+        raise _Refused(error.detail)
+
+    def _refuse(
+        self, error: GatewayError, *, plain: bool = False, elapsed: float | None = None
+    ) -> None:
+        """Answer once, close and record it; never in the middle of another response.
+
+        In a head, any response cycle is an earlier request's: answer only once it is
+        complete. In a body, the cycle is this request's, its app still running: answer
+        only if its response has not started, and end the app's exchange as a
+        disconnect so nothing it sends later reaches the wire."""
+        if elapsed is None:
+            elapsed = self._head_elapsed()
+        self._disarm()
+        transport = self.transport
+        if transport.is_closing():
+            return
+        cycle = self.cycle
+        method: str | None = None
+        path: str | None = None
+        if self._in_head:
+            answer = cycle is None or cycle.response_complete
+            if self._began and self.url:  # before the target, llhttp's method reads DELETE
+                method = self.parser.get_method().decode("ascii", "replace")
+                path = target_path(self.url)
+        else:
+            answer = cycle is not None and not cycle.response_started
+            if cycle is not None:
+                cycle.disconnected = True
+                cycle.message_event.set()
+            method = self.scope["method"]
+            path = target_path(self.url)
+        request_id = new_request_id()
+        sent = 0
+        if answer:
+            data, sent = raw_invalid(request_id) if plain else raw_problem(error, request_id)
+            transport.write(data)
+        transport.close()
+        self._record(error, request_id, method, path, sent, elapsed)
+
+    def _record(
+        self,
+        error: GatewayError,
+        request_id: str,
+        method: str | None,
+        path: str | None,
+        sent: int,
+        elapsed: float,
+    ) -> None:
+        refusals = self.refusals
+        if refusals is None:
+            return
+        try:
+            refusals.refusal(
+                status=error.status,
+                code=error.code,
+                detail=error.detail,
+                request_id=request_id,
+                method=method,
+                path=path,
+                client=self.client,
+                bytes_out=sent,
+                elapsed=elapsed,
+            )
+        except Exception:  # recording must never keep a refused connection alive
+            log.exception("could not record a refused request")
+
+    async def _too_many_connections(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The ASGI app of a connection over `max_client_connections`."""
+        error = TooManyConnections(
+            "this gateway worker has too many open client connections; retry shortly"
+        )
+        request_id = new_request_id()
+        sent = await send_problem(send, error, request_id, _CLOSE)
+        path = target_path(scope.get("raw_path") or b"")
+        self._record(error, request_id, scope["method"], path, sent, 0.0)
+
+    def _head_elapsed(self) -> float:
+        """How long the head being refused has taken, read off its timer (no timer: it
+        arrived within one read)."""
+        timer = self._head_timer
+        if timer is None:
+            return 0.0
+        return max(0.0, self.loop.time() - timer.when() + self.limits.header_timeout)
+
+    def _arm(self) -> None:
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(
+                self.limits.header_timeout, self._head_timed_out
+            )
+
+    def _disarm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        if self._head_bytes == 0 and not self._began:
+            self.transport.close()  # never began a request: nobody to answer
+            return
+        self._refuse(
+            RequestTimeout(
+                f"the request head was not complete within {self.limits.header_timeout:g}s"
+            ),
+            elapsed=self.limits.header_timeout,
+        )
+
+
+def protocol_class(
+    limits: ClientLimits, state: GatewayState[RuntimeView] | None = None
+) -> type[LimitedHttpProtocol]:
+    """The protocol class for one server: uvicorn instantiates it per connection.
+    With `state`, its refusals are recorded in that state's metrics, access log and
+    status board."""
+    return type(
+        "GatewayHttpProtocol",
+        (LimitedHttpProtocol,),
+        {
+            "limits": limits,
+            "refusals": LoggingPhase(state) if state is not None else None,
+            "_warn": _WarnOncePerSecond(),
+        },
+    )

@@ -1,0 +1,32 @@
+"""The transports under each upstream's pool: `h1` (the default, the gateway's own
+HTTP/1.1 client, holding the aiohttp one as its fallback), `aiohttp`, and httpx's own
+(`GATEWAY_TRANSPORT=httpx`, for the benchmark's comparison)."""
+
+from __future__ import annotations
+
+import os
+
+import httpx
+
+from gateway.upstream.transports.aiohttp import AiohttpTransport
+from gateway.upstream.transports.base import RawTransport, TransportSettings
+from gateway.upstream.transports.h1 import H1Transport
+
+__all__ = ["RawTransport", "TransportSettings", "make_transport"]
+
+
+def make_transport(settings: TransportSettings) -> httpx.AsyncBaseTransport:
+    """The transport `GATEWAY_TRANSPORT` names: `h1` (default), `aiohttp` or `httpx`."""
+    kind = os.environ.get("GATEWAY_TRANSPORT", "h1")
+    if kind == "h1":
+        return H1Transport(settings)
+    if kind == "httpx":
+        return httpx.AsyncHTTPTransport(
+            limits=httpx.Limits(
+                max_connections=settings.max_connections,
+                max_keepalive_connections=settings.max_keepalive,
+                keepalive_expiry=settings.keepalive_expiry,
+            ),
+            retries=0,
+        )
+    return AiohttpTransport(settings)

@@ -1,0 +1,118 @@
+"""What every upstream transport shares: its settings, the raw `open` the hot path
+calls, and the one place httpx's exceptions become the gateway's.
+
+A transport is an `httpx.AsyncBaseTransport` (`handle_async_request` + `aclose`, what
+the upstream's `httpx.AsyncClient` uses off the hot path) that also offers `open`:
+the same request without httpx's Request and Response objects. Every transport raises
+httpx's exceptions; `map_httpx_errors` turns them into the gateway's own at the
+boundary, as httpx's `map_httpcore_exceptions` does for httpcore's.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import httpx
+
+from gateway.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+
+__all__ = ["RawAnswer", "RawTransport", "TransportSettings", "map_httpx_errors"]
+
+log = logging.getLogger("gateway.upstream")
+
+
+@dataclass(frozen=True, slots=True)
+class TransportSettings:
+    """One upstream's connection limits and timeouts, as its transport needs them."""
+
+    max_connections: int  # connections per target, open or opening
+    max_keepalive: int  # idle connections kept per target; 0 closes each after use
+    keepalive_expiry: float  # seconds an idle connection is kept
+    connect_timeout: float  # seconds to establish a connection
+    read_timeout: float  # seconds between two reads of one answer
+
+
+class RawAnswer(Protocol):
+    """What `open` returns: status and raw headers now, the body as it arrives."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+
+    def whole(self) -> bytes | None:
+        """The entire body when it came with the head (the connection is then free
+        once `aclose` is called), else None and it streams from `body`."""
+
+    def body(self) -> AsyncIterator[bytes]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class RawTransport(httpx.AsyncBaseTransport, abc.ABC):
+    """A transport the hot path can call directly, without httpx's objects."""
+
+    @abc.abstractmethod
+    async def open(
+        self,
+        method: str,
+        url: str,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes | AsyncIterator[bytes] | None,
+    ) -> RawAnswer:
+        """Send one request; return as soon as the answer's head is in."""
+
+
+class map_httpx_errors:
+    """Translate httpx's exceptions into the gateway's. Client-facing details name the
+    upstream, never the internal target address; the cause is logged with the target.
+
+    A class rather than a `@contextmanager` generator: it wraps every upstream try, and
+    a generator-based context manager costs a generator and its frame each time."""
+
+    __slots__ = ("_target", "_upstream")
+
+    def __init__(self, upstream: str, target: str) -> None:
+        self._upstream = upstream
+        self._target = target
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        if isinstance(exc, httpx.HTTPError):
+            log.debug(
+                "upstream try failed: %s: %s",
+                type(exc).__name__,
+                exc,
+                extra={"upstream": self._upstream, "target": self._target},
+            )
+            raise _translate(exc, self._upstream) from exc
+
+
+def _translate(exc: httpx.HTTPError, upstream: str) -> UpstreamError:
+    if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
+        return UpstreamUnavailable(
+            f"connecting to upstream {upstream!r} timed out",
+            upstream=upstream,
+            outcome="connect_error",
+        )
+    if isinstance(exc, httpx.TimeoutException):
+        return UpstreamTimeout(f"upstream {upstream!r} did not answer in time", upstream=upstream)
+    if isinstance(exc, httpx.ConnectError):
+        return UpstreamUnavailable(
+            f"cannot connect to upstream {upstream!r}", upstream=upstream, outcome="connect_error"
+        )
+    if isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError | httpx.WriteError):
+        return UpstreamUnavailable(
+            f"upstream {upstream!r} closed the connection or spoke bad HTTP",
+            upstream=upstream,
+            outcome="reset",
+        )
+    return UpstreamUnavailable(
+        f"upstream {upstream!r} failed ({type(exc).__name__})", upstream=upstream, outcome="reset"
+    )
