@@ -64,6 +64,10 @@ Headers = list[tuple[bytes, bytes]]
 
 
 class GatewayError(Exception):
+    """An answer the gateway makes itself: `status` and `code` (the contract's), a
+    `detail` for the client, the route and upstream it concerns, and the headers it
+    carries (Allow, Retry-After, Connection)."""
+
     status: ClassVar[int] = 500
     code: ClassVar[str] = "internal_error"
     title: ClassVar[str] = "Internal gateway error"

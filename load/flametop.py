@@ -5,7 +5,7 @@
 The raw format is one collapsed stack per line, `frame;frame;...;leaf COUNT`, each frame
 `function (file:line)`. Own time is the leaf's share of all samples; total time counts
 every stack a function appears in once. Lines are merged per function (not per line),
-paths shortened to the package (`aiohttp/client.py`, `gateway/proxy.py`), and own time
+paths shortened to the package (`aiohttp/client.py`, `gateway/dataplane/app.py`), and own time
 is also summed per top-level package, which is often the quickest read of a profile.
 """
 

@@ -109,6 +109,9 @@ class BackendTemplate:
 
 @dataclass(frozen=True, slots=True)
 class Backend:
+    """One backend of an aggregate route: its upstream's chain, its path template, and
+    how its answer is merged (under `key`, filtered to `fields`, renamed)."""
+
     index: int
     upstream: str
     template: BackendTemplate

@@ -19,7 +19,8 @@ from gateway.dataplane.logphase import LoggingPhase
 from gateway.dataplane.phases import deadline_for, enrich, request_filter
 from gateway.dataplane.routes import Route
 from gateway.dataplane.routing import normalize_path
-from gateway.dataplane.state import Exchange, GatewayState, RuntimeView
+from gateway.dataplane.state import Exchange, GatewayState
+from gateway.dataplane.view import RuntimeView
 from gateway.dataplane.websocket import proxy_websocket
 from gateway.errors import (
     BadRequest,

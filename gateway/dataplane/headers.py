@@ -6,7 +6,6 @@ lists and precomputed constants, and allocates only what the request itself need
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import random
 import time
@@ -14,16 +13,15 @@ from dataclasses import dataclass
 from email.utils import formatdate
 from typing import Any
 
+from gateway.edge.client_ip import client_is_trusted
 from gateway.types import Headers, IPNetwork, Scope
 
 __all__ = [
     "IncomingHeaders",
     "add_forwarded",
-    "client_is_trusted",
     "http_date",
     "new_request_id",
     "parse_incoming",
-    "real_client_ip",
     "response_headers",
 ]
 
@@ -184,30 +182,6 @@ def parse_incoming(raw: list[tuple[bytes, bytes]]) -> IncomingHeaders:
         forwarded_host=xfh,
         framing_error=framing_error,
     )
-
-
-def client_is_trusted(client: str, trusted: tuple[IPNetwork, ...]) -> bool:
-    if not trusted or not client:
-        return False
-    try:
-        address = ipaddress.ip_address(client)
-    except ValueError:
-        return False
-    return any(address in net for net in trusted)
-
-
-def real_client_ip(scope: Scope, incoming: IncomingHeaders, trusted: tuple[IPNetwork, ...]) -> str:
-    """The client's address: the peer, unless the peer is a trusted proxy, in which case
-    X-Forwarded-For is walked from the right past every trusted hop."""
-    client = scope.get("client")
-    peer = client[0] if client else ""
-    if not incoming.forwarded_for or not client_is_trusted(peer, trusted):
-        return peer
-    hops = [h.strip() for h in incoming.forwarded_for.decode("latin-1").split(",")]
-    for hop in reversed(hops):
-        if hop and not client_is_trusted(hop, trusted):
-            return hop
-    return hops[0] or peer
 
 
 def add_forwarded(incoming: IncomingHeaders, scope: Scope, trusted: tuple[IPNetwork, ...]) -> None:

@@ -25,7 +25,8 @@ from typing import Any
 
 import httptools
 
-from gateway.dataplane.state import Exchange, GatewayState, RuntimeView
+from gateway.dataplane.state import Exchange, GatewayState
+from gateway.dataplane.view import RuntimeView
 
 __all__ = ["MAX_PATH", "NO_ROUTE", "UNKNOWN_METHOD", "LoggingPhase", "target_path"]
 

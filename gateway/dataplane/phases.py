@@ -5,10 +5,11 @@ error enrichment before an error is answered. The logging phase that ends them a
 
 from __future__ import annotations
 
-from gateway.dataplane.headers import IncomingHeaders, real_client_ip
+from gateway.dataplane.headers import IncomingHeaders
 from gateway.dataplane.routes import Route
 from gateway.dataplane.state import Exchange
 from gateway.edge import EarlyResponse, EdgeContext, run_filters
+from gateway.edge.client_ip import real_client_ip
 from gateway.errors import GatewayError
 from gateway.types import Deadline, Scope
 
@@ -22,11 +23,13 @@ async def request_filter(
     (a CORS preflight) is returned for the caller to send its own way; a refusal
     raises the GatewayError the filter raised. The headers the filters add to the
     eventual answer land on `exchange.extra_headers`."""
+    client = scope.get("client")
+    peer = client[0] if client else ""
     ctx = EdgeContext(
         scope=scope,
         method=method,
         route=route.name,
-        client_ip=real_client_ip(scope, incoming, route.trusted_proxies),
+        client_ip=real_client_ip(peer, incoming.forwarded_for, route.trusted_proxies),
         request_headers=scope["headers"],
         upstream_headers=incoming.upstream,
     )

@@ -104,6 +104,8 @@ class Match(Generic[T]):
 
 
 class _Entry(Generic[T]):
+    """One route of the table: its host, methods and compiled path pattern."""
+
     __slots__ = ("host", "host_suffix", "methods", "regex", "route")
 
     def __init__(self, route: T, path: str, methods: frozenset[str] | None, host: str | None):

@@ -1,63 +1,25 @@
 """The data plane's state records: `GatewayState`, the one mutable reference a reload
 swaps, and `Exchange`, what happened to one request.
 
-The data plane sees the compiled config through `RuntimeView` (what `Runtime` in
-`gateway/build/runtime.py` offers it), never the settings models: a reload builds a new
-runtime, and requests keep the one they started with.
+A leaf of the data plane: it imports none of its modules, so the ops side (status page,
+admin app) can read these records without importing the request path. The runtime it
+holds is whatever the server built (`Runtime`, seen by the data plane as `view.RuntimeView`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, TypeVar
 
-from gateway.dataplane.routes import Route
-from gateway.dataplane.routing import Router
 from gateway.ops.board import StatusBoard
 from gateway.ops.logs import AccessLog
-from gateway.ops.metrics import Metrics, UpstreamStats
-from gateway.policies.breaker import CircuitBreaker
-from gateway.policies.bulkhead import Bulkhead
+from gateway.ops.metrics import Metrics
 from gateway.types import Headers
-from gateway.upstream.target import Target
 
-__all__ = ["Exchange", "GatewayState", "RuntimeView", "UpgradeUpstream"]
-
-
-class UpgradeUpstream(Protocol):
-    """What a WebSocket upgrade needs of an upstream: a target, its bulkhead and
-    breaker, how many targets to try when connecting is refused, its outcome counters."""
-
-    @property
-    def name(self) -> str: ...
-    @property
-    def stats(self) -> UpstreamStats: ...
-    @property
-    def bulkhead(self) -> Bulkhead: ...
-    @property
-    def breaker(self) -> CircuitBreaker | None: ...
-    @property
-    def connect_tries(self) -> int: ...
-    def pick(self, exclude: set[str]) -> Target: ...
+__all__ = ["Exchange", "GatewayState"]
 
 
-class RuntimeView(Protocol):
-    """What the data plane needs of a compiled config. `active` counts the requests
-    that started on it (a reload closes what only it used once they are done)."""
-
-    active: int
-
-    @property
-    def router(self) -> Router[Route]: ...
-    @property
-    def upstreams(self) -> Mapping[str, UpgradeUpstream]: ...
-    @property
-    def access_log(self) -> bool: ...
-    def leave(self) -> None: ...
-
-
-R = TypeVar("R", bound=RuntimeView, covariant=True)
+R = TypeVar("R", covariant=True)  # the runtime: `Runtime`, or a view of one
 
 
 class GatewayState(Generic[R]):

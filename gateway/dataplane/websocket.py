@@ -52,7 +52,8 @@ from gateway.dataplane.headers import (
 from gateway.dataplane.phases import deadline_for, enrich, request_filter
 from gateway.dataplane.routes import Route
 from gateway.dataplane.routing import normalize_path
-from gateway.dataplane.state import Exchange, GatewayState, RuntimeView, UpgradeUpstream
+from gateway.dataplane.state import Exchange, GatewayState
+from gateway.dataplane.view import RuntimeView, UpgradeUpstream
 from gateway.errors import (
     BadRequest,
     GatewayError,

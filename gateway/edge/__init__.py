@@ -19,6 +19,9 @@ __all__ = ["EarlyResponse", "EdgeContext", "RequestFilter", "run_filters"]
 
 @dataclass(slots=True)
 class EdgeContext:
+    """One request as the filters see it, and what they add to the upstream request and
+    to the answer."""
+
     scope: Scope
     method: str
     route: str

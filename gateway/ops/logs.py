@@ -67,6 +67,8 @@ def _scrub_value(key: str, value: object) -> object:
 
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per log record, with its extra fields, credentials masked."""
+
     def format(self, record: logging.LogRecord) -> str:
         doc: dict[str, object] = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))

@@ -44,8 +44,8 @@ class LoopValue(values.MutexValue):
 
     Every figure the gateway counts is counted on its one event-loop thread, and the
     exposition reads them on that same thread, so the lock taken on each `inc` guards
-    against nothing here; it was 16k of the ~458k instructions a proxied request costs
-    (eight increments: two counters, two histograms, the in-flight gauge up and down).
+    against nothing here, and it is taken eight times per proxied request (two counters,
+    two histograms, the in-flight gauge up and down; its cost is in docs/performance.md).
     `set` and `get` keep the lock."""
 
     def inc(self, amount: float) -> None:
@@ -61,6 +61,9 @@ def _count_without_locks() -> None:
 
 
 class Metrics:
+    """Every metric the gateway exposes (names in docs/operations.md, "Metrics"), in one
+    registry per process; with workers, in prometheus-client's multiprocess files."""
+
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         _count_without_locks()
         # In multiprocess mode values live in files; a private registry keeps the

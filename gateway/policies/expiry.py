@@ -3,12 +3,10 @@
 It behaves as Python 3.11's `asyncio.timeout` does (the current task is cancelled when
 the time is up, and the block then raises `TimeoutError`, unless another cancellation
 is pending too, which then wins), for a fraction of the cost: a plain (synchronous)
-context manager, one timer, and no state machine, rescheduling or re-entry checks.
-`asyncio.timeout` measured 28k instructions per proxied request in the route
-deadline alone (`make instructions`: 471.8k with it, 443.7k without any deadline);
-this costs a few thousand. Nesting works as with `asyncio.timeout`: the inner one
-that fires raises `TimeoutError`; when an outer one fires, the inner ones let the
-cancellation through to it.
+context manager, one timer, and no state machine, rescheduling or re-entry checks
+(docs/performance.md has what each cost under `make instructions`). Nesting works as
+with `asyncio.timeout`: the inner one that fires raises `TimeoutError`; when an outer
+one fires, the inner ones let the cancellation through to it.
 """
 
 from __future__ import annotations

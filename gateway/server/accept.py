@@ -2,16 +2,16 @@
 
 libuv (1.45 and later, inside uvloop) accepts a single connection each time the
 listening socket polls readable. Under load one loop iteration takes milliseconds, so a
-burst of 1,024 new connections waited seconds to be accepted: `make bench` measured a
-p99 of 3.5 s at 1,024 connections while the gateway's own request durations stayed
-under 150 ms (the plain asyncio loop, which accepts up to its backlog per event, did
-not show it; neither did granian). `BurstAcceptor` takes the listening socket over
-from uvloop's server and accepts up to `ACCEPT_BURST` connections per readiness, each
-handed to `loop.connect_accepted_socket` with the server's own protocol factory.
+burst of new connections waited seconds to be accepted while the gateway's own request
+durations stayed short (docs/performance.md has the figures; the plain asyncio loop,
+which accepts up to its backlog per event, did not show it). `BurstAcceptor` takes the
+listening socket over from uvloop's server and accepts up to `ACCEPT_BURST` connections
+per readiness, each handed to `loop.connect_accepted_socket` with the server's own
+protocol factory.
 
 Only a single-process gateway uses it: workers sharing one listening socket keep
 libuv's one-at-a-time accept, or the first worker woken would take a whole wave of
-connections while the others idle (two workers measured 1.07x one instead of 1.4x).
+connections while the others idle (docs/performance.md has the figures).
 """
 
 from __future__ import annotations

@@ -4,10 +4,9 @@ CPython's small-object allocator (pymalloc) gives a 1 MiB arena back to the syst
 once every object in it is gone. After a burst of client connections closes, a few
 long-lived objects allocated during it (uvloop's handle free lists, the last response
 headers of pooled upstream connections, counters and timestamps) stay scattered over
-the burst's arenas and keep them resident: on the bench rig, a third of what 10,000
-idle connections cost was never returned (load/README.md, "memory"). With every
-allocation going to jemalloc (`PYTHONMALLOC=malloc`), which hands unused pages back
-within a second, 6 % is kept, and an idle connection costs 8.5 KiB instead of 9.5.
+the burst's arenas and keep them resident. With every allocation going to jemalloc
+(`PYTHONMALLOC=malloc`), which hands unused pages back within a second, little of it
+is kept (docs/performance.md, "Figures that used to live in docstrings").
 
 Both must be in place before the interpreter starts, so `gateway run` re-executes
 itself once, with the same arguments, with `LD_PRELOAD` naming jemalloc and

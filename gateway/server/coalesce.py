@@ -4,10 +4,10 @@ uvicorn writes a response's head the moment `http.response.start` is sent and it
 with the next message: two system calls and two TCP segments for every small answer.
 `CoalescingTransport` sits between the connection's protocol and its transport, keeps
 small writes until the end of the current loop step (one `call_soon`) and hands them
-over joined. Measured with wrk on the bench rig (load/): about 10 % less CPU per
-proxied request. Large writes (a streamed body's chunks) go straight through, after
-anything pending, so nothing is copied twice and order is kept; `close`, `write_eof`
-and `writelines` flush first, `abort` drops what is pending.
+over joined, for less CPU per proxied request (docs/performance.md). Large writes (a
+streamed body's chunks) go straight through, after anything pending, so nothing is
+copied twice and order is kept; `close`, `write_eof` and `writelines` flush first,
+`abort` drops what is pending.
 """
 
 from __future__ import annotations

@@ -96,8 +96,7 @@ class GatewayServer:
                 backlog=4096,
             ),
             # One process accepts in bursts; workers sharing a socket do not: the
-            # first one woken would take a whole wave of connections (measured: 1.07x
-            # for two workers instead of 1.4x).
+            # first one woken would take a whole wave of connections (docs/performance.md).
             burst_accept=not worker,
         )
         self.admin = admin_server(self.state, server, self.reload) if admin else None
@@ -186,7 +185,7 @@ class GatewayServer:
         """After a burst of client connections has closed (at least 1,000, and half of
         the peak), collect the garbage they left and hand freed heap back to the OS:
         young collections are rare while serving (GC_THRESHOLDS), and glibc keeps freed
-        pages otherwise. What pymalloc's arenas keep is the rest (README, Limits).
+        pages otherwise. What pymalloc's arenas keep is the rest (docs/limits.md, "Memory").
 
         And a full collection every `FULL_COLLECTION_EVERY` seconds whatever the load:
         with young collections every 50,000 allocations, a quiet gateway would
@@ -229,8 +228,8 @@ class GatewayServer:
         self.state.runtime = runtime
         # What exists now lives as long as the process: out of the collector's sight,
         # so a full collection under load walks per-request garbage only; and young
-        # collections every 50,000 allocations instead of 700 (README, "Performance":
-        # ~10 % less CPU per request, cyclic garbage waits a little longer).
+        # collections every 50,000 allocations instead of 700 (less CPU per request,
+        # cyclic garbage waits a little longer; docs/performance.md has the figure).
         gc.collect()
         gc.freeze()
         gc.set_threshold(*GC_THRESHOLDS)

@@ -51,7 +51,8 @@ from gateway.config.models import ServerSettings
 from gateway.dataplane.bodies import send_problem
 from gateway.dataplane.headers import http_date, new_request_id
 from gateway.dataplane.logphase import LoggingPhase, target_path
-from gateway.dataplane.state import GatewayState, RuntimeView
+from gateway.dataplane.state import GatewayState
+from gateway.dataplane.view import RuntimeView
 from gateway.errors import (
     BadRequest,
     GatewayError,
@@ -76,6 +77,8 @@ _TRAILER_SLACK = 4 * 1024  # raw bytes allowed past max_header_size for line end
 
 @dataclass(frozen=True, slots=True)
 class ClientLimits:
+    """What one client connection may send or hold (the `server:` block's limits)."""
+
     max_request_line: int = 8 * 1024
     max_header_size: int = 32 * 1024
     max_header_count: int = 100
@@ -100,6 +103,8 @@ class _Refused(Exception):
 
 
 class _WarnOncePerSecond:
+    """A warning that repeats under load is logged at most once a second."""
+
     __slots__ = ("_last",)
 
     def __init__(self) -> None:

@@ -68,6 +68,8 @@ def _ignore_sighup() -> None:
 
 @dataclass
 class _Worker:
+    """One worker process in its slot, and whether it said it is ready."""
+
     slot: int
     proc: subprocess.Popen[bytes]
     started: float = field(default_factory=time.monotonic)
@@ -75,6 +77,11 @@ class _Worker:
 
 
 class Supervisor:
+    """`gateway run --workers N`: binds the data port once, starts N worker processes
+    that accept on it, restarts a worker that dies (with a growing pause for one that
+    keeps dying at start), serves the admin listener over the workers' merged metrics
+    and status, and passes reloads (validated here first) and drains on to them."""
+
     def __init__(
         self, settings: GatewaySettings, config_path: str, workers: int, port: int | None
     ) -> None:

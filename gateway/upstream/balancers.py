@@ -107,6 +107,8 @@ class LeastInflight:
 
 
 class WeightedRandom:
+    """A healthy target drawn at random, in proportion to its weight."""
+
     def __init__(self, targets: list[Target], rng: random.Random | None = None) -> None:
         self.targets = targets
         self._rng = rng or random.Random()
