@@ -13,6 +13,7 @@
     ├── ClientClosedRequest           499 client_disconnected    (never sent: the client left)
     ├── InternalError                 500 internal_error
     ├── TooManyConnections            503 too_many_connections   (max_client_connections)
+    ├── RateLimitUnavailable          503 rate_limit_unavailable (fail_closed, store down)
     ├── UpstreamError
     │   ├── UpstreamUnavailable       502 upstream_unavailable   (refused, reset, bad HTTP)
     │   ├── UpstreamTimeout           504 upstream_timeout       (the deadline passed)
@@ -43,6 +44,7 @@ __all__ = [
     "HeadersTooLarge",
     "InternalError",
     "MethodNotAllowed",
+    "RateLimitUnavailable",
     "RateLimited",
     "RequestTimeout",
     "RouteNotFound",
@@ -143,6 +145,17 @@ class TooManyConnections(GatewayError):
     """Refused by the protocol before the data plane sees the request."""
 
     status, code, title = 503, "too_many_connections", "Too many client connections"
+
+    def __init__(self, detail: str = "", **kw: str | None) -> None:
+        super().__init__(detail, **kw)  # type: ignore[arg-type]
+        self.headers.append((b"retry-after", b"1"))
+
+
+class RateLimitUnavailable(GatewayError):
+    """`fail_closed`: the shared rate-limit store is unreachable, so the request is
+    refused."""
+
+    status, code, title = 503, "rate_limit_unavailable", "Rate limit store unavailable"
 
     def __init__(self, detail: str = "", **kw: str | None) -> None:
         super().__init__(detail, **kw)  # type: ignore[arg-type]

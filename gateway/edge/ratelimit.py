@@ -33,7 +33,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from gateway.edge import EdgeContext, RequestFilter
-from gateway.errors import GatewayError, RateLimited
+from gateway.errors import RateLimited, RateLimitUnavailable
 from gateway.ops.metrics import Metrics
 
 __all__ = [
@@ -41,7 +41,6 @@ __all__ = [
     "MemoryStore",
     "RateLimit",
     "RateLimitStore",
-    "RateLimitUnavailable",
     "RedisBucketStore",
     "RedisStoreSpec",
     "StoreUnavailable",
@@ -107,16 +106,6 @@ class Decision:
 
 class StoreUnavailable(Exception):
     """The shared store could not answer; the caller decides open or closed."""
-
-
-class RateLimitUnavailable(GatewayError):
-    """`fail_closed`: the shared store is unreachable, so the request is refused."""
-
-    status, code, title = 503, "rate_limit_unavailable", "Rate limit store unavailable"
-
-    def __init__(self, detail: str = "", **kw: str | None) -> None:
-        super().__init__(detail, **kw)  # type: ignore[arg-type]
-        self.headers.append((b"retry-after", b"1"))
 
 
 class RateLimitStore(Protocol):

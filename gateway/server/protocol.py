@@ -79,12 +79,12 @@ _TRAILER_SLACK = 4 * 1024  # raw bytes allowed past max_header_size for line end
 class ClientLimits:
     """What one client connection may send or hold (the `server:` block's limits)."""
 
-    max_request_line: int = 8 * 1024
-    max_header_size: int = 32 * 1024
-    max_header_count: int = 100
-    header_timeout: float = 10.0
-    keepalive_timeout: float = 5.0
-    max_client_connections: int = 10_000
+    max_request_line: int = 8 * 1024  # bytes of the request target; longer: 414
+    max_header_size: int = 32 * 1024  # bytes of all header lines (and trailers); more: 431
+    max_header_count: int = 100  # header (or trailer) fields; more: 431
+    header_timeout: float = 10.0  # seconds for a whole head to arrive; else 408
+    keepalive_timeout: float = 5.0  # seconds idle between two requests
+    max_client_connections: int = 10_000  # open connections per worker; beyond: 503
 
     @classmethod
     def from_settings(cls, server: ServerSettings) -> ClientLimits:

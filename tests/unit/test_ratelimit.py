@@ -14,13 +14,12 @@ from gateway.edge import EdgeContext
 from gateway.edge.ratelimit import (
     Decision,
     MemoryStore,
-    RateLimitUnavailable,
     RedisBucketStore,
     StoreUnavailable,
     make_store,
     rate_limit,
 )
-from gateway.errors import RateLimited
+from gateway.errors import RateLimited, RateLimitUnavailable
 from gateway.ops.metrics import Metrics
 from tests.integration.harness import free_port
 from tests.unit.fakes import FakeClock
