@@ -33,7 +33,7 @@ lint: $(STAMP)
 	$(BIN)/lint-imports --no-cache
 
 typecheck: $(STAMP)
-	$(BIN)/mypy gateway
+	$(BIN)/mypy gateway examples tools
 
 unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit

@@ -9,7 +9,7 @@ of their bucket).
 JWT verifier with its JWKS cache. A reload whose store (or JWT) settings did not change
 takes them over, buckets and cached keys included. `config_problems` lists what the
 settings models cannot see on their own (missing auth blocks, empty key variables,
-unreadable JWKS files); `runtime.unsupported` reports them, so `gateway check`,
+unreadable JWKS files); `factory.unsupported` reports them, so `gateway check`,
 `gateway run` and a reload refuse such a config with a clear message.
 """
 

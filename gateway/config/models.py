@@ -22,6 +22,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from starlette.routing import PARAM_REGEX, compile_path
 
 from gateway.config.units import Duration, Rate, Size
+from gateway.types import IPNetwork
 
 __all__ = [
     "AggregateSettings",
@@ -53,9 +54,6 @@ class Model(BaseModel):
     """Base of every block: unknown keys are errors and settings are frozen."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class ServerSettings(Model):

@@ -2,8 +2,9 @@
 
 A request's life, in Pingora's phases: match the route, build the upstream request
 (headers, body, deadline), run the route's handler chain, stream the response back,
-and in every case end in one place that records what happened. Gateway errors become
-problem+json in one place (`send_problem`); nothing else ever reaches the client.
+and in every case end in one place that records what happened (`logphase.py`). Gateway
+errors become problem+json in one renderer (`errors.problem_response`); nothing else
+ever reaches the client.
 """
 
 from __future__ import annotations

@@ -263,9 +263,20 @@ async def _serve(
     }
     add_forwarded(incoming, forwarded_scope, route.trusted_proxies)
     deadline = deadline_for(route.timeout, incoming)
-    await upstream.bulkhead.acquire(deadline, route.name)
+    # The breaker before the bulkhead, as in a plain request's chain: an open circuit
+    # refuses at once rather than after queueing for a slot.
+    breaker = upstream.breaker
+    ticket = breaker.admit(route.name) if breaker is not None else None
     try:
-        ws, target = await _open(upstream, route, path, scope, incoming, deadline)
+        await upstream.bulkhead.acquire(deadline, route.name)
+    except UpstreamError as exc:
+        _settle(breaker, ticket, True if exc.outcome in FAILURE_OUTCOMES else None)
+        raise
+    except BaseException:
+        _settle(breaker, ticket, None)
+        raise
+    try:
+        ws, target = await _open(upstream, route, path, scope, incoming, deadline, ticket)
         await _session(ws, target, receive, send, exchange)
     finally:
         upstream.bulkhead.release()
@@ -286,12 +297,14 @@ async def _open(
     scope: Scope,
     incoming: IncomingHeaders,
     deadline: Deadline,
+    first: Ticket | None,
 ) -> tuple[ClientConnection, Target]:
     """The upstream's opening handshake. A target that refuses the TCP connection is
     tried on the next one (up to `retries.attempts` more, as for plain requests), since
     nothing was sent; every other failure is final. Each try passes the upstream's
-    circuit breaker, as a plain request's does, and counts in it the same way: a
-    refused, reset or timed-out handshake and a 5xx answer as failures."""
+    circuit breaker, as a plain request's does (the first was admitted by the caller,
+    `first`), and counts in it the same way: a refused, reset or timed-out handshake
+    and a 5xx answer as failures."""
     tries = upstream.connect_tries
     breaker = upstream.breaker
     tried: set[str] = set()
@@ -299,17 +312,20 @@ async def _open(
     offered = scope.get("subprotocols") or None
     query = scope.get("query_string", b"")
     error: UpstreamError | None = None
-    for _ in range(tries):
+    for attempt in range(tries):
+        ticket = first if attempt == 0 else None
         try:
             target = upstream.pick(tried)
         except UpstreamUnhealthy:
+            _settle(breaker, ticket, None)  # no target was tried: no verdict
             if error is None:
                 raise
             break  # the rest went unhealthy meanwhile: report the connect error
         if target.url in tried:
-            break  # every target has had its try
+            break  # every target has had its try (never on the first attempt)
         tried.add(target.url)
-        ticket = breaker.admit(route.name) if breaker is not None else None
+        if attempt > 0 and breaker is not None:
+            ticket = breaker.admit(route.name)
         started = time.monotonic()
         try:
             with map_websocket_errors(upstream.name, target.url):

@@ -1,6 +1,6 @@
 """The admin listener (a separate port, never the data port): health, readiness,
 metrics, the running config (secrets redacted), reload, and the status page
-(`/status`, `/status.json`; see `status.py`).
+(`/status`, `/status.json`; see `page.py`).
 
 Off the hot path, so it is an ordinary Starlette app. When `admin_token_env` names a
 set environment variable, every path but /healthz, /readyz and /metrics requires

@@ -81,7 +81,7 @@ class GatewayServer:
                 port=server.port,
                 loop="none",
                 # httptools plus the head size/count/timeout and connection limits
-                # (gateway/protocol.py; the keep-alive timeout is applied there too).
+                # (protocol.py; the keep-alive timeout is applied there too).
                 http=protocol_class(ClientLimits.from_settings(server), self.state),
                 timeout_keep_alive=max(1, math.ceil(server.keepalive_timeout)),
                 lifespan="off",

@@ -231,7 +231,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        # A response's head and body leave in one send() (gateway/coalesce.py).
+        # A response's head and body leave in one send() (coalesce.py).
         self.transport = CoalescingTransport(transport, self.loop)  # type: ignore[assignment]
         if len(self.connections) > self.limits.max_client_connections:
             self.app = self._too_many_connections

@@ -1,5 +1,5 @@
 """`make screenshot`: the status page of the demo (`make run`'s config and upstreams) under
-a little traffic, captured by Debian's headless Chromium into a PNG for the README.
+a little traffic, captured by Debian's headless Chromium into a PNG for docs/operations.md.
 
 The demo runs on free ports (the config is copied with its ports replaced), with health
 checks switched on so the page has health to show; everything else is the demo's.

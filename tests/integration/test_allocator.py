@@ -1,4 +1,4 @@
-"""`gateway run` under jemalloc where it is installed (gateway/allocator.py), checked on
+"""`gateway run` under jemalloc where it is installed (gateway/server/allocator.py), checked on
 the real process: its log line, its memory map, and that it still serves."""
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import httpx
 from tests.integration.counting_app import CountingApp
 from tests.integration.harness import GatewayProcess, UpstreamServer, free_port
 
-# The documented field names (README, "Status page"): scripts rely on them.
+# The documented field names (docs/operations.md, "Status page"): scripts rely on them.
 TOP = {"generated_at", "window_s", "process", "routes", "upstreams", "recent_errors"}
 PROCESS = {
     "version",

@@ -1,4 +1,4 @@
-"""gateway/allocator.py: when `gateway run` re-executes itself under jemalloc."""
+"""gateway/server/allocator.py: when `gateway run` re-executes itself under jemalloc."""
 
 from __future__ import annotations
 

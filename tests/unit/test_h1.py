@@ -1,5 +1,6 @@
-"""The hot path's HTTP/1.1 client (gateway/h1.py) against small raw asyncio servers on
-127.0.0.1: pooling, framing both ways, cancellation, limits and the errors it raises."""
+"""The hot path's HTTP/1.1 client (gateway/upstream/transports/h1.py) against small raw
+asyncio servers on 127.0.0.1: pooling, framing both ways, cancellation, limits and the
+errors it raises."""
 
 from __future__ import annotations
 

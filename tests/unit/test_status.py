@@ -1,4 +1,4 @@
-"""The status board and document (gateway/status.py): the per-route minute ring, the
+"""The status board and document (gateway/ops/board.py, page.py): the per-route minute ring, the
 percentiles read off its histogram, recent errors, and several snapshots summed."""
 
 from __future__ import annotations

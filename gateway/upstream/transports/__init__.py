@@ -4,6 +4,7 @@ HTTP/1.1 client, holding the aiohttp one as its fallback), `aiohttp`, and httpx'
 
 from __future__ import annotations
 
+import logging
 import os
 
 import httpx
@@ -14,10 +15,17 @@ from gateway.upstream.transports.h1 import H1Transport
 
 __all__ = ["RawTransport", "TransportSettings", "make_transport"]
 
+log = logging.getLogger("gateway.upstream")
+_KINDS = ("h1", "aiohttp", "httpx")
+
 
 def make_transport(settings: TransportSettings) -> httpx.AsyncBaseTransport:
     """The transport `GATEWAY_TRANSPORT` names: `h1` (default), `aiohttp` or `httpx`."""
     kind = os.environ.get("GATEWAY_TRANSPORT", "h1")
+    if kind not in _KINDS:
+        log.warning(
+            "unknown GATEWAY_TRANSPORT; using aiohttp", extra={"value": kind, "known": _KINDS}
+        )
     if kind == "h1":
         return H1Transport(settings)
     if kind == "httpx":
