@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -160,10 +161,53 @@ def load_config_text(text: str, filename: str) -> GatewaySettings:
     # else the raw file, so one run shows both kinds of error.
     checked = settings.model_dump(include={"upstreams", "routes"}) if settings else data
     problems += cross_check(checked)
+    if settings is not None:
+        problems += tls_file_problems(settings)
 
     if problems or settings is None:
         raise ConfigError(_render(filename, doc, problems))
     return settings
+
+
+def tls_file_problems(settings: GatewaySettings) -> list[Problem]:
+    """The TLS files the settings name that cannot serve: unreadable, not PEM, or a key
+    that does not belong to its certificate. Checked on every load, so `gateway check`,
+    a start and a reload all refuse them, pointing at the line that names the file."""
+    tls = settings.server.tls
+    if tls is None:
+        return []
+    problems: list[Problem] = []
+    base = ("server", "tls")
+    for i, pair in enumerate(tls.certificates):
+        where = (*base, "certificates", i)
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(pair.cert, pair.key)
+        except FileNotFoundError as exc:
+            missing = "key" if exc.filename == pair.key else "cert"
+            problems.append(Problem((*where, missing), f"cannot read {exc.filename}"))
+        except OSError as exc:  # ssl.SSLError is one
+            problems.append(Problem((*where, "cert"), _pem_problem(pair.cert, pair.key, exc)))
+    if tls.client_ca is not None:
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(tls.client_ca)
+        except (OSError, ValueError) as exc:
+            problems.append(
+                Problem((*base, "client_ca"), f"cannot load {tls.client_ca}: {_reason(exc)}")
+            )
+    return problems
+
+
+def _pem_problem(cert: str, key: str, exc: OSError) -> str:
+    reason = _reason(exc)
+    if "KEY_VALUES_MISMATCH" in reason.upper().replace(" ", "_"):
+        return f"the key {key} does not belong to the certificate {cert}"
+    return f"cannot load {cert} with {key}: {reason}"
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror and not isinstance(exc, ssl.SSLError):
+        return exc.strerror
+    return str(getattr(exc, "reason", None) or exc)
 
 
 def cross_check(data: Mapping[str, Any]) -> list[Problem]:

@@ -56,6 +56,37 @@ class Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class CertificateSettings(Model):
+    """One entry of `server.tls.certificates`: a PEM certificate chain and its key."""
+
+    cert: str  # PEM certificate (chain) file, relative to the working directory; required
+    key: str  # PEM private key file of that certificate; required
+
+
+class TlsSettings(Model):
+    """The `server.tls:` block: the data listener speaks TLS only (unset: cleartext)."""
+
+    # chosen by SNI against each certificate's SAN DNS names; the first is the default
+    certificates: tuple[CertificateSettings, ...] = Field(min_length=1)
+    sni_strict: bool = False  # refuse a handshake whose SNI matches none (or is absent)
+    min_version: Literal["1.2", "1.3"] = "1.2"  # the oldest TLS version accepted; default 1.2
+    # client certificates (mTLS): none, optional (verified when sent) or require
+    client_auth: Literal["none", "optional", "require"] = "none"
+    client_ca: str | None = None  # PEM CA file client certificates must chain to; default unset
+
+    @field_validator("min_version", mode="before")
+    @classmethod
+    def _version(cls, value: Any) -> Any:
+        # `min_version: 1.2` unquoted is a YAML float.
+        return f"{value:.1f}" if isinstance(value, float) else value
+
+    @model_validator(mode="after")
+    def _client_ca(self) -> TlsSettings:
+        if self.client_auth != "none" and self.client_ca is None:
+            raise ValueError(f"client_auth: {self.client_auth} needs client_ca")
+        return self
+
+
 class ServerSettings(Model):
     """The `server:` block: listeners, client limits, drain and logging."""
 
@@ -92,6 +123,7 @@ class ServerSettings(Model):
     max_client_connections: int = Field(10_000, ge=1)
     # memory allocator; auto: jemalloc where installed (returns memory after bursts); default auto
     allocator: Literal["auto", "jemalloc", "python"] = "auto"
+    tls: TlsSettings | None = None  # TLS termination on the data listener; default unset
 
     @field_validator(
         "max_request_line",

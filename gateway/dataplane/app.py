@@ -100,10 +100,15 @@ class DataPlane:
                 # connection cannot be trusted for another request either.
                 raise BadRequest(incoming.framing_error, headers=[(b"connection", b"close")])
             version = scope.get("http_version")
-            if version not in ("1.0", "1.1"):
-                raise BadRequest(
-                    f"HTTP/{version} is not served", headers=[(b"connection", b"close")]
-                )
+            if version != "1.1":
+                if version != "1.0":
+                    raise BadRequest(
+                        f"HTTP/{version} is not served", headers=[(b"connection", b"close")]
+                    )
+                exchange.protocol = "HTTP/1.0"
+            extensions = scope.get("extensions")
+            if extensions is not None and "tls" in extensions:
+                exchange.tls = extensions["tls"].get("version")
             if version == "1.1" and not _SANE_HOST.match(incoming.host):
                 # RFC 9112 3.2: a request without exactly one valid Host is a 400.
                 raise BadRequest(

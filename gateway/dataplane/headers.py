@@ -48,6 +48,8 @@ _REPLACED = frozenset(
         b"x-forwarded-host",
         b"x-request-timeout-ms",
         b"expect",
+        # Only the gateway vouches for a client certificate (mTLS): never the client.
+        b"x-forwarded-client-cert",
     }
 )
 _DROP_UP = HOP_BY_HOP | _REPLACED
@@ -201,6 +203,11 @@ def add_forwarded(incoming: IncomingHeaders, scope: Scope, trusted: tuple[IPNetw
     fhost = incoming.forwarded_host if from_proxy and incoming.forwarded_host else None
     headers.append((b"x-forwarded-host", fhost or incoming.host.encode("latin-1")))
     headers.append((b"x-request-id", incoming.request_id.encode("ascii")))
+    extensions = scope.get("extensions")
+    if extensions is not None:
+        tls = extensions.get("tls")
+        if tls is not None and tls.get("xfcc") is not None:
+            headers.append((b"x-forwarded-client-cert", tls["xfcc"]))
 
 
 def response_headers(raw: Headers, request_id: bytes) -> Headers:

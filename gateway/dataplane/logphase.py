@@ -115,6 +115,8 @@ class LoggingPhase:
                     "bytes_out": exchange.bytes_out,
                     "duration_ms": round(elapsed * 1000, 3),
                     "error": error,
+                    "protocol": exchange.protocol,
+                    "tls": exchange.tls,
                 }
             )
 

@@ -59,3 +59,5 @@ class Exchange:
     detail: str | None = None  # set when the gateway answered with its own problem+json
     response_started: bool = False
     extra_headers: Headers | None = None  # from edge filters, on every answer
+    protocol: str = "HTTP/1.1"  # the client's protocol, as the access log names it
+    tls: str | None = None  # the connection's TLS version ("TLSv1.3"), None in cleartext

@@ -20,7 +20,9 @@ import asyncio
 import errno
 import logging
 import socket
+import ssl as ssl_module
 from collections.abc import Callable
+from typing import Any
 
 __all__ = ["ACCEPT_BURST", "BurstAcceptor"]
 
@@ -58,9 +60,16 @@ class BurstAcceptor:
         sock: socket.socket,
         protocol_factory: Callable[[], asyncio.Protocol],
         loop: asyncio.AbstractEventLoop,
+        *,
+        ssl: ssl_module.SSLContext | None = None,
+        ssl_handshake_timeout: float | None = None,
     ) -> None:
         sock.setblocking(False)
         self._sock = sock
+        # Under TLS each accepted socket does its handshake first, bounded in time.
+        self._tls: dict[str, Any] = (
+            {"ssl": ssl, "ssl_handshake_timeout": ssl_handshake_timeout} if ssl else {}
+        )
         self._factory = protocol_factory
         self._loop = loop
         self._pending: set[asyncio.Task[object]] = set()
@@ -111,7 +120,9 @@ class BurstAcceptor:
             # on the descriptor (uvloop: libuv's uv_tcp_open and uv_tcp_nodelay; asyncio:
             # `_create_connection_transport` and `_set_nodelay`).
             conn = make(family, kind, proto, fd)
-            task = self._loop.create_task(self._loop.connect_accepted_socket(self._factory, conn))
+            task = self._loop.create_task(
+                self._loop.connect_accepted_socket(self._factory, conn, **self._tls)
+            )
             self._pending.add(task)
             task.add_done_callback(self._connected)
 

@@ -9,6 +9,7 @@ import contextlib
 import logging
 import os
 import socket
+import ssl
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -29,16 +30,29 @@ WS_CLOSE_GRACE = 1.0
 class Listener(uvicorn.Server):
     """uvicorn's server without its own signal handlers: the gateway decides when to stop."""
 
-    def __init__(self, config: uvicorn.Config, *, burst_accept: bool = False) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        *,
+        burst_accept: bool = False,
+        tls: ssl.SSLContext | None = None,
+        tls_handshake_timeout: float | None = None,
+    ) -> None:
         super().__init__(config)
         self.listening = asyncio.Event()
         self.burst_accept = burst_accept
+        self.tls = tls  # the listener's TLS context (server/tls.py), or cleartext
+        self.tls_handshake_timeout = tls_handshake_timeout
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.tls is not None:
+            # uvicorn would build its own context from ssl_* settings; ours chooses the
+            # certificate by SNI and reloads in place. `Config.load` has run by now.
+            self.config.ssl = self.tls
         await super().startup(sockets)
         if self.started:
             if self.burst_accept:
@@ -64,7 +78,15 @@ class Listener(uvicorn.Server):
         for server in self.servers:
             for listener in server.sockets:
                 sock = socket.socket(fileno=os.dup(listener.fileno()))
-                acceptors.append(BurstAcceptor(sock, create_protocol, loop))
+                acceptors.append(
+                    BurstAcceptor(
+                        sock,
+                        create_protocol,
+                        loop,
+                        ssl=self.tls,
+                        ssl_handshake_timeout=self.tls_handshake_timeout,
+                    )
+                )
             server.close()
         self.servers = acceptors
 

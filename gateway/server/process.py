@@ -20,7 +20,7 @@ import uvicorn
 from gateway.build.factory import build_runtime, unsupported
 from gateway.build.runtime import Retirements, Runtime
 from gateway.config.loader import ConfigError, load_config
-from gateway.config.models import GatewaySettings
+from gateway.config.models import GatewaySettings, TlsSettings
 from gateway.dataplane.app import DataPlane
 from gateway.dataplane.state import GatewayState
 from gateway.ops.logs import AccessLog
@@ -29,6 +29,7 @@ from gateway.ops.snapshots import publish
 from gateway.server.listeners import Listener, admin_server
 from gateway.server.protocol import ClientLimits, protocol_class
 from gateway.server.reload import watch, with_port
+from gateway.server.tls import Certificate, TlsError, TlsListener, TlsTerminator
 
 __all__ = ["GatewayServer", "raise_open_file_limit"]
 
@@ -74,6 +75,7 @@ class GatewayServer:
             access_log=AccessLog() if settings.server.access_log else None,
         )
         server = settings.server
+        self.tls = TlsTerminator(tls_values(server.tls)) if server.tls is not None else None
         self.data = Listener(
             uvicorn.Config(
                 DataPlane(self.state, body_timeout=server.body_timeout),
@@ -98,6 +100,8 @@ class GatewayServer:
             # One process accepts in bursts; workers sharing a socket do not: the
             # first one woken would take a whole wave of connections (docs/performance.md).
             burst_accept=not worker,
+            tls=self.tls.context if self.tls is not None else None,
+            tls_handshake_timeout=server.header_timeout,
         )
         self.admin = admin_server(self.state, server, self.reload) if admin else None
         board = self.state.status
@@ -148,6 +152,8 @@ class GatewayServer:
             else:
                 settings = with_port(settings, self.port_override)
                 errors = [f"{self.config_path}: {p}" for p in unsupported(settings)]
+                if not errors:
+                    errors = self._reload_tls(settings)
             if errors:
                 self.state.metrics.reloads.labels("error").inc()
                 self.state.status.reloaded(errors)
@@ -167,6 +173,21 @@ class GatewayServer:
             self.state.status.reloaded([])
             log.info("config reloaded", extra={"routes": len(runtime.router)})
             return []
+
+    def _reload_tls(self, settings: GatewaySettings) -> list[str]:
+        """Read the certificate files again (new handshakes get the new pairs); the
+        errors when one does not load, the pairs in use then staying."""
+        tls = settings.server.tls
+        if (tls is None) != (self.tls is None):
+            log.warning("server.tls: turning TLS on or off takes effect at the next start")
+            return []
+        if tls is None or self.tls is None:
+            return []
+        try:
+            self.tls.reload(tls_values(tls))
+        except TlsError as exc:
+            return [f"{self.config_path}: server.tls: {exc}"]
+        return []
 
     async def _report_stats(self, every: float) -> None:
         """Log the event loop's task count and open client connections every `every`
@@ -320,3 +341,14 @@ def _nr_open() -> int:
             return int(f.read())
     except (OSError, ValueError):
         return 1024 * 1024
+
+
+def tls_values(tls: TlsSettings) -> TlsListener:
+    """The `server.tls` block as the terminator's plain values."""
+    return TlsListener(
+        certificates=tuple(Certificate(c.cert, c.key) for c in tls.certificates),
+        sni_strict=tls.sni_strict,
+        min_version=tls.min_version,
+        client_auth=tls.client_auth,
+        client_ca=tls.client_ca,
+    )

@@ -63,6 +63,7 @@ from gateway.errors import (
     problem_response,
 )
 from gateway.server.coalesce import CoalescingTransport
+from gateway.server.tls import tls_extension
 from gateway.types import Receive, Scope, Send
 
 __all__ = ["ClientLimits", "LimitedHttpProtocol", "protocol_class"]
@@ -226,11 +227,15 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._trailer_bytes = 0
         self._trailer_fields = 0
         self._trailer_size = 0
+        self._tls: dict[str, Any] | None = None  # the ASGI `tls` extension, under TLS
 
     # Connection life
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            self._tls = tls_extension(ssl_object)
         # A response's head and body leave in one send() (coalesce.py).
         self.transport = CoalescingTransport(transport, self.loop)  # type: ignore[assignment]
         if len(self.connections) > self.limits.max_client_connections:
@@ -288,6 +293,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._began = True
+        if self._tls is not None:
+            self.scope["extensions"] = {"tls": self._tls}  # type: ignore[dict-item]
 
     def on_url(self, url: bytes) -> None:
         super().on_url(url)

@@ -28,6 +28,8 @@ FIELDS = {
     "bytes_out",
     "duration_ms",
     "error",
+    "protocol",
+    "tls",
 }
 BODY = b"hello from the upstream\n" * 10
 
@@ -102,6 +104,7 @@ def test_one_json_line_per_request_with_every_field(
         assert line["client"] == "127.0.0.1"
         assert isinstance(line["duration_ms"], int | float)
         assert 0 <= line["duration_ms"] < 5000
+        assert (line["protocol"], line["tls"]) == ("HTTP/1.1", None)  # cleartext HTTP/1.1
 
     first = by_id["req-ok-1"]
     assert first["method"] == "GET"
