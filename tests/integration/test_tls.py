@@ -160,21 +160,33 @@ def test_min_version_refuses_older_clients(
         handshake(gw, ca, "localhost", maximum=ssl.TLSVersion.TLSv1_2)
 
 
+def mtls_gateway(
+    tmp_path: Path,
+    ca: trustme.CA,
+    upstream: Callable[..., UpstreamServer],
+    gateway: Callable[..., GatewayProcess],
+    client_auth: str,
+) -> tuple[GatewayProcess, trustme.CA]:
+    """A TLS gateway in front of the echo upstream, verifying client certificates
+    against a CA of their own (returned, to issue them)."""
+    up = upstream(Starlette(routes=[Route("/{rest:path}", echo)]))
+    clients = trustme.CA()
+    clients.cert_pem.write_to_path(str(tmp_path / "clients.pem"))
+    tls = {
+        "certificates": [pem_files(tmp_path, ca, "a", "localhost")],
+        "client_auth": client_auth,
+        "client_ca": str(tmp_path / "clients.pem"),
+    }
+    return gateway(config(up.url, tls)), clients
+
+
 def test_mtls_require_refuses_a_client_without_a_certificate(
     tmp_path: Path,
     ca: trustme.CA,
     upstream: Callable[..., UpstreamServer],
     gateway: Callable[..., GatewayProcess],
 ) -> None:
-    up = upstream(Starlette(routes=[Route("/{rest:path}", echo)]))
-    clients = trustme.CA()
-    clients.cert_pem.write_to_path(str(tmp_path / "clients.pem"))
-    tls = {
-        "certificates": [pem_files(tmp_path, ca, "a", "localhost")],
-        "client_auth": "require",
-        "client_ca": str(tmp_path / "clients.pem"),
-    }
-    gw = gateway(config(up.url, tls))
+    gw, clients = mtls_gateway(tmp_path, ca, upstream, gateway, "require")
     with pytest.raises(httpx.HTTPError):
         get(gw, ca, "/x")
     stranger = trustme.CA().issue_cert("intruder@example.test")
@@ -198,15 +210,7 @@ def test_mtls_optional_lets_a_client_without_a_certificate_through(
     upstream: Callable[..., UpstreamServer],
     gateway: Callable[..., GatewayProcess],
 ) -> None:
-    up = upstream(Starlette(routes=[Route("/{rest:path}", echo)]))
-    clients = trustme.CA()
-    clients.cert_pem.write_to_path(str(tmp_path / "clients.pem"))
-    tls = {
-        "certificates": [pem_files(tmp_path, ca, "a", "localhost")],
-        "client_auth": "optional",
-        "client_ca": str(tmp_path / "clients.pem"),
-    }
-    gw = gateway(config(up.url, tls))
+    gw, clients = mtls_gateway(tmp_path, ca, upstream, gateway, "optional")
     anonymous = get(gw, ca, "/x", headers={"x-forwarded-client-cert": "Hash=forged"})
     assert anonymous.status_code == 200
     assert "x-forwarded-client-cert" not in anonymous.json()
