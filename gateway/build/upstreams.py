@@ -4,10 +4,12 @@ budget). A reload keeps an `Upstream` whose settings did not change, state inclu
 
 from __future__ import annotations
 
+import ssl
+
 import httpx
 
 from gateway.build.values import plain
-from gateway.config.models import UpstreamSettings
+from gateway.config.models import UpstreamSettings, UpstreamTlsSettings
 from gateway.ops.metrics import Metrics, UpstreamStats
 from gateway.policies.breaker import BreakerRules, CircuitBreaker
 from gateway.policies.budget import RetryBudget
@@ -17,7 +19,7 @@ from gateway.upstream.pool import UpstreamPool
 from gateway.upstream.target import Target
 from gateway.upstream.transports import TransportSettings
 
-__all__ = ["Upstream"]
+__all__ = ["Upstream", "tls_context"]
 
 
 class Upstream(UpstreamPool):
@@ -42,6 +44,8 @@ class Upstream(UpstreamPool):
                 keepalive_expiry=settings.keepalive_expiry,
                 connect_timeout=settings.connect_timeout,
                 read_timeout=settings.read_timeout,
+                tls=tls_context(settings.tls),
+                server_name=settings.tls.server_name if settings.tls is not None else None,
             ),
             stats=stats,
             balancer=settings.balancer,
@@ -77,3 +81,18 @@ class Upstream(UpstreamPool):
             f"Upstream({self.name!r}, targets={self.targets!r}, {self.bulkhead!r}, "
             f"{self.breaker!r})"
         )
+
+
+def tls_context(settings: UpstreamTlsSettings | None) -> ssl.SSLContext | None:
+    """The context for an upstream's https targets, from its `tls` block (None without
+    one: the transport then verifies against the system trust store)."""
+    if settings is None:
+        return None
+    context = ssl.create_default_context(cafile=settings.ca_file)
+    if not settings.verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if settings.cert is not None:
+        context.load_cert_chain(settings.cert, settings.key)
+    context.set_alpn_protocols(["http/1.1"])
+    return context

@@ -173,10 +173,10 @@ def tls_file_problems(settings: GatewaySettings) -> list[Problem]:
     """The TLS files the settings name that cannot serve: unreadable, not PEM, or a key
     that does not belong to its certificate. Checked on every load, so `gateway check`,
     a start and a reload all refuse them, pointing at the line that names the file."""
+    problems = _upstream_tls_problems(settings)
     tls = settings.server.tls
     if tls is None:
-        return []
-    problems: list[Problem] = []
+        return problems
     base = ("server", "tls")
     for i, pair in enumerate(tls.certificates):
         where = (*base, "certificates", i)
@@ -194,6 +194,31 @@ def tls_file_problems(settings: GatewaySettings) -> list[Problem]:
             problems.append(
                 Problem((*base, "client_ca"), f"cannot load {tls.client_ca}: {_reason(exc)}")
             )
+    return problems
+
+
+def _upstream_tls_problems(settings: GatewaySettings) -> list[Problem]:
+    problems: list[Problem] = []
+    for name, upstream in settings.upstreams.items():
+        tls = upstream.tls
+        if tls is None:
+            continue
+        where = ("upstreams", name, "tls")
+        if tls.ca_file is not None:
+            try:
+                ssl.create_default_context(cafile=tls.ca_file)
+            except (OSError, ValueError) as exc:
+                problems.append(
+                    Problem((*where, "ca_file"), f"cannot load {tls.ca_file}: {_reason(exc)}")
+                )
+        if tls.cert is not None and tls.key is not None:
+            try:
+                ssl.create_default_context().load_cert_chain(tls.cert, tls.key)
+            except FileNotFoundError as exc:
+                missing = "key" if exc.filename == tls.key else "cert"
+                problems.append(Problem((*where, missing), f"cannot read {exc.filename}"))
+            except OSError as exc:
+                problems.append(Problem((*where, "cert"), _pem_problem(tls.cert, tls.key, exc)))
     return problems
 
 

@@ -217,6 +217,23 @@ class HealthCheckSettings(Model):
     unhealthy_threshold: int = Field(3, ge=1)
 
 
+class UpstreamTlsSettings(Model):
+    """The `upstreams.<name>.tls:` block: how `https://` targets are verified and met."""
+
+    verify: bool = True  # verify the target's certificate; false only when asked; default true
+    ca_file: str | None = None  # PEM CAs to verify against; default the system trust store
+    # the name sent as SNI and verified; default the target's host (no SNI for an IP)
+    server_name: str | None = None
+    cert: str | None = None  # PEM client certificate for upstream mTLS; default none
+    key: str | None = None  # its private key; required with cert
+
+    @model_validator(mode="after")
+    def _pair(self) -> UpstreamTlsSettings:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("cert and key go together")
+        return self
+
+
 class UpstreamSettings(Model):
     """One `upstreams.<name>:` block: targets, pool, queue, timeouts and resilience."""
 
@@ -240,6 +257,8 @@ class UpstreamSettings(Model):
     circuit_breaker: BreakerSettings | None = None  # the circuit breaker; default none (no breaker)
     # active probes of each target; default none (no probes)
     health_check: HealthCheckSettings | None = None
+    # TLS to https:// targets; default: verified against the system trust store
+    tls: UpstreamTlsSettings | None = None
 
     @field_validator("targets", mode="before")
     @classmethod

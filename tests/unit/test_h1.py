@@ -498,7 +498,7 @@ def test_targets_split_at_the_first_slash_question_mark_or_hash() -> None:
     assert h1._split("http://h:1/a?b") == ("h:1", "/a?b")
     assert h1._split("http://h:1?q=1") == ("h:1", "/?q=1")
     assert h1._split("http://h:1") == ("h:1", "/")
-    assert h1._split("https://h/") is None
+    assert h1._split("https://h/") == ("https://h", "/")  # https: this client too, over TLS
     assert h1._split("http://u:p@h/") is None
 
 

@@ -116,6 +116,7 @@ class AiohttpTransport(RawTransport):
             keepalive_timeout=s.keepalive_expiry if s.max_keepalive > 0 else None,
             force_close=s.max_keepalive == 0,
             ttl_dns_cache=10,
+            ssl=s.tls if s.tls is not None else True,  # True: verified, system defaults
         )
         self._session = aiohttp.ClientSession(
             connector=connector,
@@ -150,6 +151,7 @@ class AiohttpTransport(RawTransport):
                 data=data,
                 allow_redirects=False,
                 compress=None,
+                server_hostname=self._settings.server_name,
             )
         extensions: dict[str, object] = dict(_HTTP11)
         if response.reason:
@@ -178,6 +180,7 @@ class AiohttpTransport(RawTransport):
                 data=body,
                 allow_redirects=False,
                 compress=None,
+                server_hostname=self._settings.server_name,
             )
         return RawResponse(response)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import logging
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -20,7 +21,13 @@ import httpx
 
 from gateway.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
 
-__all__ = ["RawAnswer", "RawTransport", "TransportSettings", "map_httpx_errors"]
+__all__ = [
+    "RawAnswer",
+    "RawTransport",
+    "TransportSettings",
+    "default_tls_context",
+    "map_httpx_errors",
+]
 
 log = logging.getLogger("gateway.upstream")
 
@@ -34,6 +41,16 @@ class TransportSettings:
     keepalive_expiry: float  # seconds an idle connection is kept
     connect_timeout: float  # seconds to establish a connection
     read_timeout: float  # seconds between two reads of one answer
+    tls: ssl.SSLContext | None = None  # for https:// targets; None: the system defaults
+    server_name: str | None = None  # SNI and the name verified; None: the target's host
+
+
+def default_tls_context() -> ssl.SSLContext:
+    """TLS to an upstream without a `tls` block: verified against the system trust
+    store, the target's host as SNI and verified name, HTTP/1.1 by ALPN."""
+    context = ssl.create_default_context()
+    context.set_alpn_protocols(["http/1.1"])
+    return context
 
 
 class RawAnswer(Protocol):
@@ -95,6 +112,13 @@ class map_httpx_errors:
 
 
 def _translate(exc: httpx.HTTPError, upstream: str) -> UpstreamError:
+    if isinstance(exc, httpx.ConnectError) and _certificate_failure(exc):
+        return UpstreamUnavailable(
+            f"the TLS certificate of upstream {upstream!r} did not verify "
+            f"({_certificate_failure(exc)})",
+            upstream=upstream,
+            outcome="connect_error",
+        )
     if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
         return UpstreamUnavailable(
             f"connecting to upstream {upstream!r} timed out",
@@ -116,3 +140,13 @@ def _translate(exc: httpx.HTTPError, upstream: str) -> UpstreamError:
     return UpstreamUnavailable(
         f"upstream {upstream!r} failed ({type(exc).__name__})", upstream=upstream, outcome="reset"
     )
+
+
+def _certificate_failure(exc: BaseException) -> str | None:
+    """The reason, when a connect error is a certificate that did not verify."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return str(seen.verify_message or "certificate verify failed")
+        seen = seen.__cause__ or seen.__context__
+    return "certificate verify failed" if "CERTIFICATE_VERIFY_FAILED" in str(exc) else None

@@ -19,14 +19,15 @@ pool is direct:
 
 Errors are raised as httpx exceptions, like every transport of the gateway.
 `H1Transport` is the default transport; `GATEWAY_TRANSPORT=aiohttp` selects the aiohttp
-one, which this class also holds as its fallback for https targets, targets with
-credentials in the URL, and everything that goes through `httpx.AsyncClient` (health
-checks, tests).
+one, which this class also holds as its fallback for targets with credentials in the
+URL and everything that goes through `httpx.AsyncClient` (health checks, tests).
+`https://` targets are this client's too, over TLS with the upstream's context.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections import deque
 from collections.abc import AsyncIterator
 
@@ -34,7 +35,12 @@ import httptools
 import httpx
 
 from gateway.upstream.transports.aiohttp import AiohttpTransport
-from gateway.upstream.transports.base import RawAnswer, RawTransport, TransportSettings
+from gateway.upstream.transports.base import (
+    RawAnswer,
+    RawTransport,
+    TransportSettings,
+    default_tls_context,
+)
 
 __all__ = ["H1Response", "H1Transport"]
 
@@ -352,6 +358,7 @@ class _Pool:
         port: int,
         authority: bytes,
         settings: TransportSettings,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.host = host
@@ -362,6 +369,10 @@ class _Pool:
         self.keepalive_expiry = settings.keepalive_expiry
         self.connect_timeout = settings.connect_timeout
         self.read_timeout = settings.read_timeout
+        # https: the context and the name sent as SNI and verified (an IP literal is
+        # verified against the certificate's IP names and sent no SNI, RFC 6066 3).
+        self.tls = tls
+        self.server_hostname = (settings.server_name or host) if tls is not None else None
         self.read_view = memoryview(bytearray(_READ_SIZE))
         self.idle: list[_Conn] = []
         self.total = 0  # connections open or opening
@@ -442,7 +453,17 @@ class _Pool:
         conn = _Conn(self)
         try:
             async with asyncio.timeout(self.connect_timeout):
-                await self.loop.create_connection(lambda: conn, self.host, self.port)
+                if self.tls is None:
+                    await self.loop.create_connection(lambda: conn, self.host, self.port)
+                else:
+                    await self.loop.create_connection(
+                        lambda: conn,
+                        self.host,
+                        self.port,
+                        ssl=self.tls,
+                        server_hostname=self.server_hostname,
+                        ssl_handshake_timeout=self.connect_timeout,
+                    )
         except TimeoutError:
             raise httpx.ConnectTimeout(f"connecting to {self.host}:{self.port} timed out") from None
         except OSError as exc:
@@ -556,37 +577,43 @@ class _Pool:
 
 
 def _split(url: str) -> tuple[str, str] | None:
-    """`http://authority/target` → (authority, target); None for what this client
-    leaves to aiohttp (https, credentials in the URL)."""
-    if not url.startswith("http://"):
+    """`http://authority/target` → (authority, target), and `https://...` the same
+    with the authority as `https://authority`; None for what this client leaves to
+    aiohttp (credentials in the URL)."""
+    if url.startswith("http://"):
+        start, scheme = 7, ""
+    elif url.startswith("https://"):
+        start, scheme = 8, "https://"
+    else:
         return None
-    end = url.find("/", 7)
+    end = url.find("/", start)
     if end < 0:
         end = len(url)
-    authority = url[7:end]
+    authority = url[start:end]
     if "?" in authority or "#" in authority:  # no path, a query or fragment right away
-        end = min(i for i in (authority.find("?"), authority.find("#")) if i >= 0) + 7
-        authority = url[7:end]
+        end = min(i for i in (authority.find("?"), authority.find("#")) if i >= 0) + start
+        authority = url[start:end]
     target = url[end:]
     if not target.startswith("/"):
         target = "/" + target
     if "@" in authority or not authority:
         return None
-    return authority, target
+    return scheme + authority, target
 
 
-def _host_port(authority: str) -> tuple[str, int, bytes]:
+def _host_port(authority: str, default: int = 80) -> tuple[str, int, bytes]:
     if authority.startswith("["):
         end = authority.index("]")
         host, rest = authority[1:end], authority[end + 1 :]
-        port = int(rest[1:]) if rest.startswith(":") else 80
+        port = int(rest[1:]) if rest.startswith(":") else default
     else:
         host, sep, port_text = authority.rpartition(":")
         if not sep:
-            host, port = authority, 80
+            host, port = authority, default
         else:
             port = int(port_text)
-    header = authority[: -len(":80")] if authority.endswith(":80") else authority
+    suffix = f":{default}"
+    header = authority[: -len(suffix)] if authority.endswith(suffix) else authority
     return host, port, header.encode("idna" if not header.isascii() else "ascii")
 
 
@@ -598,6 +625,7 @@ class H1Transport(RawTransport):
         self._settings = settings
         self.fallback = AiohttpTransport(settings)
         self._pools: dict[str, _Pool] = {}
+        self._default_tls: ssl.SSLContext | None = None
         self._closed = False
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -606,10 +634,21 @@ class H1Transport(RawTransport):
     def _pool(self, authority: str) -> _Pool:
         pool = self._pools.get(authority)
         if pool is None:
-            host, port, header = _host_port(authority)
-            pool = _Pool(host, port, header, self._settings)
+            if authority.startswith("https://"):
+                host, port, header = _host_port(authority[8:], 443)
+                pool = _Pool(host, port, header, self._settings, self._tls())
+            else:
+                host, port, header = _host_port(authority)
+                pool = _Pool(host, port, header, self._settings)
             self._pools[authority] = pool
         return pool
+
+    def _tls(self) -> ssl.SSLContext:
+        """The context for https targets: the upstream's, else the system defaults
+        (certificates verified against the system trust store)."""
+        if self._default_tls is None:
+            self._default_tls = self._settings.tls or default_tls_context()
+        return self._default_tls
 
     async def open(
         self,
