@@ -116,6 +116,8 @@ class StatusBoard:
         self.last_reload: ReloadRecord | None = None
         # Open client connections of the data listener, when a server is attached.
         self.connections: Callable[[], int] | None = None
+        # The data listener's TLS (versions, certificates in use), when it has TLS.
+        self.tls: Callable[[], dict[str, Any]] | None = None
 
     def record(self, exchange: Finished, route: str, status: int, elapsed: float) -> None:
         """One finished request (the data plane's logging phase): O(1), no clock read.

@@ -44,12 +44,19 @@ def process_info(
         "workers": workers,
         "workers_reporting": len(snapshots),
         "connections": sum(int(s.get("connections", 0)) for s in snapshots),
+        # The data listener: cleartext HTTP/1.1, or TLS with its certificates in use.
+        "listener": _listener(snapshots),
         "config_file": board.config_path,
         "draining": draining or any(s.get("draining") for s in snapshots),
         "last_reload": None
         if last is None
         else {"at": last.at, "outcome": last.outcome, "errors": list(last.errors)},
     }
+
+
+def _listener(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
+    tls = next((s["tls"] for s in snapshots if s.get("tls")), None)
+    return {"protocols": ["HTTP/1.1", "HTTP/1.0"], "tls": tls}
 
 
 def render(

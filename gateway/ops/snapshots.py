@@ -46,6 +46,7 @@ def snapshot(state: GatewayState[Runtime]) -> dict[str, Any]:
         "pid": os.getpid(),
         "monotonic": now,
         "connections": connections,
+        "tls": board.tls() if board.tls is not None else None,
         "draining": state.draining,
         "routes": {name: w.dump(int(now)) for name, w in board.routes.items()},
         "upstreams": upstreams,

@@ -107,6 +107,8 @@ class GatewayServer:
         board = self.state.status
         board.config_path = os.path.abspath(config_path)
         board.connections = lambda: len(self.data.server_state.connections)
+        if self.tls is not None:
+            board.tls = self.tls.describe
         self._signals = 0
         self._reload_lock = asyncio.Lock()
         self._background: set[asyncio.Task[None]] = set()

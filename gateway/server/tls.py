@@ -105,9 +105,18 @@ class TlsTerminator:
         self._loaded = loaded
         self.listener = listener
 
-    def names(self) -> list[dict[str, object]]:
-        """The certificates in use, for the status page: names and expiry."""
-        return [{"names": list(c.names), "not_after": c.not_after} for c in self._loaded]
+    def describe(self) -> dict[str, object]:
+        """For the status page: the versions accepted, client verification, and the
+        certificates in use (names and expiry, Unix time)."""
+        listener = self.listener
+        return {
+            "min_version": f"TLSv{listener.min_version}",
+            "client_auth": listener.client_auth,
+            "sni_strict": listener.sni_strict,
+            "certificates": [
+                {"names": list(c.names), "not_after": c.not_after} for c in self._loaded
+            ],
+        }
 
     def _select(
         self, sock: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, _: ssl.SSLContext

@@ -28,6 +28,7 @@ PROCESS = {
     "config_file",
     "draining",
     "last_reload",
+    "listener",
 }
 ROUTE = {
     "name",
@@ -167,6 +168,7 @@ def test_status_json_has_the_documented_fields_after_known_traffic(
     assert process["config_file"] == str(gw.config_path)
     assert process["last_reload"] is None
     assert process["draining"] is False
+    assert process["listener"] == {"protocols": ["HTTP/1.1", "HTTP/1.0"], "tls": None}
     assert process["uptime_s"] >= 0
     assert isinstance(process["connections"], int)
 

@@ -293,3 +293,54 @@ def test_the_access_log_names_the_tls_version(
     (record,) = [r for r in records if r.get("path") == "/logged"]
     assert record["tls"] == "TLSv1.3"
     assert record["protocol"] == "HTTP/1.1"
+
+
+def test_the_status_page_shows_the_listeners_tls(
+    tmp_path: Path,
+    ca: trustme.CA,
+    upstream: Callable[..., UpstreamServer],
+    gateway: Callable[..., GatewayProcess],
+) -> None:
+    up = upstream(Starlette(routes=[Route("/{rest:path}", echo)]))
+    gw = gateway(config(up.url, {"certificates": [pem_files(tmp_path, ca, "a", "localhost")]}))
+    listener = httpx.get(gw.admin_url + "/status.json", timeout=5).json()["process"]["listener"]
+    assert listener["protocols"] == ["HTTP/1.1", "HTTP/1.0"]
+    tls = listener["tls"]
+    assert (tls["min_version"], tls["client_auth"], tls["sni_strict"]) == ("TLSv1.2", "none", False)
+    (only,) = tls["certificates"]
+    assert only["names"] == ["localhost"] and only["not_after"] > 0
+
+
+def test_garbage_and_a_stalled_handshake_are_dropped_without_harming_others(
+    tmp_path: Path,
+    ca: trustme.CA,
+    upstream: Callable[..., UpstreamServer],
+    gateway: Callable[..., GatewayProcess],
+) -> None:
+    up = upstream(Starlette(routes=[Route("/{rest:path}", echo)]))
+    cfg = config(up.url, {"certificates": [pem_files(tmp_path, ca, "a", "localhost")]})
+    cfg["server"]["header_timeout"] = "1s"  # bounds the TLS handshake too
+    gw = gateway(cfg)
+    garbage = socket.create_connection(("127.0.0.1", gw.port), timeout=5)
+    stalled = socket.create_connection(("127.0.0.1", gw.port), timeout=5)
+    try:
+        garbage.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 4)  # cleartext, not TLS
+        stalled.sendall(b"\x16\x03\x01\x00")  # the first bytes of a ClientHello, then nothing
+        assert get(gw, ca, "/meanwhile").status_code == 200  # others are served meanwhile
+        assert ends(garbage)  # refused (an alert at most), then closed
+        assert ends(stalled)  # closed once the 1 s handshake timeout passed, not 60 s
+    finally:
+        garbage.close()
+        stalled.close()
+    assert get(gw, ca, "/after").status_code == 200
+
+
+def ends(sock: socket.socket, within: float = 5.0) -> bool:
+    """Whether the peer closes the connection within `within` seconds."""
+    sock.settimeout(within)
+    try:
+        while sock.recv(4096):
+            pass
+    except ConnectionResetError:
+        pass
+    return True
