@@ -61,6 +61,9 @@ class DataPlane:
             await _lifespan(receive, send)
         elif scope["type"] == "websocket":
             exchange = Exchange(time.monotonic(), "GET", scope["path"], "")
+            tls = (scope.get("extensions") or {}).get("tls")
+            if tls is not None:
+                exchange.tls = tls.get("version")
             runtime = self.state.runtime
             try:
                 await proxy_websocket(self.state, scope, receive, send, exchange)

@@ -260,6 +260,7 @@ async def _serve(
     forwarded_scope = {
         "client": scope.get("client"),
         "scheme": "https" if scope.get("scheme") == "wss" else "http",
+        "extensions": scope.get("extensions"),  # under TLS: X-Forwarded-Client-Cert
     }
     add_forwarded(incoming, forwarded_scope, route.trusted_proxies)
     deadline = deadline_for(route.timeout, incoming)

@@ -19,6 +19,7 @@ from gateway.config.models import ServerSettings
 from gateway.dataplane.state import GatewayState
 from gateway.ops.admin import build_admin_app
 from gateway.server.accept import BurstAcceptor
+from gateway.server.protocol import tls_websocket_protocol
 
 __all__ = ["WS_CLOSE_GRACE", "Listener", "admin_server", "event_loop_factory"]
 
@@ -53,6 +54,9 @@ class Listener(uvicorn.Server):
             # uvicorn would build its own context from ssl_* settings; ours chooses the
             # certificate by SNI and reloads in place. `Config.load` has run by now.
             self.config.ssl = self.tls
+            ws = self.config.ws_protocol_class
+            if ws is not None:  # upgrades carry the connection's TLS as requests do
+                self.config.ws_protocol_class = tls_websocket_protocol(ws)
         await super().startup(sockets)
         if self.started:
             if self.burst_accept:

@@ -66,7 +66,7 @@ from gateway.server.coalesce import CoalescingTransport
 from gateway.server.tls import tls_extension
 from gateway.types import Receive, Scope, Send
 
-__all__ = ["ClientLimits", "LimitedHttpProtocol", "protocol_class"]
+__all__ = ["ClientLimits", "LimitedHttpProtocol", "protocol_class", "tls_websocket_protocol"]
 
 log = logging.getLogger("gateway.server")
 
@@ -490,3 +490,22 @@ def protocol_class(
             "_warn": _WarnOncePerSecond(),
         },
     )
+
+
+def tls_websocket_protocol(base: type[Any]) -> type[Any]:
+    """uvicorn's WebSocket protocol (`base`, the sans-I/O one) with the ASGI `tls`
+    extension added to its scope, so an upgrade over TLS carries the connection's TLS
+    version and client certificate as a plain request does. Another implementation is
+    returned as it is."""
+    if not hasattr(base, "handle_connect"):
+        return base
+
+    class TlsWebSocketProtocol(base):  # type: ignore[misc]
+        def handle_connect(self, event: Any) -> None:
+            super().handle_connect(event)
+            scope = getattr(self, "scope", None)  # unset when the handshake was refused
+            ssl_object = self.transport.get_extra_info("ssl_object")
+            if scope is not None and ssl_object is not None:
+                scope["extensions"]["tls"] = tls_extension(ssl_object)
+
+    return TlsWebSocketProtocol

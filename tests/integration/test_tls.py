@@ -24,7 +24,9 @@ from cryptography import x509
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
+from websockets.sync.client import connect as ws_connect
 
 from tests.integration.harness import GatewayProcess, UpstreamServer
 
@@ -344,3 +346,35 @@ def ends(sock: socket.socket, within: float = 5.0) -> bool:
     except ConnectionResetError:
         pass
     return True
+
+
+async def ws_headers(websocket: WebSocket) -> None:
+    await websocket.accept()
+    await websocket.send_json(dict(websocket.headers))
+    await websocket.close()
+
+
+def test_a_websocket_upgrade_over_tls_carries_the_client_certificate(
+    tmp_path: Path,
+    ca: trustme.CA,
+    upstream: Callable[..., UpstreamServer],
+    gateway: Callable[..., GatewayProcess],
+) -> None:
+    up = upstream(Starlette(routes=[WebSocketRoute("/ws", ws_headers)]))
+    clients = trustme.CA()
+    clients.cert_pem.write_to_path(str(tmp_path / "clients.pem"))
+    tls = {
+        "certificates": [pem_files(tmp_path, ca, "a", "localhost")],
+        "client_auth": "optional",
+        "client_ca": str(tmp_path / "clients.pem"),
+    }
+    gw = gateway(config(up.url, tls))
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    clients.issue_cert("carol.example.test").configure_cert(context)
+    forged = [("X-Forwarded-Client-Cert", "Hash=forged")]
+    with ws_connect(f"wss://localhost:{gw.port}/ws", ssl=context, additional_headers=forged) as ws:
+        seen = json.loads(ws.recv(timeout=5))
+    assert seen["x-forwarded-proto"] == "https"
+    assert seen["x-forwarded-client-cert"].startswith("Hash=")
+    assert seen["x-forwarded-client-cert"].endswith(";DNS=carol.example.test")

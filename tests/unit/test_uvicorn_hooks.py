@@ -127,3 +127,14 @@ def test_the_server_members_the_listeners_use_exist() -> None:
 @pytest.mark.parametrize("name", PROTOCOL_METHODS)
 def test_each_protocol_method_the_gateway_overrides_exists(name: str) -> None:
     assert hasattr(httptools_impl.HttpToolsProtocol, name), f"HttpToolsProtocol.{name} is gone"
+
+
+def test_the_websocket_protocol_builds_its_scope_in_handle_connect() -> None:
+    """`server/protocol.tls_websocket_protocol` adds the `tls` extension to the scope
+    that uvicorn's sans-I/O WebSocket protocol builds in `handle_connect`."""
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+    assert hasattr(WebSocketsSansIOProtocol, "handle_connect"), "handle_connect is gone"
+    source = inspect.getsource(WebSocketsSansIOProtocol.handle_connect)
+    assert "self.scope" in source and '"extensions"' in source
+    assert "transport" in _assigned_names(WebSocketsSansIOProtocol)
