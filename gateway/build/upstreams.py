@@ -18,6 +18,7 @@ from gateway.upstream.health import HealthCheck
 from gateway.upstream.pool import UpstreamPool
 from gateway.upstream.target import Target
 from gateway.upstream.transports import TransportSettings
+from gateway.upstream.transports.base import default_tls_context
 
 __all__ = ["Upstream", "tls_context"]
 
@@ -88,11 +89,10 @@ def tls_context(settings: UpstreamTlsSettings | None) -> ssl.SSLContext | None:
     one: the transport then verifies against the system trust store)."""
     if settings is None:
         return None
-    context = ssl.create_default_context(cafile=settings.ca_file)
+    context = default_tls_context(settings.ca_file)
     if not settings.verify:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     if settings.cert is not None:
         context.load_cert_chain(settings.cert, settings.key)
-    context.set_alpn_protocols(["http/1.1"])
     return context

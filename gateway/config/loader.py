@@ -173,53 +173,44 @@ def tls_file_problems(settings: GatewaySettings) -> list[Problem]:
     """The TLS files the settings name that cannot serve: unreadable, not PEM, or a key
     that does not belong to its certificate. Checked on every load, so `gateway check`,
     a start and a reload all refuse them, pointing at the line that names the file."""
-    problems = _upstream_tls_problems(settings)
-    tls = settings.server.tls
-    if tls is None:
-        return problems
-    base = ("server", "tls")
-    for i, pair in enumerate(tls.certificates):
-        where = (*base, "certificates", i)
-        try:
-            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(pair.cert, pair.key)
-        except FileNotFoundError as exc:
-            missing = "key" if exc.filename == pair.key else "cert"
-            problems.append(Problem((*where, missing), f"cannot read {exc.filename}"))
-        except OSError as exc:  # ssl.SSLError is one
-            problems.append(Problem((*where, "cert"), _pem_problem(pair.cert, pair.key, exc)))
-    if tls.client_ca is not None:
-        try:
-            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(tls.client_ca)
-        except (OSError, ValueError) as exc:
-            problems.append(
-                Problem((*base, "client_ca"), f"cannot load {tls.client_ca}: {_reason(exc)}")
-            )
-    return problems
-
-
-def _upstream_tls_problems(settings: GatewaySettings) -> list[Problem]:
     problems: list[Problem] = []
+    tls = settings.server.tls
+    if tls is not None:
+        base: Path = ("server", "tls")
+        for i, pair in enumerate(tls.certificates):
+            problems += _pair_problems((*base, "certificates", i), pair.cert, pair.key)
+        if tls.client_ca is not None:
+            problems += _ca_problems((*base, "client_ca"), tls.client_ca)
     for name, upstream in settings.upstreams.items():
-        tls = upstream.tls
-        if tls is None:
+        up = upstream.tls
+        if up is None:
             continue
-        where = ("upstreams", name, "tls")
-        if tls.ca_file is not None:
-            try:
-                ssl.create_default_context(cafile=tls.ca_file)
-            except (OSError, ValueError) as exc:
-                problems.append(
-                    Problem((*where, "ca_file"), f"cannot load {tls.ca_file}: {_reason(exc)}")
-                )
-        if tls.cert is not None and tls.key is not None:
-            try:
-                ssl.create_default_context().load_cert_chain(tls.cert, tls.key)
-            except FileNotFoundError as exc:
-                missing = "key" if exc.filename == tls.key else "cert"
-                problems.append(Problem((*where, missing), f"cannot read {exc.filename}"))
-            except OSError as exc:
-                problems.append(Problem((*where, "cert"), _pem_problem(tls.cert, tls.key, exc)))
+        where: Path = ("upstreams", name, "tls")
+        if up.ca_file is not None:
+            problems += _ca_problems((*where, "ca_file"), up.ca_file)
+        if up.cert is not None and up.key is not None:
+            problems += _pair_problems(where, up.cert, up.key)
     return problems
+
+
+def _pair_problems(where: Path, cert: str, key: str) -> list[Problem]:
+    """A certificate and its key, named at `where` (.cert / .key) when they do not load."""
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(cert, key)
+    except FileNotFoundError as exc:
+        missing = "key" if exc.filename == key else "cert"
+        return [Problem((*where, missing), f"cannot read {exc.filename}")]
+    except OSError as exc:  # ssl.SSLError is one
+        return [Problem((*where, "cert"), _pem_problem(cert, key, exc))]
+    return []
+
+
+def _ca_problems(where: Path, ca_file: str) -> list[Problem]:
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(ca_file)
+    except (OSError, ValueError) as exc:
+        return [Problem(where, f"cannot load {ca_file}: {_reason(exc)}")]
+    return []
 
 
 def _pem_problem(cert: str, key: str, exc: OSError) -> str:

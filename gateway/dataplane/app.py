@@ -61,9 +61,9 @@ class DataPlane:
             await _lifespan(receive, send)
         elif scope["type"] == "websocket":
             exchange = Exchange(time.monotonic(), "GET", scope["path"], "")
-            tls = (scope.get("extensions") or {}).get("tls")
-            if tls is not None:
-                exchange.tls = tls.get("version")
+            extensions = scope.get("extensions")
+            if extensions is not None and "tls" in extensions:
+                exchange.tls = extensions["tls"].get("version")
             runtime = self.state.runtime
             try:
                 await proxy_websocket(self.state, scope, receive, send, exchange)
@@ -110,7 +110,7 @@ class DataPlane:
                     )
                 exchange.protocol = "HTTP/1.0"
             extensions = scope.get("extensions")
-            if extensions is not None and "tls" in extensions:
+            if extensions is not None and "tls" in extensions:  # the ASGI tls extension
                 exchange.tls = extensions["tls"].get("version")
             if version == "1.1" and not _SANE_HOST.match(incoming.host):
                 # RFC 9112 3.2: a request without exactly one valid Host is a 400.

@@ -35,6 +35,9 @@ async def echo(request: Request) -> Response:
     return JSONResponse({k: v for k, v in request.headers.items()})
 
 
+ECHO = Starlette(routes=[Route("/{rest:path}", echo)])
+
+
 @pytest.fixture
 def ca() -> trustme.CA:
     return trustme.CA()
@@ -102,7 +105,7 @@ def test_requests_are_served_over_tls_with_x_forwarded_proto_https(
     upstream: Callable[..., UpstreamServer],
     gateway: Callable[..., GatewayProcess],
 ) -> None:
-    up = upstream(Starlette(routes=[Route("/{rest:path}", echo)]))
+    up = upstream(ECHO)
     gw = gateway(config(up.url, {"certificates": [pem_files(tmp_path, ca, "a", "localhost")]}))
     r = get(gw, ca, "/hello", headers={"x-forwarded-client-cert": "Hash=forged"})
     assert r.status_code == 200
@@ -119,7 +122,7 @@ def test_the_certificate_is_chosen_by_sni_with_one_label_wildcards(
     upstream: Callable[..., UpstreamServer],
     gateway: Callable[..., GatewayProcess],
 ) -> None:
-    up = upstream(Starlette(routes=[Route("/{rest:path}", echo)]))
+    up = upstream(ECHO)
     first = pem_files(tmp_path, ca, "first", "api.example.test")
     wild = pem_files(tmp_path, ca, "wild", "*.apps.example.test")
     gw = gateway(config(up.url, {"certificates": [first, wild]}))
@@ -137,7 +140,7 @@ def test_sni_strict_refuses_unknown_and_absent_names(
     upstream: Callable[..., UpstreamServer],
     gateway: Callable[..., GatewayProcess],
 ) -> None:
-    up = upstream(Starlette(routes=[Route("/{rest:path}", echo)]))
+    up = upstream(ECHO)
     pair = pem_files(tmp_path, ca, "a", "api.example.test")
     gw = gateway(config(up.url, {"certificates": [pair], "sni_strict": True}))
     assert dns_names(handshake(gw, ca, "api.example.test")) == ["api.example.test"]
@@ -154,7 +157,7 @@ def test_min_version_refuses_older_clients(
     upstream: Callable[..., UpstreamServer],
     gateway: Callable[..., GatewayProcess],
 ) -> None:
-    up = upstream(Starlette(routes=[Route("/{rest:path}", echo)]))
+    up = upstream(ECHO)
     pair = pem_files(tmp_path, ca, "a", "localhost")
     gw = gateway(config(up.url, {"certificates": [pair], "min_version": "1.3"}))
     handshake(gw, ca, "localhost")  # TLS 1.3 is fine
@@ -168,10 +171,11 @@ def mtls_gateway(
     upstream: Callable[..., UpstreamServer],
     gateway: Callable[..., GatewayProcess],
     client_auth: str,
+    app: Starlette = ECHO,
 ) -> tuple[GatewayProcess, trustme.CA]:
-    """A TLS gateway in front of the echo upstream, verifying client certificates
-    against a CA of their own (returned, to issue them)."""
-    up = upstream(Starlette(routes=[Route("/{rest:path}", echo)]))
+    """A TLS gateway in front of `app` (the echo upstream), verifying client
+    certificates against a CA of their own (returned, to issue them)."""
+    up = upstream(app)
     clients = trustme.CA()
     clients.cert_pem.write_to_path(str(tmp_path / "clients.pem"))
     tls = {
@@ -229,7 +233,7 @@ def test_reload_reads_the_certificate_files_again_and_keeps_the_old_pair_on_erro
     upstream: Callable[..., UpstreamServer],
     gateway: Callable[..., GatewayProcess],
 ) -> None:
-    up = upstream(Starlette(routes=[Route("/{rest:path}", echo)]))
+    up = upstream(ECHO)
     pair = pem_files(tmp_path, ca, "live", "old.example.test")
     gw = gateway(config(up.url, {"certificates": [pair]}))
     assert dns_names(handshake(gw, ca, "x")) == ["old.example.test"]
@@ -287,7 +291,7 @@ def test_the_access_log_names_the_tls_version(
     upstream: Callable[..., UpstreamServer],
     gateway: Callable[..., GatewayProcess],
 ) -> None:
-    up = upstream(Starlette(routes=[Route("/{rest:path}", echo)]))
+    up = upstream(ECHO)
     gw = gateway(config(up.url, {"certificates": [pem_files(tmp_path, ca, "a", "localhost")]}))
     assert get(gw, ca, "/logged").status_code == 200
     gw.stop()
@@ -303,7 +307,7 @@ def test_the_status_page_shows_the_listeners_tls(
     upstream: Callable[..., UpstreamServer],
     gateway: Callable[..., GatewayProcess],
 ) -> None:
-    up = upstream(Starlette(routes=[Route("/{rest:path}", echo)]))
+    up = upstream(ECHO)
     gw = gateway(config(up.url, {"certificates": [pem_files(tmp_path, ca, "a", "localhost")]}))
     listener = httpx.get(gw.admin_url + "/status.json", timeout=5).json()["process"]["listener"]
     assert listener["protocols"] == ["HTTP/1.1", "HTTP/1.0"]
@@ -319,7 +323,7 @@ def test_garbage_and_a_stalled_handshake_are_dropped_without_harming_others(
     upstream: Callable[..., UpstreamServer],
     gateway: Callable[..., GatewayProcess],
 ) -> None:
-    up = upstream(Starlette(routes=[Route("/{rest:path}", echo)]))
+    up = upstream(ECHO)
     cfg = config(up.url, {"certificates": [pem_files(tmp_path, ca, "a", "localhost")]})
     cfg["server"]["header_timeout"] = "1s"  # bounds the TLS handshake too
     gw = gateway(cfg)
@@ -360,15 +364,8 @@ def test_a_websocket_upgrade_over_tls_carries_the_client_certificate(
     upstream: Callable[..., UpstreamServer],
     gateway: Callable[..., GatewayProcess],
 ) -> None:
-    up = upstream(Starlette(routes=[WebSocketRoute("/ws", ws_headers)]))
-    clients = trustme.CA()
-    clients.cert_pem.write_to_path(str(tmp_path / "clients.pem"))
-    tls = {
-        "certificates": [pem_files(tmp_path, ca, "a", "localhost")],
-        "client_auth": "optional",
-        "client_ca": str(tmp_path / "clients.pem"),
-    }
-    gw = gateway(config(up.url, tls))
+    app = Starlette(routes=[WebSocketRoute("/ws", ws_headers)])
+    gw, clients = mtls_gateway(tmp_path, ca, upstream, gateway, "optional", app)
     context = ssl.create_default_context()
     ca.configure_trust(context)
     clients.issue_cert("carol.example.test").configure_cert(context)

@@ -45,10 +45,10 @@ class TransportSettings:
     server_name: str | None = None  # SNI and the name verified; None: the target's host
 
 
-def default_tls_context() -> ssl.SSLContext:
-    """TLS to an upstream without a `tls` block: verified against the system trust
-    store, the target's host as SNI and verified name, HTTP/1.1 by ALPN."""
-    context = ssl.create_default_context()
+def default_tls_context(ca_file: str | None = None) -> ssl.SSLContext:
+    """TLS to an upstream: verified against `ca_file`, else the system trust store, the
+    target's host as SNI and verified name, HTTP/1.1 by ALPN."""
+    context = ssl.create_default_context(cafile=ca_file)
     context.set_alpn_protocols(["http/1.1"])
     return context
 
