@@ -33,6 +33,7 @@ __all__ = [
     "CorsSettings",
     "GatewaySettings",
     "HealthCheckSettings",
+    "Http2Settings",
     "JwtSettings",
     "RateLimitSettings",
     "RedisStore",
@@ -87,6 +88,26 @@ class TlsSettings(Model):
         return self
 
 
+class Http2Settings(Model):
+    """The `server.http2:` block: HTTP/2 on the data listener (h2 by ALPN under TLS, h2c
+    by prior knowledge on cleartext)."""
+
+    enabled: bool = True  # serve HTTP/2 beside HTTP/1.1 on the same port; default true
+    # streams one connection may have open; sent as SETTINGS_MAX_CONCURRENT_STREAMS and
+    # enforced with RST_STREAM(REFUSED_STREAM); default 128
+    max_concurrent_streams: int = Field(128, ge=1, le=2**31 - 1)
+    # bytes a stream may receive before a WINDOW_UPDATE; sent as
+    # SETTINGS_INITIAL_WINDOW_SIZE (at most 2^31-1); default 1MiB
+    initial_window_size: Size = 1 * MiB
+
+    @field_validator("initial_window_size")
+    @classmethod
+    def _window(cls, value: int) -> int:
+        if not 0 < value <= 2**31 - 1:
+            raise ValueError("must be between 1 byte and 2^31-1 bytes")
+        return value
+
+
 class ServerSettings(Model):
     """The `server:` block: listeners, client limits, drain and logging."""
 
@@ -124,6 +145,7 @@ class ServerSettings(Model):
     # memory allocator; auto: jemalloc where installed (returns memory after bursts); default auto
     allocator: Literal["auto", "jemalloc", "python"] = "auto"
     tls: TlsSettings | None = None  # TLS termination on the data listener; default unset
+    http2: Http2Settings = Http2Settings()  # HTTP/2 beside HTTP/1.1; default enabled
 
     @field_validator(
         "max_request_line",
@@ -259,6 +281,9 @@ class UpstreamSettings(Model):
     health_check: HealthCheckSettings | None = None
     # TLS to https:// targets; default: verified against the system trust store
     tls: UpstreamTlsSettings | None = None
+    # http1, or http2 (h2 by ALPN over https, h2c prior knowledge over http, one
+    # connection multiplexing many requests); default http1
+    protocol: Literal["http1", "http2"] = "http1"
 
     @field_validator("targets", mode="before")
     @classmethod
