@@ -5,6 +5,7 @@ budget). A reload keeps an `Upstream` whose settings did not change, state inclu
 from __future__ import annotations
 
 import ssl
+from typing import Literal
 
 import httpx
 
@@ -45,8 +46,9 @@ class Upstream(UpstreamPool):
                 keepalive_expiry=settings.keepalive_expiry,
                 connect_timeout=settings.connect_timeout,
                 read_timeout=settings.read_timeout,
-                tls=tls_context(settings.tls),
+                tls=tls_context(settings.tls, settings.protocol),
                 server_name=settings.tls.server_name if settings.tls is not None else None,
+                protocol=settings.protocol,
             ),
             stats=stats,
             balancer=settings.balancer,
@@ -84,12 +86,17 @@ class Upstream(UpstreamPool):
         )
 
 
-def tls_context(settings: UpstreamTlsSettings | None) -> ssl.SSLContext | None:
+def tls_context(
+    settings: UpstreamTlsSettings | None, protocol: Literal["http1", "http2"] = "http1"
+) -> ssl.SSLContext | None:
     """The context for an upstream's https targets, from its `tls` block (None without
-    one: the transport then verifies against the system trust store)."""
+    one: the transport then verifies against the system trust store). ALPN offers the
+    upstream's protocol only: "h2" for `http2`, "http/1.1" otherwise."""
     if settings is None:
         return None
-    context = default_tls_context(settings.ca_file)
+    context = default_tls_context(
+        settings.ca_file, alpn=("h2",) if protocol == "http2" else ("http/1.1",)
+    )
     if not settings.verify:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE

@@ -1,6 +1,7 @@
 """The transports under each upstream's pool: `h1` (the default, the gateway's own
-HTTP/1.1 client, holding the aiohttp one as its fallback), `aiohttp`, and httpx's own
-(`GATEWAY_TRANSPORT=httpx`, for the benchmark's comparison)."""
+HTTP/1.1 client, holding the aiohttp one as its fallback), `aiohttp`, httpx's own
+(`GATEWAY_TRANSPORT=httpx`, for the benchmark's comparison), and `h2` for upstreams
+whose `protocol` is `http2`."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import httpx
 from gateway.upstream.transports.aiohttp import AiohttpTransport
 from gateway.upstream.transports.base import RawTransport, TransportSettings
 from gateway.upstream.transports.h1 import H1Transport
+from gateway.upstream.transports.h2 import H2Transport
 
 __all__ = ["RawTransport", "TransportSettings", "make_transport"]
 
@@ -20,7 +22,10 @@ _KINDS = ("h1", "aiohttp", "httpx")
 
 
 def make_transport(settings: TransportSettings) -> httpx.AsyncBaseTransport:
-    """The transport `GATEWAY_TRANSPORT` names: `h1` (default), `aiohttp` or `httpx`."""
+    """The HTTP/2 transport for an `http2` upstream; else the one `GATEWAY_TRANSPORT`
+    names: `h1` (default), `aiohttp` or `httpx` (all three speak HTTP/1.1 only)."""
+    if settings.protocol == "http2":
+        return H2Transport(settings)
     kind = os.environ.get("GATEWAY_TRANSPORT", "h1")
     if kind not in _KINDS:
         log.warning(

@@ -13,9 +13,9 @@ from __future__ import annotations
 import abc
 import logging
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 import httpx
 
@@ -43,13 +43,18 @@ class TransportSettings:
     read_timeout: float  # seconds between two reads of one answer
     tls: ssl.SSLContext | None = None  # for https:// targets; None: the system defaults
     server_name: str | None = None  # SNI and the name verified; None: the target's host
+    # http1: the h1 client (or GATEWAY_TRANSPORT's); http2: the h2 one, whatever that says
+    protocol: Literal["http1", "http2"] = "http1"
 
 
-def default_tls_context(ca_file: str | None = None) -> ssl.SSLContext:
+def default_tls_context(
+    ca_file: str | None = None, alpn: Sequence[str] = ("http/1.1",)
+) -> ssl.SSLContext:
     """TLS to an upstream: verified against `ca_file`, else the system trust store, the
-    target's host as SNI and verified name, HTTP/1.1 by ALPN."""
+    target's host as SNI and verified name, `alpn` offered (HTTP/1.1 unless told: an
+    HTTP/2 upstream's context offers only "h2")."""
     context = ssl.create_default_context(cafile=ca_file)
-    context.set_alpn_protocols(["http/1.1"])
+    context.set_alpn_protocols(list(alpn))
     return context
 
 
