@@ -104,15 +104,18 @@ class DataPlane:
                 raise BadRequest(incoming.framing_error, headers=[(b"connection", b"close")])
             version = scope.get("http_version")
             if version != "1.1":
-                if version != "1.0":
+                if version == "2":
+                    exchange.protocol = "HTTP/2"
+                elif version == "1.0":
+                    exchange.protocol = "HTTP/1.0"
+                else:
                     raise BadRequest(
                         f"HTTP/{version} is not served", headers=[(b"connection", b"close")]
                     )
-                exchange.protocol = "HTTP/1.0"
             extensions = scope.get("extensions")
             if extensions is not None and "tls" in extensions:  # the ASGI tls extension
                 exchange.tls = extensions["tls"].get("version")
-            if version == "1.1" and not _SANE_HOST.match(incoming.host):
+            if version != "1.0" and not _SANE_HOST.match(incoming.host):
                 # RFC 9112 3.2: a request without exactly one valid Host is a 400.
                 raise BadRequest(
                     "a missing or invalid Host header", headers=[(b"connection", b"close")]

@@ -11,9 +11,14 @@ side closes. Caddy keeps this in `streaming.go`; here it is one module with thre
 2. relay: one task per direction; text stays text, binary stays binary. Each side's
    keepalive pings are the library's business (uvicorn's towards the client, the
    `websockets` client's towards the upstream); pings are answered hop by hop.
-3. close: whichever side closed first, its code and reason are passed to the other,
+3. close: relayed, not answered. Whichever side closed first, its code and reason are
+   passed to the other, and the other's answer comes back as the answer to it, both
    mapped only where RFC 6455 forbids sending them (`client_close`, `upstream_close`).
-   The bulkhead slot and the target's in-flight count are held until both ends are shut.
+   A close frame without a code stays one on the other hop: 1005 (`EMPTY_CLOSE`), which
+   never goes on the wire, stands for it on the way, in both hops' `close`.
+   Neither hop answers a close frame by itself (`answer_close_later`: the server side's
+   protocol in `server/protocol.py`, `_UpstreamConnection` here). The bulkhead slot and
+   the target's in-flight count are held until both ends are shut.
 
 The phases it shares with plain requests (`phases.py`: filters, deadline, error
 enrichment) and the logging phase that ends it are the data plane's own; only the
@@ -32,16 +37,20 @@ from typing import Any, cast
 from urllib.parse import urlsplit
 
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.messages import Assembler
+from websockets.client import ClientProtocol
 from websockets.exceptions import (
     ConnectionClosed,
     InvalidHandshake,
     InvalidStatus,
     InvalidURI,
+    ProtocolError,
 )
-from websockets.frames import EXTERNAL_CLOSE_CODES, Close, CloseCode
+from websockets.frames import EXTERNAL_CLOSE_CODES, Close, CloseCode, Frame, Opcode
 from websockets.http11 import Response
-from websockets.protocol import State
-from websockets.typing import Subprotocol
+from websockets.protocol import Event, Protocol, Side, State
+from websockets.server import ServerProtocol
+from websockets.typing import Data, Subprotocol
 
 from gateway.dataplane.headers import (
     IncomingHeaders,
@@ -71,9 +80,11 @@ from gateway.upstream.target import Target
 
 __all__ = [
     "CLOSE_TIMEOUT",
+    "EMPTY_CLOSE",
     "KEEPALIVE_INTERVAL",
     "MAX_MESSAGE_SIZE",
     "UpstreamRejected",
+    "answer_close_later",
     "client_close",
     "map_websocket_errors",
     "proxy_websocket",
@@ -109,6 +120,11 @@ _ACCEPT_DROP = frozenset(
         b"x-request-id",
     }
 )
+# "Send a close frame without a code": 1005 (No Status Received), which RFC 6455 never
+# lets go on the wire, is how the relay asks either hop for an empty close frame (the
+# ASGI `websocket.close` needs some code). `_UpstreamConnection.close` and the server
+# side's protocol (`server/protocol.py`) turn it into one.
+EMPTY_CLOSE = (int(CloseCode.NO_STATUS_RCVD), "")
 _GOING_AWAY = (int(CloseCode.GOING_AWAY), "")
 _ABNORMAL = (int(CloseCode.BAD_GATEWAY), "upstream closed the connection abnormally")
 
@@ -127,9 +143,13 @@ def _sendable(code: int) -> bool:
 
 
 def client_close(code: int, reason: str) -> tuple[int, str]:
-    """The close the upstream gets for the client's `websocket.disconnect`. 1005 and
-    1006 (no code: a code-less close frame or a dropped connection, which uvicorn
-    cannot always tell apart) may not be sent, and become 1001 Going Away."""
+    """The close the upstream gets for the client's `websocket.disconnect`. 1005 is a
+    close frame without a code (the server side reports it so only when such a frame
+    arrived) and stays one (`EMPTY_CLOSE`); 1006 (no close frame at all: the client
+    dropped the connection, or never answered) and any other code that may not be sent
+    become 1001 Going Away."""
+    if code == CloseCode.NO_STATUS_RCVD:
+        return EMPTY_CLOSE
     if _sendable(code):
         return code, reason
     return _GOING_AWAY
@@ -137,15 +157,89 @@ def client_close(code: int, reason: str) -> tuple[int, str]:
 
 def upstream_close(received: Close | None) -> tuple[int, str]:
     """The close the client gets when the upstream ended the connection. A close frame
-    without a code is a normal closure (1000); no close frame at all (the connection
+    without a code stays one (`EMPTY_CLOSE`); no close frame at all (the connection
     dropped, a keepalive timeout) is 1014 Bad Gateway."""
     if received is None:
         return _ABNORMAL
     if received.code == CloseCode.NO_STATUS_RCVD:
-        return int(CloseCode.NORMAL_CLOSURE), ""
+        return EMPTY_CLOSE
     if _sendable(received.code):
         return received.code, received.reason
     return _ABNORMAL
+
+
+class _AnswerLater(Protocol):
+    """websockets' sans-I/O protocol (either side) that leaves the peer's close frame for
+    the relay to answer.
+
+    websockets answers a close frame the moment it parses it, echoing its code
+    (`Protocol.recv_frame`). A relay must answer with the other side's answer instead,
+    which arrives later. Here a valid close frame is only recorded (`close_rcvd`; the
+    state stays OPEN) and reported as an event, and the next `send_close` is its answer,
+    with the code and reason given. Everything else is websockets' own: a close frame
+    with a code RFC 6455 forbids or a reason that is not UTF-8 still fails the
+    connection (1002, 1007) while it is parsed, and once answered, the connection ends
+    as after websockets' own answer. Frames that follow the close are discarded until
+    it is answered (RFC 6455, 1.4)."""
+
+    def recv_frame(self, frame: Frame) -> None:
+        if self.state is not State.OPEN:
+            super().recv_frame(frame)
+        elif self.close_rcvd is not None:
+            pass  # after the peer's close, its answer pending: discarded
+        elif frame.opcode is Opcode.CLOSE:
+            self.close_rcvd = Close.parse(frame.data)  # raises on a bad code or reason
+            if self.current_size is not None:
+                raise ProtocolError("incomplete fragmented message")
+            self.events.append(frame)
+        else:
+            super().recv_frame(frame)
+
+    def send_close(self, code: CloseCode | int | None = None, reason: str = "") -> None:
+        if self.close_rcvd is None or self.state is not State.OPEN:
+            super().send_close(code, reason)
+            return
+        # The answer to the peer's close: what `recv_frame` would have done, with the
+        # relay's code. Without a code (the peer sent none either) the frame is empty.
+        if code is None:
+            if reason:
+                raise ProtocolError("cannot send a reason without a code")
+            close, data = Close(CloseCode.NO_STATUS_RCVD, ""), b""
+        else:
+            close = Close(code, reason)
+            data = close.serialize()  # raises on a code that may not be sent
+        self.send_frame(Frame(Opcode.CLOSE, data))
+        self.close_sent = close
+        self.close_rcvd_then_sent = True
+        self.state = State.CLOSING
+        if self.side is Side.SERVER:
+            self.send_eof()  # a server closes the TCP connection once both closes passed
+        self.parser = self.discard()
+        next(self.parser)
+
+
+class _AnswerLaterServer(_AnswerLater, ServerProtocol):
+    pass
+
+
+class _AnswerLaterClient(_AnswerLater, ClientProtocol):
+    pass
+
+
+_ANSWER_LATER: dict[type[Protocol], type[Protocol]] = {
+    ServerProtocol: _AnswerLaterServer,
+    ClientProtocol: _AnswerLaterClient,
+}
+
+
+def answer_close_later(protocol: Protocol) -> None:
+    """Make a new websockets protocol object leave the peer's close for the relay to
+    answer (`_AnswerLater`). Its class is changed in place: uvicorn and the `websockets`
+    client each build theirs deep in their own code. Anything but the two plain classes
+    (a library upgrade that changed them) is refused rather than half-handled."""
+    if type(protocol) not in _ANSWER_LATER:
+        raise TypeError(f"cannot relay closes over {type(protocol).__qualname__}")
+    protocol.__class__ = _ANSWER_LATER[type(protocol)]
 
 
 @contextmanager
@@ -191,12 +285,65 @@ class _Connect(connect):
         return exc
 
 
+class _UpstreamMessages(Assembler):
+    """The upstream's messages. Once its close frame arrived (left for the relay to
+    answer), `get` returns what came before it, then raises `closed_by` at once instead
+    of the EOFError on which `recv` would wait for the TCP connection to end."""
+
+    closed_by: ConnectionClosed | None = None
+
+    async def get(self, decode: bool | None = None) -> Data:  # type: ignore[override]
+        try:
+            return await super().get(decode)
+        except EOFError:
+            if self.closed_by is not None:
+                raise self.closed_by from None
+            raise
+
+
+class _UpstreamConnection(ClientConnection):
+    """The upstream hop, where the upstream's close is answered with the client's answer
+    to it, by the relay's `close(code, reason)`: `recv` raises ConnectionClosed when the
+    upstream's close frame arrives, and the protocol waits for that `close`. Code 1005
+    (`EMPTY_CLOSE`) sends a close frame without a code."""
+
+    def __init__(self, protocol: ClientProtocol, **kwargs: Any) -> None:
+        answer_close_later(protocol)
+        super().__init__(protocol, **kwargs)
+
+    async def close(
+        self, code: CloseCode | int = CloseCode.NORMAL_CLOSURE, reason: str = ""
+    ) -> None:
+        if code == CloseCode.NO_STATUS_RCVD:
+            # `close` hands its code to `send_close`, where None (websockets' own, or
+            # `_AnswerLater`'s for an answer) is an empty close frame.
+            await super().close(None)  # type: ignore[arg-type]
+            return
+        await super().close(code, reason)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.recv_messages.__class__ = _UpstreamMessages  # built here by the base class
+
+    def process_event(self, event: Event) -> None:
+        super().process_event(event)
+        if (
+            isinstance(event, Frame)
+            and event.opcode is Opcode.CLOSE
+            and self.protocol.state is State.OPEN
+        ):
+            messages = cast(_UpstreamMessages, self.recv_messages)
+            messages.closed_by = ConnectionClosed(self.protocol.close_rcvd, None)
+            messages.close()
+
+
 @dataclass(slots=True)
 class _Ends:
     """How the relay ended, as the two directions found out."""
 
     client_close: tuple[int, str] | None = None  # from the client's websocket.disconnect
     client_gone: bool = False  # sending to the client failed: it is not there any more
+    upstream_closed: bool = False  # the upstream's close frame came, or its connection ended
     failed: bool = False  # the relay itself broke (a bug)
     bytes_down: int = 0
 
@@ -396,6 +543,7 @@ def _connector(
             ping_timeout=KEEPALIVE_INTERVAL,
             close_timeout=CLOSE_TIMEOUT,
             max_size=MAX_MESSAGE_SIZE,
+            create_connection=_UpstreamConnection,
             host=base.hostname,
             port=port,
             **tls,
@@ -441,7 +589,7 @@ async def _session(
     finally:
         exchange.bytes_out = ends.bytes_down
         try:
-            await _shut(ws, send, ends, exchange)
+            await _shut(ws, receive, send, ends, exchange)
         finally:
             target.inflight -= 1
 
@@ -497,6 +645,7 @@ async def _upstream_to_client(ws: ClientConnection, send: Send, ends: _Ends) -> 
         try:
             data = await ws.recv()
         except ConnectionClosed:
+            ends.upstream_closed = True
             return
         out: Message
         if isinstance(data, str):
@@ -511,31 +660,61 @@ async def _upstream_to_client(ws: ClientConnection, send: Send, ends: _Ends) -> 
         ends.bytes_down += len(data)  # payload length (characters, for text)
 
 
-async def _shut(ws: ClientConnection, send: Send, ends: _Ends, exchange: Exchange) -> None:
-    """Pass the first close on to the other side. Also runs when the task is cancelled
-    (uvicorn giving up at the end of a drain): the upstream is then told 1001."""
-    if ends.failed:
-        to_upstream = to_client = (int(CloseCode.INTERNAL_ERROR), "")
-    elif ends.client_close is not None or ends.client_gone or ws.state is not State.CLOSED:
-        # The client ended it (or we are being cancelled): it needs no close from us.
-        to_upstream = client_close(*ends.client_close) if ends.client_close else _GOING_AWAY
-        to_client = None
-    else:
-        received = ws.protocol.close_rcvd
-        if received is None:
-            exchange.error = "upstream_unavailable"
-        to_upstream, to_client = None, upstream_close(received)
-    if to_client is not None:
-        try:
-            await send({"type": "websocket.close", "code": to_client[0], "reason": to_client[1]})
-        except OSError:
-            pass  # the client is gone too
-    if to_upstream is not None:
-        try:
-            await ws.close(*to_upstream)  # bounded by CLOSE_TIMEOUT, then aborted
-        except BaseException:
-            ws.transport.abort()  # cancelled again mid-close: drop the connection now
-            raise
+async def _shut(
+    ws: ClientConnection, receive: Receive, send: Send, ends: _Ends, exchange: Exchange
+) -> None:
+    """The closing handshake, relayed: the first close goes on to the other side, and
+    that side's answer comes back as the answer to it. Neither hop has answered by
+    itself (`answer_close_later`). Also runs when the task is cancelled (uvicorn giving
+    up at the end of a drain): the upstream is then told 1001."""
+    try:
+        if ends.failed:
+            await _close_client(send, (int(CloseCode.INTERNAL_ERROR), ""))
+            await ws.close(CloseCode.INTERNAL_ERROR)
+        elif ends.client_close is not None:
+            # The client closed (or left, or its server side failed it): its close goes
+            # upstream, and the upstream's answer (bounded by CLOSE_TIMEOUT) is the
+            # client's, or 1014 when none came.
+            await ws.close(*client_close(*ends.client_close))
+            answer = ws.protocol.close_rcvd
+            if answer is None:
+                exchange.error = "upstream_unavailable"
+            await _close_client(send, upstream_close(answer))
+        elif ends.upstream_closed and not ends.client_gone:
+            received = ws.protocol.close_rcvd
+            if received is None:
+                exchange.error = "upstream_unavailable"
+            await _close_client(send, upstream_close(received))
+            if ws.state is State.OPEN:  # its close awaits the client's answer
+                await ws.close(*client_close(*await _client_answer(receive)))
+        else:  # the client is gone, or we are being cancelled
+            await ws.close(*_GOING_AWAY)  # bounded by CLOSE_TIMEOUT, then aborted
+    except BaseException:
+        ws.transport.abort()  # cancelled (again) mid-close: drop the connection now
+        raise
+
+
+async def _close_client(send: Send, close: tuple[int, str]) -> None:
+    try:
+        await send({"type": "websocket.close", "code": close[0], "reason": close[1]})
+    except OSError:
+        pass  # uvicorn's ClientDisconnected: the client is gone too
+
+
+async def _client_answer(receive: Receive) -> tuple[int, str]:
+    """The client's answer to the close just sent to it, as the server side reports it:
+    the `websocket.disconnect` that follows (1005 for an answer without a code, 1006
+    when the client just left).
+    Messages that still arrive are dropped. Bounded by CLOSE_TIMEOUT, after which the
+    client counts as gone (1006)."""
+    try:
+        async with asyncio.timeout(CLOSE_TIMEOUT):
+            while True:
+                message = await receive()
+                if message["type"] == "websocket.disconnect":
+                    return message.get("code", 1005), message.get("reason") or ""
+    except TimeoutError:
+        return int(CloseCode.ABNORMAL_CLOSURE), ""
 
 
 async def _refuse(

@@ -118,6 +118,8 @@ class StatusBoard:
         self.connections: Callable[[], int] | None = None
         # The data listener's TLS (versions, certificates in use), when it has TLS.
         self.tls: Callable[[], dict[str, Any]] | None = None
+        # What the data listener speaks, newest first.
+        self.protocols: tuple[str, ...] = ("HTTP/1.1", "HTTP/1.0")
 
     def record(self, exchange: Finished, route: str, status: int, elapsed: float) -> None:
         """One finished request (the data plane's logging phase): O(1), no clock read.

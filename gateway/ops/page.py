@@ -44,7 +44,8 @@ def process_info(
         "workers": workers,
         "workers_reporting": len(snapshots),
         "connections": sum(int(s.get("connections", 0)) for s in snapshots),
-        # The data listener: cleartext HTTP/1.1, or TLS with its certificates in use.
+        # The data listener: its protocols (HTTP/2 first when on), and TLS with its
+        # certificates in use, or null for cleartext.
         "listener": _listener(snapshots),
         "config_file": board.config_path,
         "draining": draining or any(s.get("draining") for s in snapshots),
@@ -56,7 +57,8 @@ def process_info(
 
 def _listener(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
     tls = next((s["tls"] for s in snapshots if s.get("tls")), None)
-    return {"protocols": ["HTTP/1.1", "HTTP/1.0"], "tls": tls}
+    protocols = next((s["protocols"] for s in snapshots if s.get("protocols")), None)
+    return {"protocols": protocols or ["HTTP/1.1", "HTTP/1.0"], "tls": tls}
 
 
 def render(

@@ -47,6 +47,7 @@ def snapshot(state: GatewayState[Runtime]) -> dict[str, Any]:
         "monotonic": now,
         "connections": connections,
         "tls": board.tls() if board.tls is not None else None,
+        "protocols": list(board.protocols),
         "draining": state.draining,
         "routes": {name: w.dump(int(now)) for name, w in board.routes.items()},
         "upstreams": upstreams,

@@ -19,7 +19,7 @@ from gateway.config.models import ServerSettings
 from gateway.dataplane.state import GatewayState
 from gateway.ops.admin import build_admin_app
 from gateway.server.accept import BurstAcceptor
-from gateway.server.protocol import tls_websocket_protocol
+from gateway.server.protocol import websocket_protocol
 
 __all__ = ["WS_CLOSE_GRACE", "Listener", "admin_server", "event_loop_factory"]
 
@@ -54,9 +54,9 @@ class Listener(uvicorn.Server):
             # uvicorn would build its own context from ssl_* settings; ours chooses the
             # certificate by SNI and reloads in place. `Config.load` has run by now.
             self.config.ssl = self.tls
-            ws = self.config.ws_protocol_class
-            if ws is not None:  # upgrades carry the connection's TLS as requests do
-                self.config.ws_protocol_class = tls_websocket_protocol(ws)
+        ws = self.config.ws_protocol_class
+        if ws is not None:  # closes relayed; under TLS, upgrades carry the connection's TLS
+            self.config.ws_protocol_class = websocket_protocol(ws)
         await super().startup(sockets)
         if self.started:
             if self.burst_accept:
@@ -107,16 +107,14 @@ class Listener(uvicorn.Server):
         for sock in sockets or []:
             sock.close()
         for connection in list(self.server_state.connections):
-            if "websocket" not in type(connection).__module__:
+            if not _is_websocket(connection):
                 connection.shutdown()  # idle keep-alives close now, busy ones after
         await asyncio.sleep(0.1)
         drain = self.config.timeout_graceful_shutdown or 0
         try:
             await asyncio.wait_for(self._wait_tasks_to_complete(), timeout=drain)
         except TimeoutError:
-            websockets = [
-                c for c in self.server_state.connections if "websocket" in type(c).__module__
-            ]
+            websockets = [c for c in self.server_state.connections if _is_websocket(c)]
             for connection in websockets:
                 connection.shutdown()  # close 1012, then wait for the close handshake
             try:
@@ -136,6 +134,12 @@ class Listener(uvicorn.Server):
                     await asyncio.wait(running, timeout=WS_CLOSE_GRACE)
         if not self.force_exit:
             await self.lifespan.shutdown()
+
+
+def _is_websocket(connection: object) -> bool:
+    """A WebSocket connection (the gateway's relaying protocol, or uvicorn's own)."""
+    kind = type(connection)
+    return bool(getattr(kind, "relays_closes", False)) or "websocket" in kind.__module__
 
 
 def admin_server(

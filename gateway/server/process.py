@@ -26,6 +26,7 @@ from gateway.dataplane.state import GatewayState
 from gateway.ops.logs import AccessLog
 from gateway.ops.metrics import Metrics
 from gateway.ops.snapshots import publish
+from gateway.server.h2 import H2Options
 from gateway.server.listeners import Listener, admin_server
 from gateway.server.protocol import ClientLimits, protocol_class
 from gateway.server.reload import watch, with_port
@@ -75,7 +76,11 @@ class GatewayServer:
             access_log=AccessLog() if settings.server.access_log else None,
         )
         server = settings.server
-        self.tls = TlsTerminator(tls_values(server.tls)) if server.tls is not None else None
+        self.tls = (
+            TlsTerminator(tls_values(server.tls, http2=server.http2.enabled))
+            if server.tls is not None
+            else None
+        )
         self.data = Listener(
             uvicorn.Config(
                 DataPlane(self.state, body_timeout=server.body_timeout),
@@ -84,7 +89,9 @@ class GatewayServer:
                 loop="none",
                 # httptools plus the head size/count/timeout and connection limits
                 # (protocol.py; the keep-alive timeout is applied there too).
-                http=protocol_class(ClientLimits.from_settings(server), self.state),
+                http=protocol_class(
+                    ClientLimits.from_settings(server), self.state, H2Options.from_settings(server)
+                ),
                 timeout_keep_alive=max(1, math.ceil(server.keepalive_timeout)),
                 lifespan="off",
                 access_log=False,
@@ -109,6 +116,8 @@ class GatewayServer:
         board.connections = lambda: len(self.data.server_state.connections)
         if self.tls is not None:
             board.tls = self.tls.describe
+        if server.http2.enabled:
+            board.protocols = ("HTTP/2", "HTTP/1.1", "HTTP/1.0")
         self._signals = 0
         self._reload_lock = asyncio.Lock()
         self._background: set[asyncio.Task[None]] = set()
@@ -186,7 +195,7 @@ class GatewayServer:
         if tls is None or self.tls is None:
             return []
         try:
-            self.tls.reload(tls_values(tls))
+            self.tls.reload(tls_values(tls, http2=self.settings.server.http2.enabled))
         except TlsError as exc:
             return [f"{self.config_path}: server.tls: {exc}"]
         return []
@@ -345,12 +354,13 @@ def _nr_open() -> int:
         return 1024 * 1024
 
 
-def tls_values(tls: TlsSettings) -> TlsListener:
-    """The `server.tls` block as the terminator's plain values."""
+def tls_values(tls: TlsSettings, *, http2: bool = True) -> TlsListener:
+    """The `server.tls` block as the terminator's plain values (`http2`: offer h2)."""
     return TlsListener(
         certificates=tuple(Certificate(c.cert, c.key) for c in tls.certificates),
         sni_strict=tls.sni_strict,
         min_version=tls.min_version,
         client_auth=tls.client_auth,
         client_ca=tls.client_ca,
+        alpn=("h2", "http/1.1") if http2 else ("http/1.1",),
     )

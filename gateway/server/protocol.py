@@ -46,6 +46,9 @@ from uvicorn.protocols.http.httptools_impl import (
     HttpToolsProtocol,
     RequestResponseCycle,
 )
+from uvicorn.protocols.utils import ClientDisconnected
+from websockets.exceptions import InvalidState
+from websockets.frames import Close, CloseCode
 
 from gateway.config.models import ServerSettings
 from gateway.dataplane.bodies import send_problem
@@ -53,6 +56,7 @@ from gateway.dataplane.headers import http_date, new_request_id
 from gateway.dataplane.logphase import LoggingPhase, target_path
 from gateway.dataplane.state import GatewayState
 from gateway.dataplane.view import RuntimeView
+from gateway.dataplane.websocket import answer_close_later
 from gateway.errors import (
     BadRequest,
     GatewayError,
@@ -63,10 +67,11 @@ from gateway.errors import (
     problem_response,
 )
 from gateway.server.coalesce import CoalescingTransport
+from gateway.server.h2 import PREFACE, H2Options, H2Protocol
 from gateway.server.tls import tls_extension
 from gateway.types import Receive, Scope, Send
 
-__all__ = ["ClientLimits", "LimitedHttpProtocol", "protocol_class", "tls_websocket_protocol"]
+__all__ = ["ClientLimits", "LimitedHttpProtocol", "protocol_class", "websocket_protocol"]
 
 log = logging.getLogger("gateway.server")
 
@@ -210,6 +215,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     limits: ClassVar[ClientLimits] = ClientLimits()
     refusals: ClassVar[LoggingPhase | None] = None  # where refusals are recorded, if anywhere
+    h2: ClassVar[H2Options | None] = None  # HTTP/2 served too (h2.py), or HTTP/1.1 only
     _warn: ClassVar[_WarnOncePerSecond] = _WarnOncePerSecond()
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -228,12 +234,21 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._trailer_fields = 0
         self._trailer_size = 0
         self._tls: dict[str, Any] | None = None  # the ASGI `tls` extension, under TLS
+        # Cleartext with HTTP/2 on: the first bytes, until they tell the HTTP/2 preface
+        # from an HTTP/1.1 request line (None once told).
+        self._sniff: bytes | None = None
 
     # Connection life
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
         ssl_object = transport.get_extra_info("ssl_object")
+        if self.h2 is not None:
+            if ssl_object is None:
+                self._sniff = b""
+            elif ssl_object.selected_alpn_protocol() == "h2":
+                self._hand_over(transport, b"")
+                return
+        super().connection_made(transport)
         if ssl_object is not None:
             self._tls = tls_extension(ssl_object)
         # A response's head and body leave in one send() (coalesce.py).
@@ -251,6 +266,20 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._sniff is not None:
+            if self._sniff:
+                data = self._sniff + data
+            size = min(len(data), len(PREFACE))
+            if data[:size] == PREFACE[:size]:
+                if size < len(PREFACE):
+                    self._sniff = data  # a prefix of the preface so far: wait for more
+                    return
+                self._sniff = None
+                self.connections.discard(self)
+                self._disarm()
+                self._hand_over(self.transport._transport, data)  # type: ignore[attr-defined]
+                return
+            self._sniff = None
         self._unset_keepalive_if_required()
         if self._in_head:
             self._head_bytes += len(data)
@@ -287,6 +316,25 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             # One trailer field sent in pieces and never finished: httptools buffers it
             # without calling back, so the raw byte count is what stops it.
             self._refuse(HeadersTooLarge("the trailer section is too large"))
+
+    def _hand_over(self, transport: asyncio.Transport, data: bytes) -> None:
+        """This connection speaks HTTP/2: `H2Protocol` takes the transport over, and
+        the bytes already read."""
+        assert self.h2 is not None
+        protocol = H2Protocol(
+            app=self.app,
+            options=self.h2,
+            connections=self.connections,
+            tasks=self.tasks,
+            app_state=self.app_state,
+            refusals=self.refusals,
+            loop=self.loop,
+            over_limit=len(self.connections) >= self.limits.max_client_connections,
+        )
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        if data:
+            protocol.data_received(data)
 
     # Parser callbacks
 
@@ -476,31 +524,65 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
 
 def protocol_class(
-    limits: ClientLimits, state: GatewayState[RuntimeView] | None = None
+    limits: ClientLimits,
+    state: GatewayState[RuntimeView] | None = None,
+    h2: H2Options | None = None,
 ) -> type[LimitedHttpProtocol]:
     """The protocol class for one server: uvicorn instantiates it per connection.
     With `state`, its refusals are recorded in that state's metrics, access log and
-    status board."""
+    status board; with `h2`, a connection may become HTTP/2 (`h2.py`)."""
     return type(
         "GatewayHttpProtocol",
         (LimitedHttpProtocol,),
         {
             "limits": limits,
             "refusals": LoggingPhase(state) if state is not None else None,
+            "h2": h2,
             "_warn": _WarnOncePerSecond(),
         },
     )
 
 
-def tls_websocket_protocol(base: type[Any]) -> type[Any]:
-    """uvicorn's WebSocket protocol (`base`, the sans-I/O one) with the ASGI `tls`
-    extension added to its scope, so an upgrade over TLS carries the connection's TLS
-    version and client certificate as a plain request does. Another implementation is
-    returned as it is."""
-    if not hasattr(base, "handle_connect"):
+def websocket_protocol(base: type[Any]) -> type[Any]:
+    """uvicorn's WebSocket protocol (`base`, the sans-I/O one) as the data plane needs it:
+
+    - a close is relayed, not answered. uvicorn's protocol answers the client's close
+      frame at once, echoing its code, before the upstream has said anything. Here the
+      close is reported to the app (`websocket.disconnect` with the client's code and
+      reason) and left unanswered (`answer_close_later`) until the app's
+      `websocket.close`, whose code and reason (the upstream's answer) are the answer.
+      The other way round, after the app's own `websocket.close` the app's
+      `websocket.disconnect` carries the client's answer to it, where uvicorn reports
+      the app's own code at once. An invalid close frame still fails the connection
+      (1002, 1007) inside websockets, as before. An app that never answers, or ends
+      without answering, leaves the client its own close back, as uvicorn would have
+      sent it, after `close_timeout` (10 s) at the latest;
+    - a close frame without a code and no close frame at all are told apart. uvicorn
+      reports both as 1005 in `websocket.disconnect`; here 1005 means the client sent
+      a close frame without a code, and a connection that ended without one (the
+      client dropped it, or never answered the app's close) is 1006. The other way,
+      the app's `websocket.close` with code 1005 (which may not go on the wire) sends
+      a close frame without a code;
+    - an upgrade over TLS carries the ASGI `tls` extension (the TLS version and client
+      certificate) as a plain request does.
+
+    Another implementation (wsproto's, uvicorn's legacy one) is returned as it is."""
+    try:
+        from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+    except ImportError:  # an older uvicorn (before 0.35) has only those
+        return base
+    if not issubclass(base, WebSocketsSansIOProtocol) or getattr(base, "relays_closes", False):
         return base
 
-    class TlsWebSocketProtocol(base):  # type: ignore[misc]
+    class GatewayWebSocketProtocol(base):  # type: ignore[misc]
+        relays_closes = True  # also how `Listener.shutdown` tells WebSockets apart
+        close_sent: bool  # (uvicorn's, set in its __init__)
+        read_paused: bool
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            answer_close_later(self.conn)
+
         def handle_connect(self, event: Any) -> None:
             super().handle_connect(event)
             scope = getattr(self, "scope", None)  # unset when the handshake was refused
@@ -508,4 +590,89 @@ def tls_websocket_protocol(base: type[Any]) -> type[Any]:
             if scope is not None and ssl_object is not None:
                 scope["extensions"]["tls"] = tls_extension(ssl_object)
 
-    return TlsWebSocketProtocol
+        def connection_lost(self, exc: Exception | None) -> None:
+            if (
+                self.handshake_complete
+                and self.initial_response is None
+                and self.conn.close_rcvd is None
+            ):
+                # No close frame came: 1006. uvicorn queues its 1005 after this one,
+                # where the app, which stops at the first disconnect, never reads it.
+                self.queue.put_nowait(_disconnect(None))
+            super().connection_lost(exc)
+
+        def handle_close(self, event: Any) -> None:
+            received = self.conn.close_rcvd
+            if self.close_sent:  # the client's answer to the app's close
+                self.queue.put_nowait(_disconnect(received))
+                super().handle_close(event)
+            elif not self.transport.is_closing():  # the client's close: the app answers
+                self.stop_keepalive()
+                self.queue.put_nowait(_disconnect(received))
+                self.close_timer = self.loop.call_later(
+                    self.close_timeout, self._answer_close, received.code, received.reason
+                )
+
+        async def send(self, message: Any) -> None:
+            if (
+                message["type"] != "websocket.close"
+                or not self.handshake_complete
+                or self.initial_response is not None
+            ):
+                await super().send(message)
+                return
+            if self.disconnected:
+                raise ClientDisconnected
+            if self.close_sent or self.transport.is_closing():
+                return  # the server side already closed (it failed the connection, a drain)
+            code, reason = message.get("code", 1000), message.get("reason") or ""
+            if self.conn.close_rcvd is not None:
+                self._answer_close(code, reason)
+                return
+            # uvicorn's own close, except that `websocket.disconnect` waits for the
+            # client's answer (`handle_close`) instead of repeating this close at once,
+            # and that 1005 sends a close frame without a code.
+            try:
+                if code == CloseCode.NO_STATUS_RCVD:
+                    self.conn.send_close()
+                else:
+                    self.conn.send_close(code, reason)
+            except InvalidState:
+                raise ClientDisconnected from None
+            self.transport.write(b"".join(self.conn.data_to_send()))
+            self.close_sent = True
+            if self.read_paused:  # the answer must be read
+                self.read_paused = False
+                self.transport.resume_reading()
+            self.close_timer = self.loop.call_later(self.close_timeout, self.transport.close)
+
+        def on_task_complete(self, task: asyncio.Task[None]) -> None:
+            super().on_task_complete(task)
+            received = self.conn.close_rcvd
+            if received is not None and not self.close_sent:  # ended without answering
+                self._answer_close(received.code, received.reason)
+
+        def _answer_close(self, code: int, reason: str) -> None:
+            if self.close_sent or self.transport.is_closing():
+                return
+            # 1005 is "no code": an answer without one is an empty close frame.
+            if code == CloseCode.NO_STATUS_RCVD:
+                self.conn.send_close()
+            else:
+                self.conn.send_close(code, reason)
+            if self.close_timer is not None:
+                self.close_timer.cancel()
+                self.close_timer = None
+            self.transport.write(b"".join(self.conn.data_to_send()))
+            self.close_sent = True
+            self.transport.close()  # a server closes once both closes passed
+
+    return GatewayWebSocketProtocol
+
+
+def _disconnect(received: Close | None) -> dict[str, Any]:
+    """The `websocket.disconnect` for the client's close frame (1005 when it had no
+    code), or for its absence (1006: the connection ended without one)."""
+    if received is None:
+        return {"type": "websocket.disconnect", "code": int(CloseCode.ABNORMAL_CLOSURE)}
+    return {"type": "websocket.disconnect", "code": received.code, "reason": received.reason}

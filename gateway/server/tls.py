@@ -38,7 +38,6 @@ log = logging.getLogger("gateway.server")
 
 _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 _CLIENT_AUTH = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "require": ssl.CERT_REQUIRED}
-ALPN = ("http/1.1",)  # h2 joins in front once the HTTP/2 listener exists
 
 
 class TlsError(Exception):
@@ -62,6 +61,7 @@ class TlsListener:
     min_version: str = "1.2"  # "1.2" or "1.3"
     client_auth: str = "none"  # "none", "optional" or "require"
     client_ca: str | None = None  # PEM CA file for client certificates
+    alpn: tuple[str, ...] = ("h2", "http/1.1")  # offered in this order; no h2: HTTP/1.1 only
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +162,7 @@ class TlsTerminator:
             except (OSError, ValueError) as exc:
                 raise TlsError(f"cannot load client_ca {listener.client_ca}: {exc}") from exc
             context.verify_mode = _CLIENT_AUTH[listener.client_auth]
-        context.set_alpn_protocols(list(ALPN))
+        context.set_alpn_protocols(list(listener.alpn))
         return context
 
     def __repr__(self) -> str:

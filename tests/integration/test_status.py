@@ -168,7 +168,7 @@ def test_status_json_has_the_documented_fields_after_known_traffic(
     assert process["config_file"] == str(gw.config_path)
     assert process["last_reload"] is None
     assert process["draining"] is False
-    assert process["listener"] == {"protocols": ["HTTP/1.1", "HTTP/1.0"], "tls": None}
+    assert process["listener"] == {"protocols": ["HTTP/2", "HTTP/1.1", "HTTP/1.0"], "tls": None}
     assert process["uptime_s"] >= 0
     assert isinstance(process["connections"], int)
 

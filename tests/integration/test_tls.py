@@ -310,7 +310,7 @@ def test_the_status_page_shows_the_listeners_tls(
     up = upstream(ECHO)
     gw = gateway(config(up.url, {"certificates": [pem_files(tmp_path, ca, "a", "localhost")]}))
     listener = httpx.get(gw.admin_url + "/status.json", timeout=5).json()["process"]["listener"]
-    assert listener["protocols"] == ["HTTP/1.1", "HTTP/1.0"]
+    assert listener["protocols"] == ["HTTP/2", "HTTP/1.1", "HTTP/1.0"]
     tls = listener["tls"]
     assert (tls["min_version"], tls["client_auth"], tls["sni_strict"]) == ("TLSv1.2", "none", False)
     (only,) = tls["certificates"]

@@ -53,8 +53,8 @@ from tests.integration.harness import free_port
         (1000, "done", (1000, "done")),
         (4002, "custom", (4002, "custom")),
         (1012, "", (1012, "")),
-        (1005, "", (1001, "")),  # no code (or a dropped connection): going away
-        (1006, "", (1001, "")),
+        (1005, "", (1005, "")),  # an empty close frame stays empty
+        (1006, "", (1001, "")),  # a dropped connection: going away
         (1015, "tls", (1001, "")),
     ],
 )
@@ -68,7 +68,7 @@ def test_client_close_passed_to_upstream(code: int, reason: str, expected: tuple
         (Close(1000, "bye"), (1000, "bye")),
         (Close(4001, "app"), (4001, "app")),
         (Close(1011, "oops"), (1011, "oops")),
-        (Close(1005, ""), (1000, "")),  # a close frame without a code is a normal closure
+        (Close(1005, ""), (1005, "")),  # a close frame without a code stays without one
     ],
 )
 def test_upstream_close_passed_to_client(received: Close, expected: tuple[int, str]) -> None:
