@@ -111,7 +111,12 @@ class RawH2:
     def __init__(self, port: int, **settings: int) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
         self.conn = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=True, header_encoding=None)
+            h2.config.H2Configuration(
+                client_side=True,
+                header_encoding=None,
+                validate_outbound_headers=False,  # so the tests can send malformed ones
+                normalize_outbound_headers=False,
+            )
         )
         self.conn.initiate_connection()
         if settings:
@@ -341,6 +346,32 @@ def test_a_header_list_over_the_limits_is_431_on_its_stream(
     assert raw.status(big) == 431 and raw.status(many) == 431 and raw.status(fine) == 200
     body = b"".join(e.data for e in raw.of(h2.events.DataReceived, big))
     assert json.loads(body)["code"] == "headers_too_large"
+    raw.close()
+
+
+MALFORMED = [
+    [(b"X-Upper", b"v")],
+    [(b"x-crlf", b"a\r\nx-smuggled: 1")],
+    [(b"connection", b"keep-alive")],
+    [(b"te", b"gzip")],
+    [(b":protocol", b"websocket")],
+]
+
+
+def test_a_malformed_request_is_400_on_its_stream_and_the_connection_goes_on(
+    up: UpstreamServer, gateway: Callable[..., GatewayProcess]
+) -> None:
+    gw = gateway(config(up.url))
+    raw = RawH2(gw.port)
+    for extra in MALFORMED:
+        bad = raw.request("/bad", extra=extra)
+        assert raw.read_until(lambda: bool(raw.of(h2.events.StreamEnded, bad))), extra
+        assert raw.status(bad) == 400, extra
+        body = b"".join(e.data for e in raw.of(h2.events.DataReceived, bad))
+        assert json.loads(body)["code"] == "bad_request"
+    good = raw.request("/good")
+    assert raw.read_until(lambda: bool(raw.of(h2.events.StreamEnded, good)))
+    assert raw.status(good) == 200
     raw.close()
 
 
