@@ -2,10 +2,12 @@
 
 Starts an nginx upstream, nginx as a reverse proxy, the naive proxy (Starlette + httpx),
 the aiohttp pipe (pure ASGI on uvicorn + aiohttp), the fast pipe (pure ASGI on granian
-+ pyreqwest) and the gateway with every policy on; pins the proxy under test to one CPU
-and wrk with the upstream to another; runs every scenario in interleaved rounds; holds
-10,000 idle connections against the gateway for its RSS; writes
-`load/results/<timestamp>/` (results.json, report.md, PNG plots). See load/README.md.
++ pyreqwest) and the gateway with every policy on; for the TLS scenarios, nginx and the
+gateway again with a TLS listener (HTTP/2 by ALPN) and a throwaway certificate; pins the
+proxy under test to one CPU and the load generator (wrk, h2load, load/handshake.py) with
+the upstream to another; runs every scenario in interleaved rounds; holds 10,000 idle
+connections against the gateway for its RSS; writes `load/results/<timestamp>/`
+(results.json, report.md, PNG plots). See load/README.md.
 
     python load/bench.py --quick          # or: make bench QUICK=1
 """
@@ -14,13 +16,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -30,7 +35,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchlib
-from benchlib import BLOB_BYTES, LOAD_DIR, ROOT, Procs, RssSampler, Timer
+from benchlib import BLOB_BYTES, LOAD_DIR, ROOT, Procs, RssSampler, Timer, TlsFiles, WrkResult
 
 VENV_BIN = ROOT / ".venv" / "bin"
 MiB = 1 << 20
@@ -49,9 +54,10 @@ class System:
     proc: subprocess.Popen[bytes] | None = None
     failure: str | None = None
     description: str = ""
+    scheme: str = "http"  # https: a TLS listener (HTTP/1.1 and HTTP/2 by ALPN)
 
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"{self.scheme}://127.0.0.1:{self.port}{path}"
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,9 @@ class Scenario:
     body_bytes: int | None = None
     payload_bytes: int | None = None  # for MiB/s: the body each request moves
     pinned: bool = True
+    # wrk (keep-alive HTTP/1.1), h2load (HTTP/2, BENCH_H2_STREAMS streams per
+    # connection) or handshake (load/handshake.py: a new TLS connection per request)
+    tool: str = "wrk"
 
 
 @dataclass
@@ -84,6 +93,7 @@ class Bench:
     pin: bool = True
     all_cpus: str | None = None  # taskset's list of every CPU, for what runs unpinned
     gateway_dropped: list[str] = field(default_factory=list)
+    tls: TlsFiles | None = None  # the throwaway certificates, once made
 
     def log(self, message: str) -> None:
         print(f"[{self.timer}] {message}", file=sys.stderr, flush=True)
@@ -105,7 +115,18 @@ def _env_list(name: str, default: str) -> list[str]:
     return [v.strip() for v in (os.environ.get(name) or default).split(",") if v.strip()]
 
 
-ALL_SCENARIOS = ("simple", "fanout", "stream", "upload", "sweep", "workers", "memory")
+TLS_SCENARIOS = ("tls-keepalive", "h2", "tls-handshake")
+ALL_SCENARIOS = (
+    "simple",
+    "fanout",
+    "stream",
+    "upload",
+    *TLS_SCENARIOS,
+    "sweep",
+    "workers",
+    "memory",
+)
+TLS_SYSTEMS = ("nginx-proxy-tls", "gateway-tls")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -128,14 +149,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown:
         raise SystemExit(f"bench: unknown BENCH_SCENARIOS {unknown}; known: {ALL_SCENARIOS}")
     args.idle_connections = _env_int("BENCH_IDLE_CONNECTIONS", 10_000)
+    args.h2_streams = _env_int("BENCH_H2_STREAMS", benchlib.H2_STREAMS)
     args.proxy_cpu = _env_int("BENCH_PROXY_CPU", 0)
     args.client_cpu = _env_int("BENCH_CLIENT_CPU", 1)
     args.ready_timeout = _env_int("BENCH_READY_TIMEOUT", 30)
     args.access_log = os.environ.get("BENCH_ACCESS_LOG", "file")
     args.max_error_ratio = float(os.environ.get("BENCH_MAX_ERROR_RATIO", "0.01"))
     args.variants = _parse_variants(os.environ.get("BENCH_GATEWAY_VARIANTS", ""))
-    if args.rounds < 1 or args.seconds < 1 or args.connections < 1:
-        raise SystemExit("bench: BENCH_ROUNDS, BENCH_SECONDS, BENCH_CONNECTIONS must be >= 1")
+    if args.rounds < 1 or args.seconds < 1 or args.connections < 1 or args.h2_streams < 1:
+        raise SystemExit(
+            "bench: BENCH_ROUNDS, BENCH_SECONDS, BENCH_CONNECTIONS, BENCH_H2_STREAMS must be >= 1"
+        )
     if not str(args.out) or str(args.out) == ".":
         args.out = LOAD_DIR / "results"
     return args
@@ -163,7 +187,7 @@ def _parse_variants(text: str) -> dict[str, dict[str, str]]:
 def define_systems(bench: Bench) -> None:
     args = bench.args
     # Two per system at most (data + admin), plus the upstream's sink.
-    ports = iter(benchlib.free_ports(2 * (10 + len(args.variants))))
+    ports = iter(benchlib.free_ports(2 * (12 + len(args.variants))))
     up = next(ports)
     bench.systems["nginx-direct"] = System(
         "nginx-direct",
@@ -207,12 +231,27 @@ def define_systems(bench: Bench) -> None:
         ("gateway-1w", "gateway, 1 worker (unpinned)", "gateway", "workers: 1, not pinned"),
         ("gateway-2w", "gateway, 2 workers (unpinned)", "gateway", "workers: 2, not pinned"),
         ("gateway-mem", "gateway (memory test)", "gateway", "fresh gateway for the idle test"),
+        (
+            "nginx-proxy-tls",
+            "nginx reverse proxy, TLS",
+            "nginx",
+            "nginx-proxy's config with an ssl + http2 listener: HTTP/1.1 or h2 by ALPN",
+        ),
+        (
+            "gateway-tls",
+            "gateway, TLS",
+            "gateway",
+            "the gateway's config plus server.tls (server.http2 at its default, on): "
+            "HTTP/1.1 or h2 by ALPN",
+        ),
     ]
     for name, label, kind, description in specs:
         system = System(name, label, kind, next(ports), description=description)
         if kind == "gateway":
             system.admin_port = next(ports)
         system.pinned = name not in ("gateway-1w", "gateway-2w")
+        if name in TLS_SYSTEMS:
+            system.scheme = "https"
         bench.systems[name] = system
 
 
@@ -255,6 +294,29 @@ def scenarios(bench: Bench) -> list[Scenario]:
             payload_bytes=BLOB_BYTES,
         ),
         Scenario(
+            "tls-keepalive",
+            f"HTTP/1.1 over TLS, keep-alive, {c} connections",
+            "/hello",
+            TLS_SYSTEMS,
+            (c,),
+        ),
+        Scenario(
+            "h2",
+            f"HTTP/2 over TLS, {c} connections x {args.h2_streams} streams",
+            "/hello",
+            TLS_SYSTEMS,
+            (c,),
+            tool="h2load",
+        ),
+        Scenario(
+            "tls-handshake",
+            f"new TLS connections (full handshake, one request each), {c} clients",
+            "/hello",
+            TLS_SYSTEMS,
+            (c,),
+            tool="handshake",
+        ),
+        Scenario(
             "sweep",
             "concurrency sweep, simple GET",
             "/hello",
@@ -271,7 +333,11 @@ def scenarios(bench: Bench) -> list[Scenario]:
             pinned=False,
         ),
     ]
-    return [s for s in out if s.key in args.scenarios and s.connections]
+    plan = [s for s in out if s.key in args.scenarios and s.connections]
+    if "simple" not in args.scenarios and any(s.key in TLS_SCENARIOS for s in plan):
+        # The TLS goals are ratios to the same proxies' cleartext simple GET: measure it.
+        plan.insert(0, dataclasses.replace(out[0], systems=("nginx-proxy", "gateway")))
+    return plan
 
 
 def wanted_systems(bench: Bench, plan: list[Scenario]) -> set[str]:
@@ -293,15 +359,28 @@ def start_systems(bench: Bench, names: set[str]) -> None:
     up.proc = bench.upstream_proc
     upstream_url = f"http://127.0.0.1:{up.port}"
     ref_env = {"BENCH_UPSTREAM": upstream_url, "PYTHONPATH": str(LOAD_DIR)}
+    if names & set(TLS_SYSTEMS):
+        make_tls(bench, names)
 
     for name in sorted(names):
         system = bench.systems[name]
         cpus = proxy_cpu if system.pinned else bench.all_cpus
-        if name == "nginx-direct":
+        if name == "nginx-direct" or system.failure:
             continue
         if name == "nginx-proxy":
             (work / "proxy.conf").write_text(benchlib.nginx_proxy_conf(work, system.port, up.port))
             system.proc = procs.start(name, _nginx_argv(work, "proxy"), cpus=cpus)
+        elif name == "nginx-proxy-tls":
+            conf = benchlib.nginx_proxy_conf(
+                work,
+                system.port,
+                up.port,
+                tls=bench.tls,
+                version=benchlib.nginx_version(),
+                name="proxy-tls",
+            )
+            (work / "proxy-tls.conf").write_text(conf)
+            system.proc = procs.start(name, _nginx_argv(work, "proxy-tls"), cpus=cpus)
         elif name == "naive":
             system.proc = procs.start(
                 name, _uvicorn_argv("refs.naive:app", system.port), cpus=cpus, env=ref_env
@@ -347,6 +426,25 @@ def start_systems(bench: Bench, names: set[str]) -> None:
             wait_ready(bench, system)
 
 
+def make_tls(bench: Bench, names: set[str]) -> None:
+    """The throwaway CA and server certificate, into the results folder (`tls/`); the
+    TLS systems fail, with the reason, if they cannot be made."""
+    try:
+        bench.tls = benchlib.make_tls_files(bench.out / "tls")
+    except (ImportError, OSError, ValueError) as exc:
+        for name in names & set(TLS_SYSTEMS):
+            bench.systems[name].failure = f"no certificates: {exc!r} (pip install -e '.[dev]')"
+        bench.log(f"TLS: could not make the certificates: {exc!r}")
+        return
+    folder = _rel(bench.tls.ca.parent)
+    bench.log(f"TLS: a throwaway CA and {bench.tls.key_type} certificate in {folder}")
+
+
+def _context(bench: Bench, system: System) -> ssl.SSLContext | None:
+    """What verifies `system`'s certificate (None for cleartext)."""
+    return bench.tls.client_context() if system.scheme == "https" and bench.tls else None
+
+
 def _nginx_argv(work: Path, name: str) -> list[str]:
     return [
         "nginx",
@@ -387,6 +485,8 @@ def start_gateway(bench: Bench, system: System, cpus: str | None) -> None:
     assert system.admin_port is not None
     admin_port = system.admin_port
 
+    tls = bench.tls if system.scheme == "https" else None
+
     def build(dropped: list[str]) -> dict[str, Any]:
         return benchlib.gateway_config(
             port=system.port,
@@ -394,6 +494,7 @@ def start_gateway(bench: Bench, system: System, cpus: str | None) -> None:
             upstream_port=up.port,
             workers=workers,
             dropped=dropped,
+            tls=tls,
         )
 
     dropped, problem = benchlib.check_gateway_config(yaml_path, build)
@@ -406,8 +507,8 @@ def start_gateway(bench: Bench, system: System, cpus: str | None) -> None:
             f"This gateway build refused {', '.join(dropped)}: the bench ran without "
             "those keys (see gateway.yaml in this folder)."
         )
-    if system.name == "gateway":
-        shutil.copy(yaml_path, bench.out / "gateway.yaml")
+    if system.name in ("gateway", "gateway-tls"):
+        shutil.copy(yaml_path, bench.out / f"{system.name}.yaml")
     access = Path("/dev/null") if args.access_log == "/dev/null" else None
     stdout = access or work / f"{system.name}.access.log"
     system.proc = bench.procs.start(
@@ -429,7 +530,9 @@ def wait_ready(bench: Bench, system: System) -> None:
         if problem:
             system.failure = f"not ready: {problem}"
     if system.failure is None:
-        system.failure = benchlib.wait_http(system.url("/hello"), timeout, pid=pid)
+        system.failure = benchlib.wait_http(
+            system.url("/hello"), timeout, pid=pid, context=_context(bench, system)
+        )
     if system.failure:
         bench.log(f"{system.name}: FAILED to start: {system.failure}")
         tail = bench.procs.log_tail(system.name)
@@ -449,9 +552,21 @@ def verify(bench: Bench, plan: list[Scenario]) -> dict[tuple[str, str], str]:
             if system.failure:
                 broken[(scenario.key, name)] = system.failure
                 continue
+            if scenario.tool == "h2load":
+                # One request over h2: a server that does not choose h2 by ALPN (or
+                # fails it) is reported with the reason, and its runs are skipped.
+                problem = benchlib.probe_h2(system.url(scenario.path))
+                if problem:
+                    broken[(scenario.key, name)] = problem
+                    bench.log(f"{name}: {problem}")
+                continue
             try:
                 status, answer = benchlib.http_status(
-                    system.url(scenario.path), method=scenario.method, body=body, timeout=10
+                    system.url(scenario.path),
+                    method=scenario.method,
+                    body=body,
+                    timeout=10,
+                    context=_context(bench, system),
                 )
             except OSError as exc:
                 status, answer = 0, str(exc).encode()
@@ -475,32 +590,48 @@ def prime(bench: Bench, plan: list[Scenario], broken: dict[tuple[str, str], str]
     seen = set()
     for scenario in plan:
         for name in scenario.systems:
-            key = (name, scenario.path, scenario.method)
+            key = (name, scenario.path, scenario.method, scenario.tool)
             if (scenario.key, name) in broken or key in seen:
                 continue
             seen.add(key)
-            argv = benchlib.wrk_argv(
-                bench.systems[name].url(scenario.path),
-                min(bench.args.connections, 64),
-                1,
-                method=scenario.method if scenario.body_bytes else None,
-                body_bytes=scenario.body_bytes,
-            )
-            jobs.append(
-                subprocess.Popen(
-                    argv,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                    stdin=subprocess.DEVNULL,
+            system = bench.systems[name]
+            connections = min(bench.args.connections, 64)
+            if scenario.tool == "h2load":
+                # A count, not -D: h2load's timed mode never ends when a connection is
+                # still in its handshake as the time runs out, as here, 64 connections
+                # among every other priming job.
+                argv = benchlib.h2load_argv(
+                    system.url(scenario.path),
+                    connections,
+                    requests=connections * bench.args.h2_streams * 5,
+                    streams=bench.args.h2_streams,
                 )
+            elif scenario.tool == "handshake":
+                argv = benchlib.handshake_argv(system.port, connections, 1)
+            else:
+                argv = benchlib.wrk_argv(
+                    system.url(scenario.path),
+                    connections,
+                    1,
+                    method=scenario.method if scenario.body_bytes else None,
+                    body_bytes=scenario.body_bytes,
+                )
+            job = subprocess.Popen(
+                argv,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                stdin=subprocess.DEVNULL,
             )
+            jobs.append((f"{scenario.key} {name}", job))
     bench.log(f"priming {len(jobs)} (system, request) pairs for 1 s")
-    for job in jobs:
+    deadline = time.monotonic() + 30  # for all of them together
+    for what, job in jobs:
         try:
-            job.wait(timeout=30)
+            job.wait(timeout=max(deadline - time.monotonic(), 0.1))
         except subprocess.TimeoutExpired:
             job.kill()
             job.wait()
+            bench.log(f"priming {what}: still running after 30 s, stopped")
 
 
 # --- running ------------------------------------------------------------------------------
@@ -546,7 +677,9 @@ def run_all(bench: Bench, plan: list[Scenario], broken: dict[tuple[str, str], st
     width = len(str(len(todo)))
     for i, (rnd, scenario, connections, name) in enumerate(todo, 1):
         system = bench.systems[name]
-        prefix = f"[{i:>{width}}/{len(todo)}] r{rnd} {scenario.key:<7} c{connections:<5} {name:<13}"
+        prefix = (
+            f"[{i:>{width}}/{len(todo)}] r{rnd} {scenario.key:<13} c{connections:<5} {name:<15}"
+        )
         failure = broken.get((scenario.key, name))
         record: dict[str, Any] = {
             "round": rnd,
@@ -565,19 +698,38 @@ def run_all(bench: Bench, plan: list[Scenario], broken: dict[tuple[str, str], st
         bench.log(f"{prefix} {_summary(record)}")
 
 
-def run_one(bench: Bench, scenario: Scenario, connections: int, system: System) -> dict[str, Any]:
+def load(
+    bench: Bench, scenario: Scenario, connections: int, system: System, seconds: int
+) -> tuple[WrkResult, dict[str, Any], str]:
+    """One run of the scenario's load generator on the client CPU: (figures, extras such
+    as the TLS version and ALPN protocol, the tool's output)."""
     args = bench.args
     cpus = str(args.client_cpu) if scenario.pinned and bench.pin else bench.all_cpus
     url = system.url(scenario.path)
+    if scenario.tool == "h2load":
+        return benchlib.run_h2load(
+            url, connections, seconds, cpus=cpus, streams=args.h2_streams, work=bench.work
+        )
+    if scenario.tool == "handshake":
+        return benchlib.run_handshakes(system.port, connections, seconds, cpus=cpus)
     method = scenario.method if scenario.body_bytes else None
+    result, output = benchlib.run_wrk(
+        url, connections, seconds, cpus=cpus, method=method, body_bytes=scenario.body_bytes
+    )
+    return result, {}, output
+
+
+def run_one(bench: Bench, scenario: Scenario, connections: int, system: System) -> dict[str, Any]:
+    args = bench.args
     if args.warmup:
-        benchlib.run_wrk(
-            url, connections, args.warmup, cpus=cpus, method=method, body_bytes=scenario.body_bytes
-        )
+        load(bench, scenario, connections, system, args.warmup)
     with RssSampler(system.proc.pid if system.proc else None) as rss:
-        result, output = benchlib.run_wrk(
-            url, connections, args.seconds, cpus=cpus, method=method, body_bytes=scenario.body_bytes
-        )
+        result, extras, output = load(bench, scenario, connections, system, args.seconds)
+    if system.scheme == "https" and not result.failure and not result.requests:
+        # Over TLS, nothing completed and errors instead: the target failed (a refused
+        # handshake, say), which is a reason to give, not a figure of 0 req/s.
+        errors = f"{result.connect} connect, {result.read} read, {result.timeout} timeout"
+        result = WrkResult(failure=f"no request completed ({errors} errors)")
     if system.proc is not None:
         settled = benchlib.wait_idle(system.proc.pid)
         if settled > 1:
@@ -585,7 +737,7 @@ def run_one(bench: Bench, scenario: Scenario, connections: int, system: System) 
     bench.raw.append(
         f"### {scenario.key} c{connections} {system.name}\n\n```\n{output.strip()}\n```\n"
     )
-    out = result.as_dict()
+    out = {**result.as_dict(), **extras}
     if scenario.payload_bytes:
         out["mib_s"] = out["rps"] * scenario.payload_bytes / MiB
     out.update(
@@ -679,6 +831,7 @@ def write_results(bench: Bench, facts: dict[str, Any], plan: list[Scenario]) -> 
             "connections": args.connections,
             "sweep": args.sweep,
             "idle_connections": args.idle_connections,
+            "h2_streams": args.h2_streams,
             "pinning": (
                 f"proxy under test on CPU {args.proxy_cpu} (taskset -c {args.proxy_cpu}); "
                 f"wrk and the nginx upstream on CPU {args.client_cpu}; the workers "
@@ -690,6 +843,28 @@ def write_results(bench: Bench, facts: dict[str, Any], plan: list[Scenario]) -> 
                 f"wrk -t1 -d{args.seconds}s --timeout 10s -s load/wrk_stats.lua, "
                 f"{args.warmup}s warm-up per run, keep-alive, {args.rounds} interleaved "
                 "round(s), medians"
+            ),
+            "load_tls": (
+                f"HTTP/1.1 over TLS: wrk as above, over https; HTTP/2: h2load -t1 "
+                f"-c{args.connections} -m{args.h2_streams} -D{args.seconds} (ALPN h2, "
+                "percentiles from its per-request --log-file); new connections: "
+                f"load/handshake.py, {args.connections} clients, each a full TLS handshake "
+                "(no session resumption) and one GET with Connection: close"
+            ),
+            "tls": (
+                {
+                    "certificates": f"a throwaway CA and an {bench.tls.key_type} server "
+                    "certificate for 127.0.0.1 and localhost, made by trustme for this run "
+                    "(in tls/ beside this report)",
+                    "nginx_listener": (
+                        "listen ... ssl; http2 on; (nginx >= 1.25.1)"
+                        if (benchlib.nginx_version() or (0,)) >= (1, 25, 1)
+                        else "listen ... ssl http2; (nginx < 1.25.1)"
+                    )
+                    + ", ssl_protocols TLSv1.2 TLSv1.3, nginx's defaults otherwise",
+                }
+                if bench.tls
+                else None
             ),
             "gateway_access_log": (
                 "/dev/null" if args.access_log == "/dev/null" else "a file in the temp dir"
@@ -725,7 +900,10 @@ def write_results(bench: Bench, facts: dict[str, Any], plan: list[Scenario]) -> 
         "runs": bench.runs,
         "memory": bench.memory,
     }
-    (bench.out / "wrk-output.md").write_text("# wrk output, every run\n\n" + "\n".join(bench.raw))
+    (bench.out / "wrk-output.md").write_text(
+        "# Load generator output (wrk, h2load, load/handshake.py), every run\n\n"
+        + "\n".join(bench.raw)
+    )
     return report.write(bench.out, data)
 
 

@@ -5,7 +5,7 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-ensure_tools
+ensure_tools h2load:nghttp2-client # the h2 scenario's load generator
 rc=0
 run_child "$PY" load/bench.py --work "$WORK" "$@" || rc=$?
 exit "${INTERRUPTED:-$rc}"

@@ -12,12 +12,14 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -36,15 +38,25 @@ __all__ = [
     "ROOT",
     "Procs",
     "RssSampler",
+    "TlsFiles",
     "WrkResult",
     "check_gateway_config",
     "free_ports",
     "gateway_config",
+    "h2load_argv",
+    "handshake_argv",
     "machine_facts",
+    "make_tls_files",
     "nginx_proxy_conf",
     "nginx_upstream_conf",
+    "nginx_version",
+    "parse_h2load",
     "parse_wrk",
+    "percentiles",
+    "probe_h2",
     "rss_kib",
+    "run_h2load",
+    "run_handshakes",
     "run_wrk",
     "set_tree_affinity",
     "tree_pids",
@@ -54,6 +66,7 @@ __all__ = [
 ROOT = Path(__file__).resolve().parent.parent
 LOAD_DIR = ROOT / "load"
 WRK_SCRIPT = LOAD_DIR / "wrk_stats.lua"
+HANDSHAKE_CLIENT = LOAD_DIR / "handshake.py"
 
 # Payloads the upstream serves; the scenarios and the report share them.
 BLOB_BYTES = 1 << 20
@@ -96,17 +109,29 @@ def alive(pid: int) -> bool:
 
 
 def http_status(
-    url: str, *, method: str = "GET", body: bytes | None = None, timeout: float = 5.0
+    url: str,
+    *,
+    method: str = "GET",
+    body: bytes | None = None,
+    timeout: float = 5.0,
+    context: ssl.SSLContext | None = None,
 ) -> tuple[int, bytes]:
+    """One request (`context` verifies an https:// server); (status, body)."""
     request = urllib.request.Request(url, data=body, method=method)
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
 
 
-def wait_http(url: str, timeout: float, pid: int | None = None, status: int = 200) -> str | None:
+def wait_http(
+    url: str,
+    timeout: float,
+    pid: int | None = None,
+    status: int = 200,
+    context: ssl.SSLContext | None = None,
+) -> str | None:
     """Poll `url` until it answers `status`; None on success, else why not.
 
     Gives up early when `pid` has exited: a server that crashed at start should not
@@ -118,7 +143,7 @@ def wait_http(url: str, timeout: float, pid: int | None = None, status: int = 20
         if pid is not None and not alive(pid):
             return f"process {pid} exited before {url} answered {status} (last: {last})"
         try:
-            code, _ = http_status(url, timeout=2)
+            code, _ = http_status(url, timeout=2, context=context)
             if code == status:
                 return None
             last = f"HTTP {code}"
@@ -441,6 +466,131 @@ def run_wrk(
 ) -> tuple[WrkResult, str]:
     """One bounded wrk run; returns the parsed figures and wrk's whole output."""
     argv = wrk_argv(url, connections, seconds, method=method, body_bytes=body_bytes)
+    output, status = _bounded(argv, seconds + 30, cpus)
+    if status is None:
+        return WrkResult(failure=f"wrk did not finish within {seconds + 30}s"), ""
+    result = parse_wrk(output)
+    if status != 0 and result.failure is None:
+        result = WrkResult(failure=f"wrk exited with status {status}")
+    return result, output
+
+
+# --- h2load (HTTP/2) ----------------------------------------------------------------
+
+H2_STREAMS = 10  # h2load -m: concurrent streams per connection
+
+_H2_FINISHED = re.compile(r"^finished in ([\d.]+)(s|ms|us)\b", re.M)
+_H2_REQUESTS = re.compile(
+    r"^requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, "
+    r"(\d+) errored, (\d+) timeout",
+    re.M,
+)
+_H2_STATUS = re.compile(r"^status codes: (\d+) 2xx", re.M)
+_H2_TRAFFIC = re.compile(r"^traffic: \S+ \((\d+)\) total", re.M)
+_H2_TLS = re.compile(r"^(TLS Protocol|Cipher|Application protocol): (.+)$", re.M)
+_H2_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6}
+
+
+def h2load_argv(
+    url: str,
+    connections: int,
+    *,
+    seconds: int | None = None,
+    requests: int | None = None,
+    streams: int = H2_STREAMS,
+    log_file: Path | None = None,
+) -> list[str]:
+    """h2load over TLS, HTTP/2 by ALPN (its default list offers h2 first, then
+    http/1.1: the output says which one the server chose). `seconds`: a timed run
+    (`-D`); else `requests` in all."""
+    argv = ["h2load", "-t1", f"-c{connections}", f"-m{streams}"]
+    argv += [f"-D{seconds}"] if seconds else [f"-n{requests or connections}"]
+    if log_file is not None:
+        argv.append(f"--log-file={log_file}")
+    return [*argv, url]
+
+
+def percentiles(values: Sequence[float]) -> dict[str, float]:
+    """mean, max and p50..p99.9 (nearest rank) of `values`, keyed as wrk_stats.lua's."""
+    ordered = sorted(values)
+    if not ordered:
+        return {}
+
+    def rank(q: float) -> float:
+        return ordered[min(max(1, math.ceil(len(ordered) * q / 100)), len(ordered)) - 1]
+
+    return {
+        "mean": sum(ordered) / len(ordered),
+        "max": ordered[-1],
+        "p50": rank(50),
+        "p75": rank(75),
+        "p90": rank(90),
+        "p99": rank(99),
+        "p999": rank(99.9),
+    }
+
+
+def parse_h2load(output: str, log_file: Path | None = None) -> tuple[WrkResult, dict[str, Any]]:
+    """h2load's summary (and latency percentiles from its per-request `--log-file`:
+    its own summary has only min / max / mean / sd). A run where the server did not
+    choose h2, or where no request succeeded, is a failure with the reason."""
+    tls = dict(_H2_TLS.findall(output))
+    extras = {
+        "tls": " ".join(
+            tls[k] for k in ("TLS Protocol", "Cipher", "Application protocol") if k in tls
+        )
+    }
+    protocol = tls.get("Application protocol")
+    requests = _H2_REQUESTS.search(output)
+    finished = _H2_FINISHED.search(output)
+    if "TLS Protocol" not in tls:
+        counts = f" ({requests.group(0)[len('requests: ') :]})" if requests else ""
+        return WrkResult(failure=f"h2load: no TLS connection was made{counts}"), extras
+    if protocol != "h2":
+        chosen = f"the server chose {protocol}" if protocol else "no protocol was negotiated"
+        return WrkResult(failure=f"h2load: {chosen} (ALPN), not h2"), extras
+    if requests is None or finished is None:
+        lines = [ln for ln in output.splitlines() if ln.strip() and "progress" not in ln]
+        return WrkResult(failure=f"h2load: {(lines or ['no output'])[-1].strip()[:200]}"), extras
+    _total, _started, done, succeeded, failed, _errored, timeout = map(int, requests.groups())
+    if not succeeded:
+        errors = [
+            ln.strip()
+            for ln in output.splitlines()
+            if "could not" in ln or ln.lower().startswith("error")
+        ]
+        why = errors[0][:160] if errors else f"{failed} failed, {timeout} timed out"
+        return WrkResult(failure=f"h2load: no request succeeded ({why})"), extras
+    status = _H2_STATUS.search(output)
+    traffic = _H2_TRAFFIC.search(output)
+    durations: list[float] = []
+    if log_file is not None:
+        with contextlib.suppress(OSError):
+            for line in log_file.read_text().splitlines():
+                fields = line.split("\t")
+                if len(fields) >= 3 and fields[1].lstrip("-").isdigit() and int(fields[1]) > 0:
+                    durations.append(int(fields[2]) / 1000)
+    stats = percentiles(durations)
+    return WrkResult(
+        requests=done,
+        seconds=float(finished.group(1)) * _H2_UNITS[finished.group(2)],
+        bytes=int(traffic.group(1)) if traffic else 0,
+        read=max(failed - timeout, 0),
+        timeout=timeout,
+        non_2xx=done - (int(status.group(1)) if status else done),
+        mean_ms=stats.get("mean"),
+        max_ms=stats.get("max"),
+        p50_ms=stats.get("p50"),
+        p75_ms=stats.get("p75"),
+        p90_ms=stats.get("p90"),
+        p99_ms=stats.get("p99"),
+        p999_ms=stats.get("p999"),
+    ), extras
+
+
+def _bounded(argv: list[str], limit: float, cpus: str | None) -> tuple[str, int | None]:
+    """Run `argv` (pinned to `cpus`) for at most `limit` seconds: (output, exit status,
+    None when it had to be killed)."""
     if cpus:
         argv = ["taskset", "-c", cpus, *argv]
     try:
@@ -448,17 +598,137 @@ def run_wrk(
             argv,
             capture_output=True,
             text=True,
-            timeout=seconds + 30,
+            timeout=limit,
             check=False,
             stdin=subprocess.DEVNULL,
+            cwd=ROOT,
         )
-    except subprocess.TimeoutExpired:
-        return WrkResult(failure=f"wrk did not finish within {seconds + 30}s"), ""
-    output = done.stdout + done.stderr
+    except OSError as exc:  # the tool is not installed
+        return f"{argv[0]}: {exc}", 127
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout or b""
+        return (out.decode(errors="replace") if isinstance(out, bytes) else out), None
+    return done.stdout + done.stderr, done.returncode
+
+
+def run_h2load(
+    url: str,
+    connections: int,
+    seconds: int,
+    *,
+    cpus: str | None,
+    streams: int = H2_STREAMS,
+    work: Path,
+) -> tuple[WrkResult, dict[str, Any], str]:
+    """One bounded, timed h2load run; (figures, TLS facts, h2load's output)."""
+    log_file = work / "h2load.log"
+    log_file.unlink(missing_ok=True)
+    argv = h2load_argv(url, connections, seconds=seconds, streams=streams, log_file=log_file)
+    limit = seconds + 15
+    output, code = _bounded(argv, limit, cpus)
+    try:
+        if code is None:
+            # h2load's timed mode (1.52) never ends when a connection is still in its
+            # handshake as the time runs out: seen only on a CPU shared with much else.
+            why = f"h2load did not finish within {limit}s (connections too slow to open?)"
+            return WrkResult(failure=why), {}, output
+        result, extras = parse_h2load(output, log_file)
+    finally:
+        log_file.unlink(missing_ok=True)
+    if code != 0 and result.failure is None:
+        result = WrkResult(failure=f"h2load exited with status {code}")
+    return result, extras, _drop_progress(output)
+
+
+def probe_h2(url: str, *, cpus: str | None = None) -> str | None:
+    """One HTTP/2 request with h2load: None when it was h2 and succeeded, else why not."""
+    if shutil.which("h2load") is None:
+        return "h2load is not installed (Debian: apt-get install nghttp2-client)"
+    output, code = _bounded(h2load_argv(url, 1, requests=1, streams=1), 30, cpus)
+    if code is None:
+        return "h2load did not finish one request within 30 s"
+    result, _ = parse_h2load(output)
+    return result.failure
+
+
+def _drop_progress(output: str) -> str:
+    return "\n".join(ln for ln in output.splitlines() if not ln.startswith("progress: "))
+
+
+# --- new TLS connections (load/handshake.py) -------------------------------------------
+
+
+def handshake_argv(port: int, connections: int, seconds: int) -> list[str]:
+    return [
+        sys.executable,
+        str(HANDSHAKE_CLIENT),
+        "--port",
+        str(port),
+        "--connections",
+        str(connections),
+        "--seconds",
+        str(seconds),
+    ]
+
+
+def run_handshakes(
+    port: int, connections: int, seconds: int, *, cpus: str | None
+) -> tuple[WrkResult, dict[str, Any], str]:
+    """One bounded run of `load/handshake.py`: a full TLS handshake and one request
+    per connection. (figures, {resumed, tls}, its output)."""
+    argv = handshake_argv(port, connections, seconds)
+    output, code = _bounded(argv, seconds + 30, cpus)
+    if code is None:
+        why = f"the handshake client did not finish within {seconds + 30}s"
+        return WrkResult(failure=why), {}, output
     result = parse_wrk(output)
-    if done.returncode != 0 and result.failure is None:
-        result = WrkResult(failure=f"wrk exited with status {done.returncode}")
-    return result, output
+    extras: dict[str, Any] = {}
+    match = _WRK_JSON.search(output)
+    if match is not None:
+        doc = json.loads(match.group(1))
+        extras = {"resumed": doc.get("resumed", 0), "tls": doc.get("tls", "")}
+    if code != 0 and result.failure is None:
+        result = WrkResult(failure=f"handshake client exited with status {code}")
+    return result, extras, output
+
+
+# --- TLS ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """A throwaway CA and a server certificate for 127.0.0.1 and localhost (PEM)."""
+
+    ca: Path  # the CA certificate, to verify the servers with
+    cert: Path  # the server certificate, then the chain
+    key: Path  # the server's private key
+    key_type: str
+
+    def client_context(self) -> ssl.SSLContext:
+        """Verifies a server against this CA (hostname included)."""
+        return ssl.create_default_context(cafile=str(self.ca))
+
+
+def make_tls_files(folder: Path) -> TlsFiles:
+    """Generate the bench's certificates into `folder` with trustme (a dev dependency):
+    made at every run, never committed. ECDSA P-256 (trustme's default, named here so
+    it stays the same): a full handshake signs with it once."""
+    import trustme
+
+    folder.mkdir(parents=True, exist_ok=True)
+    ca = trustme.CA(key_type=trustme.KeyType.ECDSA)
+    issued = ca.issue_cert("127.0.0.1", "localhost", key_type=trustme.KeyType.ECDSA)
+    files = TlsFiles(
+        ca=folder / "ca.pem",
+        cert=folder / "server.pem",
+        key=folder / "server.key",
+        key_type="ECDSA P-256",
+    )
+    ca.cert_pem.write_to_path(str(files.ca))
+    files.cert.write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
+    issued.private_key_pem.write_to_path(str(files.key))
+    files.key.chmod(0o600)
+    return files
 
 
 # --- nginx ---------------------------------------------------------------------------
@@ -552,13 +822,47 @@ def nginx_upstream_conf(work: Path, port: int, sink_port: int) -> str:
     )
 
 
-def nginx_proxy_conf(work: Path, port: int, upstream_port: int) -> str:
+def nginx_version() -> tuple[int, ...] | None:
+    """The installed nginx's version (`nginx -v` prints it on stderr), None if unknown."""
+    match = re.search(r"nginx/(\d+(?:\.\d+)*)", _first_line(["nginx", "-v"]))
+    return tuple(int(part) for part in match.group(1).split(".")) if match else None
+
+
+def _nginx_tls_listen(port: int, tls: TlsFiles, version: tuple[int, ...] | None) -> str:
+    """An ssl + HTTP/2 listener in the installed nginx's syntax: `http2 on;` from
+    1.25.1, `listen ... ssl http2` before. TLS 1.2 and 1.3 (1.22's default stops at
+    1.2; the gateway offers 1.3), nginx's own defaults for everything else."""
+    if version is not None and version >= (1, 25, 1):
+        listen = f"listen 127.0.0.1:{port} ssl backlog=4096;\n        http2 on;"
+    else:
+        listen = f"listen 127.0.0.1:{port} ssl http2 backlog=4096;"
+    return f"""{listen}
+        ssl_certificate {tls.cert};
+        ssl_certificate_key {tls.key};
+        ssl_protocols TLSv1.2 TLSv1.3;"""
+
+
+def nginx_proxy_conf(
+    work: Path,
+    port: int,
+    upstream_port: int,
+    *,
+    tls: TlsFiles | None = None,
+    version: tuple[int, ...] | None = None,
+    name: str = "proxy",
+) -> str:
     """nginx as the reverse proxy to beat: upstream keep-alive, bodies streamed
-    (no request buffering, response buffers in memory, never on disk)."""
+    (no request buffering, response buffers in memory, never on disk). With `tls`, its
+    listener is TLS with HTTP/2 beside HTTP/1.1 (ALPN), the rest the same."""
+    listen = (
+        _nginx_tls_listen(port, tls, version)
+        if tls is not None
+        else f"listen 127.0.0.1:{port} backlog=4096;"
+    )
     return (
-        _nginx_main(work, "proxy")
+        _nginx_main(work, name)
         + f"""http {{
-{_nginx_http(work, "proxy")}
+{_nginx_http(work, name)}
     upstream backend {{
         server 127.0.0.1:{upstream_port};
         keepalive 256;
@@ -566,7 +870,7 @@ def nginx_proxy_conf(work: Path, port: int, upstream_port: int) -> str:
         keepalive_timeout 300s;
     }}
     server {{
-        listen 127.0.0.1:{port} backlog=4096;
+        {listen}
         location / {{
             proxy_pass http://backend;
             proxy_http_version 1.1;
@@ -597,10 +901,13 @@ def gateway_config(
     workers: int = 1,
     access_log: bool = True,
     dropped: Sequence[str] = (),
+    tls: TlsFiles | None = None,
 ) -> dict[str, Any]:
     """The bench's gateway config: every policy on (bulkhead, breaker, retries on connect
     errors, deadline), metrics and access log on, one plain route per scenario and an
-    aggregate route over three upstreams for the fan-out."""
+    aggregate route over three upstreams for the fan-out. With `tls`, the data listener
+    is TLS (`server.tls`), HTTP/2 by ALPN beside HTTP/1.1 (`server.http2`, on by
+    default)."""
     target = f"http://127.0.0.1:{upstream_port}"
     policies: dict[str, Any] = {
         "max_connections": 512,
@@ -622,17 +929,20 @@ def gateway_config(
     for key in dropped:
         policies.pop(key, None)
     upstream = {"targets": [target], **policies}
+    server: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": port,
+        "admin_host": "127.0.0.1",
+        "admin_port": admin_port,
+        "workers": workers,
+        "access_log": access_log,
+        "log_level": "warning",
+        "drain_timeout": "1s",
+    }
+    if tls is not None:
+        server["tls"] = {"certificates": [{"cert": str(tls.cert), "key": str(tls.key)}]}
     return {
-        "server": {
-            "host": "127.0.0.1",
-            "port": port,
-            "admin_host": "127.0.0.1",
-            "admin_port": admin_port,
-            "workers": workers,
-            "access_log": access_log,
-            "log_level": "warning",
-            "drain_timeout": "1s",
-        },
+        "server": server,
         "upstreams": {name: dict(upstream) for name in ("backend", "users", "orders", "recs")},
         "routes": [
             {"name": "hello", "path": "/hello", "methods": ["GET"], "upstream": "backend"},
@@ -749,6 +1059,8 @@ def machine_facts() -> dict[str, Any]:
         "tools": {
             "nginx": _first_line(["nginx", "-v"]).replace("nginx version: ", ""),
             "wrk": " ".join(_first_line(["wrk", "-v"]).split()[:2]),
+            "h2load": _first_line(["h2load", "--version"]),
+            "openssl": _first_line(["openssl", "version"]),
         },
         "packages": {
             name: _version(name)
@@ -763,6 +1075,7 @@ def machine_facts() -> dict[str, Any]:
                 "granian",
                 "pyreqwest",
                 "prometheus-client",
+                "trustme",
             )
         },
     }

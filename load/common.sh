@@ -7,12 +7,16 @@ export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 log() { printf '==> %s\n' "$*" >&2; }
 
 # nginx, wrk and taskset from apt where missing (root, or through sudo).
-ensure_tools() { # extra arguments: more commands, each installed from its namesake package
+# Extra arguments: more commands, each `COMMAND` (from its namesake package) or
+# `COMMAND:PACKAGE` (h2load:nghttp2-client).
+ensure_tools() {
     local missing=() sudo=() extra
     command -v nginx >/dev/null || missing+=(nginx)
     command -v wrk >/dev/null || missing+=(wrk)
     command -v taskset >/dev/null || missing+=(util-linux)
-    for extra in "$@"; do command -v "$extra" >/dev/null || missing+=("$extra"); done
+    for extra in "$@"; do
+        command -v "${extra%%:*}" >/dev/null || missing+=("${extra#*:}")
+    done
     ((${#missing[@]} == 0)) && return 0
     ((EUID == 0)) || sudo=(sudo)
     log "installing ${missing[*]} with apt-get"

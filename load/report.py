@@ -24,15 +24,18 @@ __all__ = ["evaluate_goals", "main", "summarise", "write"]
 ORDER = (
     "nginx-direct",
     "nginx-proxy",
+    "nginx-proxy-tls",
     "fast-pipe",
     "aiohttp-pipe",
     "gateway",
+    "gateway-tls",
     "naive",
     "gateway-1w",
     "gateway-2w",
 )
 REFERENCES = (
     ("nginx-proxy", "x nginx-proxy"),
+    ("nginx-proxy-tls", "x nginx-proxy (TLS)"),
     ("fast-pipe", "x fast pipe"),
     ("aiohttp-pipe", "x aiohttp pipe"),
     ("naive", "x naive"),
@@ -51,12 +54,22 @@ METRICS = (
     "host_busy_pct",
 )
 PERCENTILES = (("p50_ms", "p50"), ("p90_ms", "p90"), ("p99_ms", "p99"), ("p999_ms", "p99.9"))
+# The TLS side-by-side table: (scenario, nginx's system, the gateway's, what it measures).
+TLS_LINES = (
+    ("simple", "nginx-proxy", "gateway", "cleartext HTTP/1.1, keep-alive (wrk)"),
+    ("tls-keepalive", "nginx-proxy-tls", "gateway-tls", "HTTP/1.1 over TLS, keep-alive (wrk)"),
+    ("h2", "nginx-proxy-tls", "gateway-tls", "HTTP/2 over TLS (h2load)"),
+    ("tls-handshake", "nginx-proxy-tls", "gateway-tls", "new TLS connections, 1 request each"),
+)
+TLS_KEYS = ("tls-keepalive", "h2", "tls-handshake")
 COLORS = {
     "nginx-direct": "#9e9e9e",
     "nginx-proxy": "#2e7d32",
     "fast-pipe": "#1565c0",
     "aiohttp-pipe": "#6a1b9a",
     "gateway": "#d84315",
+    "gateway-tls": "#ff8a65",
+    "nginx-proxy-tls": "#81c784",
     "naive": "#795548",
     "gateway-1w": "#ef6c00",
     "gateway-2w": "#c62828",
@@ -101,6 +114,10 @@ def summarise(data: dict[str, Any]) -> list[dict[str, Any]]:
         row["rss_before_kib"] = min(r["rss_before_kib"] for r in good)
         row["rss_peak_kib"] = max(r["rss_peak_kib"] for r in good)
         row["cpu_split"] = good[-1].get("cpu_split") or []
+        if any("tls" in r for r in good):
+            row["tls"] = good[-1].get("tls") or ""
+        if any("resumed" in r for r in good):
+            row["resumed"] = sum(r.get("resumed") or 0 for r in good)
         if len(good) < len(runs):
             row["failed_rounds"] = len(runs) - len(good)
         rows.append(row)
@@ -131,6 +148,13 @@ class Table:
     def get(self, scenario: str, system: str, connections: int | None = None) -> dict[str, Any]:
         row = self.at(scenario, connections or self.base).get(system)
         return row if row and not row.get("failure") else {}
+
+    def why(self, scenario: str, system: str) -> str:
+        """Why `system` has no figures in `scenario` (its failure, or that it did not run)."""
+        row = self.at(scenario, self.base).get(system)
+        if row and row.get("failure"):
+            return str(row["failure"])
+        return "not run" if not row else ""
 
     def sweep_points(self) -> list[int]:
         points = {c for (s, c) in self.index if s == "sweep"}
@@ -184,6 +208,113 @@ def workers_ceiling(
         "busy_pct": w2["host_busy_pct"] / cpus,
         "ceiling": cpus / (gateway + rest) / w1["rps"],
     }
+
+
+def _errors(row: dict[str, Any]) -> str:
+    errors = row["non_2xx"] + row["socket_errors"] if row else 0
+    return f", {errors:,} errors" if errors else ""
+
+
+def _versus(
+    table: Table, scenario: str, system: str, base: str, base_system: str, limit: float
+) -> tuple[str, bool | None]:
+    """`system`'s req/s in `scenario` over `base_system`'s in `base`: (what to show,
+    whether it reaches `limit`), or "n/a" and the reason."""
+    row, ref = table.get(scenario, system), table.get(base, base_system)
+    r = ratio(row, ref)
+    if r is None:
+        why = table.why(scenario, system) if not row else table.why(base, base_system)
+        return f"n/a: {why or 'no figures'}"[:160], None
+    text = f"{r:.2f}x ({row['rps']:,.0f} vs {ref['rps']:,.0f} req/s{_errors(row)}"
+    cost, base_cost = _cpu_per_request(row), _cpu_per_request(ref)
+    if cost and base_cost:
+        # What the rate would be with the CPU all its own: steadier on a shared machine.
+        text += f"; by CPU per request {base_cost / cost:.2f}x"
+    return text + ")", r >= limit
+
+
+def tls_goals(table: Table) -> list[dict[str, Any]]:
+    """TLS and HTTP/2, judged on the gateway against its own cleartext HTTP/1.1 in this
+    run, with nginx's same ratios beside them."""
+    if not any(key in table.data["scenarios"] for key in TLS_KEYS):
+        return []
+    goals = []
+    for key, label, limit in (
+        ("tls-keepalive", "HTTP/1.1 over TLS (keep-alive)", 0.75),
+        ("h2", "HTTP/2 over TLS", 0.5),
+    ):
+        if key not in table.data["scenarios"]:
+            continue
+        measured, ok = _versus(table, key, "gateway-tls", "simple", "gateway", limit)
+        nginx = _x(ratio(table.get(key, "nginx-proxy-tls"), table.get("simple", "nginx-proxy")))
+        goals.append(
+            _goal(
+                f"{label} vs the gateway's cleartext HTTP/1.1",
+                f"{measured}; nginx: {nginx}",
+                f">= {limit}x",
+                ok,
+            )
+        )
+    if "h2" in table.data["scenarios"]:
+        # HTTP/1.1 over TLS is the like-for-like latency (same handshake, same
+        # connections); the cleartext run stands in when the TLS one is missing.
+        base = "tls-keepalive" if table.get("tls-keepalive", "gateway-tls") else "simple"
+        streams = int(table.data["meta"].get("h2_streams") or 1)
+        base_label = "HTTP/1.1 over TLS" if base == "tls-keepalive" else "cleartext HTTP/1.1"
+
+        def p99s(system: str, base_system: str) -> tuple[str, float | None]:
+            h2, h1 = table.get("h2", system), table.get(base, base_system)
+            if not h2.get("p99_ms") or not h1.get("p99_ms"):
+                why = table.why("h2", system) if not h2 else table.why(base, base_system)
+                return f"n/a: {why or 'no latencies'}"[:160], None
+            r = h2["p99_ms"] / h1["p99_ms"]
+            # Little's law: h2 keeps `streams` times the requests in flight, so at the
+            # same throughput its latency is that many times HTTP/1.1's.
+            little = streams * h1["rps"] / h2["rps"] if h2.get("rps") else None
+            hint = f"; in flight / throughput predict {little:.1f}x" if little else ""
+            return f"{_ms(h2['p99_ms'])} vs {_ms(h1['p99_ms'])} ({r:.2f}x{hint})", r
+
+        measured, r = p99s("gateway-tls", "gateway-tls" if base != "simple" else "gateway")
+        nginx, _ = p99s("nginx-proxy-tls", "nginx-proxy-tls" if base != "simple" else "nginx-proxy")
+        goals.append(
+            _goal(
+                f"HTTP/2 p99 vs {base_label}'s",
+                f"{measured}; nginx: {nginx}",
+                "<= 2x",
+                None if r is None else r <= 2,
+            )
+        )
+    if "tls-handshake" in table.data["scenarios"]:
+        gw, ngx = (
+            table.get("tls-handshake", "gateway-tls"),
+            table.get("tls-handshake", "nginx-proxy-tls"),
+        )
+        parts = []
+        for name, row, system in (
+            ("gateway", gw, "gateway-tls"),
+            ("nginx", ngx, "nginx-proxy-tls"),
+        ):
+            if row:
+                per = _cpu_per_request(row)
+                cpu = (
+                    f" ({row['cpu_pct']:.0f}% CPU, {per:,.0f} us per connection)"
+                    if per is not None
+                    else ""
+                )
+                parts.append(f"{name} {row['rps']:,.0f}/s{cpu}{_errors(row)}")
+            else:
+                parts.append(f"{name} n/a: {table.why('tls-handshake', system)}"[:120])
+        r = ratio(gw, ngx)
+        goals.append(
+            _goal(
+                "new TLS connections per second (full handshakes)",
+                "; ".join(parts) + (f"; gateway {r:.2f}x nginx" if r is not None else ""),
+                "(no goal: reported)",
+                None,
+                verdict="-",
+            )
+        )
+    return goals
 
 
 def evaluate_goals(table: Table) -> list[dict[str, Any]]:
@@ -312,6 +443,8 @@ def evaluate_goals(table: Table) -> list[dict[str, Any]]:
                 verdict="-",
             )
         )
+
+    goals += tls_goals(table)
 
     mem = table.data.get("memory") or {}
     if mem.get("rss_per_connection_kib") is not None:
@@ -453,6 +586,64 @@ def scenario_rows(
     return header, rows
 
 
+def tls_rows(table: Table) -> tuple[list[str], list[list[str]], list[str]]:
+    """nginx and the gateway side by side, cleartext, TLS keep-alive, HTTP/2 and new
+    connections: (header, rows, why each n/a is one)."""
+    header = [
+        "load",
+        "nginx req/s",
+        "nginx p99",
+        "nginx CPU",
+        "gateway req/s",
+        "gateway p99",
+        "gateway CPU",
+        "gateway x nginx",
+        "gateway x its cleartext",
+        "nginx x its cleartext",
+    ]
+    rows, notes = [], []
+    scenarios = table.data["scenarios"]
+    clear = {"nginx": table.get("simple", "nginx-proxy"), "gateway": table.get("simple", "gateway")}
+    for key, nginx, gateway, label in TLS_LINES:
+        if key not in scenarios:
+            continue
+        if key == "h2":
+            label = label.replace("(h2load)", f"(h2load, {_streams(table)} streams each)")
+        cells = [label]
+        found = {}
+        for who, system in (("nginx", nginx), ("gateway", gateway)):
+            row = table.get(key, system)
+            found[who] = row
+            if not row:
+                cells += ["n/a", "-", "-"]
+                notes.append(f"{who}, {label}: {table.why(key, system) or 'no figures'}")
+                continue
+            cells += [_num(row["rps"]) + ("*" if _errors(row) else ""), _ms(row.get("p99_ms"))]
+            per = _cpu_per_request(row)
+            cells.append(_cpu(row) + (f", {per:,.0f} us each" if per and key != "simple" else ""))
+            if _errors(row):
+                notes.append(f"{who}, {label}: {_errors(row)[2:]} (* above)")
+        cells.append(_x(ratio(found["gateway"], found["nginx"])))
+        if key == "tls-handshake":
+            cells += ["-", "-"]  # connections per second, not requests: no like to compare
+        else:
+            cells += [_x(ratio(found[who], clear[who])) for who in ("gateway", "nginx")]
+        rows.append(cells)
+    return header, rows, notes
+
+
+def _cpu_per_request(row: dict[str, Any]) -> float | None:
+    """Microseconds of the proxy's CPU per request (per connection in the handshake
+    scenario): what it costs, whichever side was the limit."""
+    if not row or not row.get("rps") or row.get("cpu_pct") is None:
+        return None
+    return float(row["cpu_pct"]) / 100 / float(row["rps"]) * 1e6
+
+
+def _streams(table: Table) -> str:
+    return str(table.data["meta"].get("h2_streams", "?"))
+
+
 def memory_rows(mem: dict[str, Any]) -> list[list[str]]:
     def mib(kib: int) -> str:
         return f"{kib / 1024:.1f} MiB"
@@ -512,7 +703,9 @@ def render_markdown(
         f"- date: {meta['date']}",
         f"- machine: {m.get('cpus')} CPUs ({m.get('cpu_model')}), {m.get('memory')} RAM, "
         f"kernel {m.get('kernel')}, {m.get('os')}",
-        f"- python {m.get('python')}; {tools.get('nginx')}; {tools.get('wrk')}; "
+        f"- python {m.get('python')}; "
+        + "; ".join(str(v) for k, v in tools.items() if v and v != "not found")
+        + "; "
         + ", ".join(f"{k} {v}" for k, v in pk.items()),
         f"- gateway: commit {m.get('gateway_commit')}; config in `gateway.yaml` beside this "
         f"report; access log to {meta['gateway_access_log']}, metrics on",
@@ -588,6 +781,43 @@ def render_markdown(
                     cells.append("-" if not row else ("FAILED" if row.get("failure") else fn(row)))
                 rows.append(cells)
             lines += _md_table(["system", *[f"c={p}" for p in points]], rows)
+    if any(key in scen for key in TLS_KEYS):
+        lines += [f"## TLS and HTTP/2, {c} connections", ""]
+        tls = meta.get("tls") or {}
+        lines += [
+            f"Over TLS: {meta.get('load_tls', '')}. Certificates: "
+            f"{tls.get('certificates', 'none made')}. nginx: {tls.get('nginx_listener', '-')}. "
+            "The gateway: `server.tls` with that certificate, `server.http2` at its "
+            "default (on), the rest as `gateway.yaml` (`gateway-tls.yaml`). CPU is the "
+            "proxy's; when it is well under 100%, the client on the other CPU was the limit.",
+            "",
+        ]
+        header, rows, notes = tls_rows(table)
+        lines += _md_table(header, rows)
+        if notes:
+            lines += [f"- {note}" for note in notes] + [""]
+        for key in TLS_KEYS:
+            if key not in scen:
+                continue
+            lines += [f"### {scen[key]['title']}", ""]
+            lines += _md_table(*scenario_rows(table, key, c))
+            negotiated = [
+                f"{_label(data, name)}: {row['tls']}"
+                for name, row in sorted(table.at(key, c).items(), key=lambda kv: _order(kv[0]))
+                if row.get("tls")
+            ]
+            resumed = sum(row.get("resumed") or 0 for row in table.at(key, c).values())
+            extra = []
+            if negotiated:
+                extra.append("Negotiated (version, cipher, ALPN): " + "; ".join(negotiated) + ".")
+            if key == "tls-handshake":
+                extra.append(
+                    f"Sessions resumed: {resumed} (the client keeps no session: every "
+                    "connection is a full handshake). Latencies are whole connections: "
+                    "connect, handshake, request, answer."
+                )
+            if extra:
+                lines += [" ".join(extra), ""]
     if "workers" in scen:
         lines += [f"## {scen['workers']['title']}", ""]
         lines += [
@@ -618,7 +848,8 @@ def render_markdown(
             lines += [f"FAILED: {mem['failure']}", ""]
         else:
             lines += _md_table(["figure", "value"], memory_rows(mem), right_from=99)
-    lines += ["## Goals (issue 13), judged on this run", ""]
+    tls_too = "; TLS and HTTP/2" if any(key in scen for key in TLS_KEYS) else ""
+    lines += [f"## Goals (issue 13{tls_too}), judged on this run", ""]
     lines += _md_table(
         ["goal", "measured", "target", "verdict"],
         (
@@ -656,7 +887,7 @@ def render_markdown(
         ),
         right_from=4,
     )
-    lines += ["wrk's own output for every run: `wrk-output.md`.", ""]
+    lines += ["The load generators' own output for every run: `wrk-output.md`.", ""]
     return "\n".join(lines)
 
 
@@ -666,6 +897,10 @@ def render_summary(data: dict[str, Any], table: Table, goals: list[dict[str, Any
     if "simple" in data["scenarios"]:
         header, rows = scenario_rows(table, "simple", c)
         out += [f"simple GET, {c} connections", _text_table(header, rows), ""]
+    if any(key in data["scenarios"] for key in TLS_KEYS):
+        header, rows, notes = tls_rows(table)
+        out += [f"TLS and HTTP/2, {c} connections", _text_table(header, rows)]
+        out += [f"  {note}" for note in notes] + [""]
     out += [
         _text_table(
             ["goal", "measured", "target", "verdict"],
