@@ -222,6 +222,7 @@ class _Stream:
         "status_sent",
         "task",
         "told_end",
+        "trailers",
         "window",
     )
 
@@ -232,6 +233,7 @@ class _Stream:
         self.body: collections.deque[tuple[bytes, int]] = collections.deque()
         self.ended = False  # the client's END_STREAM arrived
         self.told_end = False  # the data plane was given the body's last message
+        self.trailers = False  # the answer ends with trailers (`http.response.trailers`)
         self.event = asyncio.Event()  # set when body or the end arrives, or on reset
         self.window: asyncio.Future[None] | None = None  # awaited for send window
         self.head: list[tuple[bytes, bytes]] | None = None  # answer head not yet sent
@@ -275,25 +277,39 @@ class _Stream:
             if self.head is not None or self.status_sent:
                 raise RuntimeError("http.response.start sent twice")
             self.head = protocol.answer_head(message["status"], message.get("headers", ()))
+            self.trailers = bool(message.get("trailers", False))
         elif kind == "http.response.body":
             head = self.head
             if head is None and not self.status_sent:
                 raise RuntimeError("http.response.body before http.response.start")
             body = message.get("body", b"")
-            more = message.get("more_body", False)
+            last = not message.get("more_body", False) and not self.trailers
             if self.scope["method"] == "HEAD":
                 body = b""
             if head is not None:
                 self.head = None
                 self.status_sent = True
-                protocol.send_head(self, head, end=not body and not more)
+                protocol.send_head(self, head, end=not body and last)
             if body:
-                await protocol.send_body(self, body, end=not more)
-            elif not more and not self.done and not self.reset:
+                await protocol.send_body(self, body, end=last)
+            elif last and not self.done and not self.reset:
                 protocol.end(self)
-            if not more:
+            if last:
                 self.done = True
                 self.event.set()
+        elif kind == "http.response.trailers":
+            if not self.trailers:
+                raise RuntimeError("http.response.trailers without trailers: true")
+            if self.head is not None:  # no body at all: the head goes first
+                head, self.head = self.head, None
+                self.status_sent = True
+                protocol.send_head(self, head, end=False)
+            if message.get("more_trailers", False):
+                raise RuntimeError("trailers in several messages are not supported")
+            fields = [(name.lower(), value) for name, value in message.get("headers", ())]
+            protocol.send_trailers(self, fields)
+            self.done = True
+            self.event.set()
 
 
 class H2Protocol(asyncio.Protocol):
@@ -533,8 +549,9 @@ class H2Protocol(asyncio.Protocol):
             "headers": fields,
             "state": self.app_state.copy(),
         }
-        if self.extensions:
-            scope["extensions"] = self.extensions
+        # The ASGI `http.response.trailers` extension (gRPC's status travels in them),
+        # beside the connection's `tls` one.
+        scope["extensions"] = {**self.extensions, "http.response.trailers": {}}
         stream = _Stream(self, stream_id, scope)
         if event.stream_ended is not None:
             stream.ended = True
@@ -684,6 +701,20 @@ class H2Protocol(asyncio.Protocol):
                 self._schedule_flush()
             if self._write_paused:
                 await self._drain()
+
+    def send_trailers(self, stream: _Stream, fields: list[tuple[bytes, bytes]]) -> None:
+        """The answer's trailer section, which ends the stream (none: an empty DATA)."""
+        if stream.reset:
+            return
+        if not fields:
+            self.end(stream)
+            return
+        try:
+            self.conn.send_headers(stream.id, fields, end_stream=True)
+        except (ProtocolError, StreamClosedError):
+            self._gone(stream)
+            return
+        self._schedule_flush()
 
     def end(self, stream: _Stream) -> None:
         try:

@@ -514,3 +514,57 @@ def test_drain_sends_goaway_and_lets_streams_in_flight_finish(
     assert goaway is not None and goaway.error_code == ErrorCodes.NO_ERROR
     assert goaway.last_stream_id == sid
     raw.close()
+
+
+async def trailing(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """An ASGI app answering with the `http.response.trailers` extension, gRPC style."""
+    assert "http.response.trailers" in scope["extensions"]
+    if scope["path"] == "/only":  # a trailers-only answer: one HEADERS frame
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/grpc"), (b"grpc-status", b"14")],
+            }
+        )
+        await send({"type": "http.response.body", "body": b""})
+        return
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"application/grpc")],
+            "trailers": True,
+        }
+    )
+    await send({"type": "http.response.body", "body": b"\x00\x00\x00\x00\x01x", "more_body": True})
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+    await send(
+        {
+            "type": "http.response.trailers",
+            "headers": [(b"grpc-status", b"0"), (b"Trace-Bin", b"AAEC")],
+            "more_trailers": False,
+        }
+    )
+
+
+def test_the_h2_protocol_sends_asgi_trailers_and_trailers_only_answers(
+    upstream: Callable[..., UpstreamServer],
+) -> None:
+    from gateway.server.h2 import H2Options
+    from gateway.server.protocol import ClientLimits, protocol_class
+
+    server = upstream(trailing, http=protocol_class(ClientLimits(), None, H2Options()))
+    raw = RawH2(server.port)
+    full = raw.request("/full")
+    only = raw.request("/only")
+    assert raw.read_until(lambda: all(raw.of(h2.events.StreamEnded, i) for i in (full, only)))
+    assert (
+        b"".join(e.data for e in raw.of(h2.events.DataReceived, full)) == b"\x00\x00\x00\x00\x01x"
+    )
+    trailers = raw.of(h2.events.TrailersReceived, full)
+    assert trailers and trailers[0].headers == [(b"grpc-status", b"0"), (b"trace-bin", b"AAEC")]
+    heads = raw.of(h2.events.ResponseReceived, only)
+    assert dict(heads[0].headers)[b"grpc-status"] == b"14"
+    assert heads[0].stream_ended is not None  # one HEADERS frame, END_STREAM set
+    assert not raw.of(h2.events.DataReceived, only)
