@@ -109,6 +109,7 @@ _MAX_PRIORITY_PER_STREAM = 100
 _MAX_EMPTY_DATA = 100
 _HARD_HEADER_CAP = 64 * 1024  # decoded bytes; the hard cap is at least this
 _CONNECTION_WINDOW = 16 * 1024 * 1024  # bytes all streams together may have unread
+_LINGER = 1.0  # seconds a connection closed for an error keeps reading (and dropping)
 _FLUSH_NOW = 64 * 1024  # pending output larger than this is written at once
 
 
@@ -211,7 +212,6 @@ class _Stream:
         "body",
         "done",
         "ended",
-        "event",
         "head",
         "id",
         "opened",
@@ -223,6 +223,7 @@ class _Stream:
         "task",
         "told_end",
         "trailers",
+        "waiter",
         "window",
     )
 
@@ -234,7 +235,9 @@ class _Stream:
         self.ended = False  # the client's END_STREAM arrived
         self.told_end = False  # the data plane was given the body's last message
         self.trailers = False  # the answer ends with trailers (`http.response.trailers`)
-        self.event = asyncio.Event()  # set when body or the end arrives, or on reset
+        # What `receive` awaits, made only when it has to wait: resolved when body or
+        # the end arrives, or on a reset (`notify`).
+        self.waiter: asyncio.Future[None] | None = None
         self.window: asyncio.Future[None] | None = None  # awaited for send window
         self.head: list[tuple[bytes, bytes]] | None = None  # answer head not yet sent
         self.status_sent = False
@@ -246,10 +249,21 @@ class _Stream:
 
     # The ASGI side
 
+    def notify(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _wait(self) -> None:
+        waiter = self.waiter = self.protocol.loop.create_future()
+        try:
+            await waiter
+        finally:
+            self.waiter = None
+
     async def receive(self) -> dict[str, Any]:
         while not self.body and not self.ended and not self.reset:
-            self.event.clear()
-            await self.event.wait()
+            await self._wait()
         if self.reset:
             return {"type": "http.disconnect"}
         if self.body:
@@ -264,8 +278,7 @@ class _Stream:
             return {"type": "http.request", "body": b"", "more_body": False}
         # The whole body was read: the next message is the disconnect, whenever it comes.
         while not self.reset and not self.done:
-            self.event.clear()
-            await self.event.wait()
+            await self._wait()
         return {"type": "http.disconnect"}
 
     async def send(self, message: dict[str, Any]) -> None:
@@ -296,7 +309,7 @@ class _Stream:
                 protocol.end(self)
             if last:
                 self.done = True
-                self.event.set()
+                self.notify()
         elif kind == "http.response.trailers":
             if not self.trailers:
                 raise RuntimeError("http.response.trailers without trailers: true")
@@ -309,7 +322,7 @@ class _Stream:
             fields = [(name.lower(), value) for name, value in message.get("headers", ())]
             protocol.send_trailers(self, fields)
             self.done = True
-            self.event.set()
+            self.notify()
 
 
 class H2Protocol(asyncio.Protocol):
@@ -367,6 +380,7 @@ class H2Protocol(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._served_any = False
         self._closing = False  # a GOAWAY went out: no new streams, close when idle
+        self._lingering = False  # closing after an error: input dropped, nothing written
         self._last_stream = 0  # the highest stream handed to the data plane
         self._closed: collections.deque[bool] = collections.deque(maxlen=_RESET_WINDOW)
         self._premature = 0  # premature resets among `_closed`
@@ -412,6 +426,8 @@ class H2Protocol(asyncio.Protocol):
             drained.set_result(None)
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return  # closing: what the client still sends is read and dropped
         try:
             events = self.conn.receive_data(data)
         except ProtocolError as exc:
@@ -595,7 +611,7 @@ class H2Protocol(asyncio.Protocol):
             if self._premature >= _RESET_MIN and 2 * self._premature >= len(closed):
                 self._calm("rapid reset: most streams are reset by the client")
                 return
-        if not self.streams:
+        if not self.streams and not self._lingering:
             if self._closing:
                 self._close()
             elif self.transport is not None and not self.transport.is_closing():
@@ -607,7 +623,7 @@ class H2Protocol(asyncio.Protocol):
             return
         premature = not stream.done and self.loop.time() - stream.opened < _PREMATURE
         stream.reset = True
-        stream.event.set()
+        stream.notify()
         self._wake(stream)
         task = stream.task
         if task is not None and not stream.started:
@@ -618,11 +634,11 @@ class H2Protocol(asyncio.Protocol):
         stream = self.streams.get(stream_id or 0)
         if stream is not None:
             stream.ended = True
-            stream.event.set()
+            stream.notify()
 
     def _gone(self, stream: _Stream) -> None:
         stream.reset = True
-        stream.event.set()
+        stream.notify()
         self._wake(stream)
 
     def _data(self, event: DataReceived) -> None:
@@ -641,7 +657,7 @@ class H2Protocol(asyncio.Protocol):
                 self.acknowledge(event.stream_id, size)
             return
         stream.body.append((data, size))
-        stream.event.set()
+        stream.notify()
 
     def acknowledge(self, stream_id: int, size: int) -> None:
         """The data plane has read `size` flow-controlled bytes of this stream: let the
@@ -780,7 +796,7 @@ class H2Protocol(asyncio.Protocol):
         if stream.reset:
             return
         stream.reset = True
-        stream.event.set()
+        stream.notify()
         try:
             self.conn.reset_stream(stream.id, code)
         except (ProtocolError, StreamClosedError):
@@ -815,7 +831,7 @@ class H2Protocol(asyncio.Protocol):
         self._flush_handle = None
         data = self.conn.data_to_send()
         transport = self.transport
-        if data and transport is not None and not transport.is_closing():
+        if data and transport is not None and not transport.is_closing() and not self._lingering:
             transport.write(data)
 
     async def _drain(self) -> None:
@@ -836,6 +852,8 @@ class H2Protocol(asyncio.Protocol):
     def _goaway(self, code: ErrorCodes, detail: bytes = b"") -> None:
         """A GOAWAY naming the last stream handed to the data plane, leaving h2's own
         state open so the streams below it can still be answered."""
+        if self._lingering:
+            return
         self._closing = True
         self.conn.refuse_new = True
         self._flush()
@@ -853,11 +871,30 @@ class H2Protocol(asyncio.Protocol):
             "h2: closing a connection: %s", reason, extra={"client": self.client, "reason": reason}
         )
         self._goaway(ErrorCodes.ENHANCE_YOUR_CALM, reason.encode("ascii", "replace")[:128])
-        self._close()
+        self._linger()
 
     def _abandon(self) -> None:
         self._flush()
-        self._close()
+        self._linger()
+
+    def _linger(self) -> None:
+        """Close after a GOAWAY the client may not have read yet. Closing a socket with
+        unread input makes the kernel send a reset, which can destroy the GOAWAY on its
+        way: so no more is written (a FIN follows the GOAWAY where the transport can
+        half-close), what arrives is read and dropped, and the connection closes
+        `_LINGER` seconds later, or sooner if the client closes (nginx's lingering
+        close)."""
+        transport = self.transport
+        if self._lingering or transport is None or transport.is_closing():
+            return
+        self._flush()
+        self._lingering = True
+        self._disarm()
+        for stream in list(self.streams.values()):
+            self._gone(stream)
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._timer = self.loop.call_later(_LINGER, transport.close)
 
     def _close(self) -> None:
         self._disarm()
