@@ -1,12 +1,15 @@
 """The HTTP/2 upstream client (gateway/upstream/transports/h2.py) against a small
 hand-written h2 server on 127.0.0.1 (the `h2` library on an asyncio server, for what a
 real server cannot be made to do on cue: GOAWAY between two streams, REFUSED_STREAM,
-trailers, stalls) and against hypercorn (a real server: multiplexing, its stream limit,
-TLS by ALPN)."""
+trailers both ways, resets mid-stream, stalls) and against hypercorn (a real server:
+multiplexing, its stream limit, TLS by ALPN, full duplex). The gRPC shapes (a
+bidirectional echo, trailers with `-bin` metadata, trailers-only answers) are driven
+by hand: the transport sees only HTTP/2."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import ssl
@@ -31,7 +34,7 @@ from hyperframe.frame import GoAwayFrame
 from gateway.errors import UpstreamUnavailable
 from gateway.upstream.transports import make_transport
 from gateway.upstream.transports.base import TransportSettings, map_httpx_errors
-from gateway.upstream.transports.h2 import H2Transport
+from gateway.upstream.transports.h2 import H2Transport, RequestTrailers
 from tests.integration.harness import free_port
 
 # --- a hand-written h2 server ---------------------------------------------------------
@@ -43,6 +46,10 @@ class Request:
     headers: dict[bytes, bytes]
     fields: list[tuple[bytes, bytes]]
     body: bytearray = field(default_factory=bytearray)
+    trailers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    # Each DATA frame's bytes as it arrives, None at END_STREAM or a reset (streaming).
+    chunks: asyncio.Queue[bytes | None] = field(default_factory=asyncio.Queue)
+    reset: int | None = None  # the client's RST_STREAM code
 
 
 Handler = Callable[["ServerConn", Request], Coroutine[Any, Any, None]]
@@ -50,7 +57,9 @@ Handler = Callable[["ServerConn", Request], Coroutine[Any, Any, None]]
 
 class ServerConn:
     """One connection of `RawServer`: requests are handed to the handler when their
-    END_STREAM is in; the handler answers with `respond` / `send_body`."""
+    END_STREAM is in (or, `streaming`, as soon as their HEADERS are, the body then
+    coming from `Request.chunks`); the handler answers with `respond` / `send_body` /
+    `send`."""
 
     def __init__(
         self,
@@ -98,24 +107,56 @@ class ServerConn:
             self.writer.close()
 
     def on_event(self, event: h2.events.Event) -> None:
+        streaming = self.server.streaming
         if isinstance(event, h2.events.RequestReceived):
             headers = list(event.headers)
-            self.pending[event.stream_id] = Request(
-                event.stream_id, {bytes(k): bytes(v) for k, v in headers}, headers
-            )
+            request = Request(event.stream_id, {bytes(k): bytes(v) for k, v in headers}, headers)
+            self.pending[event.stream_id] = request
+            if streaming:
+                self._start(request)
         elif isinstance(event, h2.events.DataReceived):
-            self.pending[event.stream_id].body += event.data
+            request = self.pending[event.stream_id]
+            request.body += event.data
+            request.chunks.put_nowait(bytes(event.data))
             self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+        elif isinstance(event, h2.events.TrailersReceived):
+            self.pending[event.stream_id].trailers = [
+                (bytes(k), bytes(v)) for k, v in event.headers
+            ]
         elif isinstance(event, h2.events.StreamEnded):
             request = self.pending.pop(event.stream_id)
-            self.requests.append(request)
-            self.server.requests.append(request)
-            self.tasks.append(asyncio.create_task(self.server.handler(self, request)))
+            request.chunks.put_nowait(None)
+            if not streaming:
+                self._start(request)
         elif isinstance(event, h2.events.StreamReset):
             self.resets.append((event.stream_id, event.error_code))
             self.server.resets.append((event.stream_id, event.error_code))
+            self.server.reset_seen.set()
+            pending = self.pending.pop(event.stream_id, None)
+            if pending is not None:
+                pending.reset = event.error_code
+                pending.chunks.put_nowait(None)
         elif isinstance(event, h2.events.WindowUpdated):
             self.window.set()
+
+    def _start(self, request: Request) -> None:
+        self.requests.append(request)
+        self.server.requests.append(request)
+        self.tasks.append(asyncio.create_task(self.server.handler(self, request)))
+
+    def send(
+        self,
+        stream_id: int,
+        headers: list[tuple[bytes, bytes]] | None = None,
+        data: bytes = b"",
+        end: bool = False,
+    ) -> None:
+        """One HEADERS (or trailers) and/or one DATA frame, now."""
+        if headers is not None:
+            self.h2.send_headers(stream_id, headers, end_stream=end and not data)
+        if data:
+            self.h2.send_data(stream_id, data, end_stream=end)
+        self.flush()
 
     def respond(
         self,
@@ -166,13 +207,16 @@ class RawServer:
         handler: Handler,
         max_streams: int | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        streaming: bool = False,
     ) -> None:
         self.handler = handler
         self.max_streams = max_streams
         self.ssl_context = ssl_context
+        self.streaming = streaming  # the handler starts at HEADERS, not END_STREAM
         self.conns: list[ServerConn] = []
         self.requests: list[Request] = []
         self.resets: list[tuple[int, int]] = []
+        self.reset_seen = asyncio.Event()  # set at the first RST_STREAM from the client
         self.sent = 0
         self.port = 0
         self._server: asyncio.Server | None = None
@@ -219,13 +263,28 @@ Scope = dict[str, Any]
 
 async def app(scope: Scope, receive: Any, send: Any) -> None:
     """/sleep?s → answers after s seconds with the client port; /echo → the request
-    body's length and sha256; /big?n → n bytes."""
+    body's length and sha256; /big?n → n bytes; /duplex → each body chunk sent back as
+    it arrives, the head before any of them."""
     if scope["type"] == "lifespan":
         while True:
             message = await receive()
             await send({"type": message["type"] + ".complete"})
             if message["type"] == "lifespan.shutdown":
                 return
+    if scope["path"] == "/duplex":
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            if message.get("body"):
+                await send(
+                    {"type": "http.response.body", "body": message["body"], "more_body": True}
+                )
+            if not message.get("more_body"):
+                break
+        await send({"type": "http.response.body", "body": b""})
+        return
     body = bytearray()
     while True:
         message = await receive()
@@ -298,8 +357,9 @@ async def fetch(
     method: str = "GET",
     headers: list[tuple[bytes, bytes]] | None = None,
     body: bytes | AsyncIterator[bytes] | None = None,
+    trailers: RequestTrailers | None = None,
 ) -> tuple[int, dict[bytes, bytes], bytes]:
-    answer = await t.open(method, url, headers or [], body)
+    answer = await t.open(method, url, headers or [], body, trailers=trailers)
     try:
         data = answer.whole()
         if data is None:
@@ -801,4 +861,395 @@ async def test_a_request_waiting_for_a_stream_can_be_cancelled() -> None:
         assert (await first)[2] == b"ok"
         assert (await fetch(t, server.url()))[2] == b"ok"
         assert len(server.requests) == 2
+        await t.aclose()
+
+
+# --- full duplex and trailers (gRPC's shapes) -----------------------------------------
+
+
+class Messages:
+    """A request body the test feeds one message at a time (`end` finishes it); `closed`
+    once the transport is done with it (exhausted, or cancelled)."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue()
+        self.closed = False
+
+    def send(self, message: bytes) -> None:
+        self.queue.put_nowait(message)
+
+    def fail(self, error: BaseException) -> None:
+        self.queue.put_nowait(error)
+
+    def end(self) -> None:
+        self.queue.put_nowait(None)
+
+    async def source(self) -> AsyncIterator[bytes]:
+        try:
+            while (message := await self.queue.get()) is not None:
+                if isinstance(message, BaseException):
+                    raise message
+                yield message
+        finally:
+            self.closed = True
+
+
+GRPC_HEADERS = [(b"content-type", b"application/grpc"), (b"te", b"trailers")]
+
+
+def senders() -> list[asyncio.Task[Any]]:
+    """The transport's body senders still running (none may outlive their answer)."""
+    return [
+        task
+        for task in asyncio.all_tasks()
+        if getattr(task.get_coro(), "__qualname__", "") == "_Sender._run" and not task.done()
+    ]
+
+
+async def echo(conn: ServerConn, request: Request) -> None:
+    """gRPC's bidirectional shape: the head at once, each message echoed as it comes,
+    the status in trailers at the end."""
+    conn.send(request.stream_id, [(b":status", b"200"), (b"content-type", b"application/grpc")])
+    while (chunk := await request.chunks.get()) is not None:
+        conn.send(request.stream_id, data=chunk)
+    if request.reset is None:
+        conn.send(request.stream_id, [(b"grpc-status", b"0")], end=True)
+
+
+async def test_a_bidirectional_stream_reads_each_echo_before_sending_the_next() -> None:
+    async with RawServer(echo, streaming=True) as server:
+        t = transport()
+        messages = Messages()
+        async with asyncio.timeout(2):
+            # The head comes before any of the body: `open` must not wait for the body.
+            answer = await t.open("POST", server.url("/Echo/Chat"), GRPC_HEADERS, messages.source())
+            assert answer.status == 200
+            assert answer.whole() is None
+            body = answer.body()
+            for message in (b"one", b"two", b"three"):
+                messages.send(message)
+                assert await anext(body) == message
+            messages.end()
+            assert [chunk async for chunk in body] == []
+            assert answer.trailers == [(b"grpc-status", b"0")]
+            assert answer.reset_code is None
+            await answer.aclose()
+        request = server.requests[0]
+        assert request.headers[b"te"] == b"trailers"
+        assert bytes(request.body) == b"onetwothree"
+        assert server.resets == []
+        assert messages.closed and not senders()
+        await t.aclose()
+
+
+async def test_a_real_server_streams_its_answer_while_the_body_still_goes_out() -> None:
+    async with hypercorn() as port:
+        t = transport()
+        messages = Messages()
+        async with asyncio.timeout(2):
+            answer = await t.open("POST", f"http://127.0.0.1:{port}/duplex", [], messages.source())
+            body = answer.body()
+            for message in (b"ping", b"pong" * 30_000):  # the second one beyond the window
+                messages.send(message)
+                received = b""
+                while len(received) < len(message):
+                    received += await anext(body)
+                assert received == message
+            messages.end()
+            assert [chunk async for chunk in body] == []
+            await answer.aclose()
+        assert not senders()
+        await t.aclose()
+
+
+async def test_trailers_with_binary_metadata_come_once_the_body_is_read() -> None:
+    binary = bytes(range(256))
+    trailers = [
+        (b"grpc-status", b"0"),
+        (b"grpc-message", b"all%20good"),
+        (b"x-trace-bin", base64.b64encode(binary)),  # padded
+        (b"x-raw-bin", base64.b64encode(b"\x00\xff\x10").rstrip(b"=")),  # unpadded
+    ]
+
+    async def handler(conn: ServerConn, request: Request) -> None:
+        conn.send(request.stream_id, [(b":status", b"200"), (b"content-type", b"application/grpc")])
+        await asyncio.sleep(0.02)
+        conn.send(request.stream_id, data=b"\x00\x00\x00\x00\x02hi")
+        await asyncio.sleep(0.02)
+        conn.send(request.stream_id, trailers, end=True)
+
+    async with RawServer(handler) as server:
+        t = transport()
+        answer = await t.open("POST", server.url(), GRPC_HEADERS, b"\x00\x00\x00\x00\x00")
+        assert answer.whole() is None
+        assert answer.trailers == []  # not yet
+        assert [chunk async for chunk in answer.body()] == [b"\x00\x00\x00\x00\x02hi"]
+        assert answer.trailers == trailers
+        assert base64.b64decode(dict(answer.trailers)[b"x-trace-bin"]) == binary
+        await answer.aclose()
+        # All in one go: `whole` has the body and the trailers are already there.
+        server.handler = lambda conn, request: _respond_with(conn, request, trailers)
+        answer = await t.open("POST", server.url(), GRPC_HEADERS, b"\x00\x00\x00\x00\x00")
+        await asyncio.sleep(0.02)
+        assert answer.whole() == b"\x00\x00\x00\x00\x02hi"
+        assert answer.trailers == trailers
+        await answer.aclose()
+        await t.aclose()
+
+
+async def _respond_with(
+    conn: ServerConn, request: Request, trailers: list[tuple[bytes, bytes]]
+) -> None:
+    conn.respond(request.stream_id, 200, b"\x00\x00\x00\x00\x02hi", trailers=trailers)
+
+
+async def test_a_trailers_only_answer_has_its_status_in_the_headers_and_no_body() -> None:
+    async def unimplemented(conn: ServerConn, request: Request) -> None:
+        conn.send(
+            request.stream_id,
+            [
+                (b":status", b"200"),
+                (b"content-type", b"application/grpc"),
+                (b"grpc-status", b"12"),
+                (b"grpc-message", b"unknown%20method"),
+            ],
+            end=True,
+        )
+
+    async with RawServer(unimplemented, streaming=True) as server:
+        t = transport()
+        answer = await t.open("POST", server.url(), GRPC_HEADERS, b"\x00\x00\x00\x00\x00")
+        assert (answer.status, dict(answer.headers)[b"grpc-status"]) == (200, b"12")
+        assert answer.whole() == b""
+        assert answer.trailers == []
+        await answer.aclose()
+        # Answered before the streamed body was sent (RFC 9113 8.1): the body stops.
+        messages = Messages()
+        messages.send(b"first")
+        answer = await t.open("POST", server.url(), GRPC_HEADERS, messages.source())
+        assert dict(answer.headers)[b"grpc-status"] == b"12"
+        assert [chunk async for chunk in answer.body()] == []
+        await answer.aclose()
+        assert messages.closed and not senders()
+        await t.aclose()
+
+
+@pytest.mark.parametrize("body", ["bytes", "none", "streamed"])
+@pytest.mark.parametrize("form", ["list", "callable"])
+async def test_request_trailers_reach_the_upstream(body: str, form: str) -> None:
+    calls = 0
+
+    async def later() -> list[tuple[bytes, bytes]]:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.01)
+        return [(b"X-Checksum", b"abc"), (b"connection", b"close")]  # lower-cased, dropped
+
+    content: bytes | AsyncIterator[bytes] | None = (
+        b"payload" if body == "bytes" else chunks(b"payload", 3) if body == "streamed" else None
+    )
+    trailers: RequestTrailers = later if form == "callable" else [(b"x-checksum", b"abc")]
+    async with RawServer(answer_ok) as server:
+        t = transport()
+        status, _, _ = await fetch(t, server.url(), "POST", GRPC_HEADERS, content, trailers)
+        assert status == 200
+        request = server.requests[0]
+        assert request.headers[b"te"] == b"trailers"
+        assert bytes(request.body) == (b"" if body == "none" else b"payload")
+        assert request.trailers == [(b"x-checksum", b"abc")]
+        assert calls == (1 if form == "callable" else 0)
+        assert not senders()
+        await t.aclose()
+
+
+async def test_a_small_bytes_body_goes_out_inline_without_a_sender() -> None:
+    async with RawServer(answer_ok) as server:
+        t = transport()
+        answer = await t.open("POST", server.url(), [], b"x" * 1000, trailers=[(b"a", b"1")])
+        assert "sender=None" in repr(answer)
+        await answer.aclose()
+        big = b"y" * 200_000  # beyond the 64 KiB window the server starts with
+        answer = await t.open("POST", server.url(), [], big)
+        assert "_Sender(" in repr(answer)
+        assert answer.whole() == b"ok from 1"
+        await answer.aclose()
+        assert bytes(server.requests[1].body) == big
+        await t.aclose()
+
+
+async def test_a_pseudo_field_in_request_trailers_is_refused() -> None:
+    async with RawServer(answer_ok) as server:
+        t = transport()
+        with pytest.raises(httpx.LocalProtocolError):
+            await t.open("POST", server.url(), [], b"x", trailers=[(b":path", b"/")])
+        await t.aclose()
+
+
+async def test_an_upstream_reset_mid_stream_fails_the_reader_with_its_code() -> None:
+    async def reset_after_one(conn: ServerConn, request: Request) -> None:
+        conn.send(request.stream_id, [(b":status", b"200")])
+        chunk = await request.chunks.get()
+        assert chunk is not None
+        conn.send(request.stream_id, data=chunk)
+        await asyncio.sleep(0.02)
+        conn.h2.reset_stream(request.stream_id, ErrorCodes.ENHANCE_YOUR_CALM)
+        conn.flush()
+
+    async with RawServer(reset_after_one, streaming=True) as server:
+        t = transport()
+        messages = Messages()
+        async with asyncio.timeout(2):
+            answer = await t.open("POST", server.url(), GRPC_HEADERS, messages.source())
+            body = answer.body()
+            messages.send(b"one")
+            assert await anext(body) == b"one"
+            with pytest.raises(httpx.RemoteProtocolError, match="ENHANCE_YOUR_CALM"):
+                await anext(body)
+            assert answer.reset_code == ErrorCodes.ENHANCE_YOUR_CALM
+            await answer.aclose()
+        assert messages.closed and not senders()
+        assert server.resets == []  # nothing reset back: the stream was closed already
+        # The connection goes on.
+        server.handler = answer_ok
+        server.streaming = False
+        assert (await fetch(t, server.url()))[2] == b"ok from 1"
+        await t.aclose()
+
+
+async def test_closing_the_answer_mid_stream_resets_it_and_stops_the_body() -> None:
+    async with RawServer(echo, streaming=True) as server:
+        t = transport()
+        messages = Messages()
+        async with asyncio.timeout(2):
+            answer = await t.open("POST", server.url(), GRPC_HEADERS, messages.source())
+            messages.send(b"one")
+            assert await anext(answer.body()) == b"one"
+            await answer.aclose()  # the source waits for a message that never comes
+            assert messages.closed and not senders()
+            await server.reset_seen.wait()
+        assert server.resets == [(1, ErrorCodes.CANCEL)]
+        assert answer.reset_code is None  # our reset, not the upstream's
+        await t.aclose()
+
+
+async def test_cancelling_a_request_while_its_body_streams_resets_it() -> None:
+    got = asyncio.Event()
+
+    async def never_answers(conn: ServerConn, request: Request) -> None:
+        await request.chunks.get()
+        got.set()
+
+    async with RawServer(never_answers, streaming=True) as server:
+        t = transport()
+        messages = Messages()
+        opening = asyncio.create_task(t.open("POST", server.url(), [], messages.source()))
+        messages.send(b"one")
+        async with asyncio.timeout(2):
+            await got.wait()  # the body is on its way: the sender is at work
+            opening.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await opening
+            assert messages.closed and not senders()
+            await server.reset_seen.wait()
+        assert server.resets == [(1, ErrorCodes.CANCEL)]
+        await t.aclose()
+
+
+async def test_a_failing_body_source_resets_the_stream_and_fails_the_reader() -> None:
+    async with RawServer(echo, streaming=True) as server:
+        t = transport()
+        messages = Messages()
+        async with asyncio.timeout(2):
+            answer = await t.open("POST", server.url(), GRPC_HEADERS, messages.source())
+            messages.send(b"one")
+            body = answer.body()
+            assert await anext(body) == b"one"
+            messages.fail(ValueError("client went away"))
+            with pytest.raises(httpx.WriteError, match="client went away") as caught:
+                await anext(body)
+            assert isinstance(caught.value.__cause__, ValueError)
+            await server.reset_seen.wait()
+            await answer.aclose()
+        assert server.resets == [(1, ErrorCodes.CANCEL)]
+        assert not senders()
+        await t.aclose()
+
+
+async def test_a_body_source_failing_before_the_answer_fails_open() -> None:
+    async def never_answers(conn: ServerConn, request: Request) -> None:
+        await request.chunks.get()
+
+    async with RawServer(never_answers, streaming=True) as server:
+        t = transport()
+        messages = Messages()
+        messages.send(b"one")
+        messages.fail(ValueError("client went away"))
+        async with asyncio.timeout(2):
+            with pytest.raises(httpx.WriteError) as caught:
+                await t.open("POST", server.url(), [], messages.source())
+            assert isinstance(caught.value.__cause__, ValueError)
+            await server.reset_seen.wait()
+        assert server.resets == [(1, ErrorCodes.CANCEL)]
+        assert not senders()
+        await t.aclose()
+
+
+async def test_a_refused_stream_is_sent_again_while_the_client_waits_for_its_echo() -> None:
+    async def refuse_first(conn: ServerConn, request: Request) -> None:
+        if len(server.requests) == 1:
+            await request.chunks.get()  # the first message is in: refuse it all the same
+            conn.h2.reset_stream(request.stream_id, ErrorCodes.REFUSED_STREAM)
+            conn.flush()
+            return
+        await echo(conn, request)
+
+    async with RawServer(refuse_first, streaming=True) as server:
+        t = transport()
+        messages = Messages()
+        messages.send(b"one")
+        async with asyncio.timeout(2):
+            # The client sends "two" only after reading the echo of "one": the resend
+            # must not wait for the source, nor cancel the read of it in progress.
+            answer = await t.open("POST", server.url(), GRPC_HEADERS, messages.source())
+            body = answer.body()
+            assert await anext(body) == b"one"
+            messages.send(b"two")
+            assert await anext(body) == b"two"
+            messages.end()
+            assert [chunk async for chunk in body] == []
+            assert answer.trailers == [(b"grpc-status", b"0")]
+            await answer.aclose()
+        assert [r.stream_id for r in server.requests] == [1, 3]
+        assert bytes(server.requests[1].body) == b"onetwo"
+        assert not senders()
+        await t.aclose()
+
+
+async def test_read_timeout_counts_from_the_end_of_the_request_body() -> None:
+    async def slowly() -> AsyncIterator[bytes]:
+        for _ in range(6):
+            await asyncio.sleep(0.06)
+            yield b"part"
+
+    async with RawServer(lambda conn, request: _respond_with(conn, request, [])) as server:
+        t = transport(read_timeout=0.2)
+        # 0.36 s of upload, each part in time: the answer's clock starts at its end.
+        status, _, body = await fetch(t, server.url(), "POST", body=slowly())
+        assert (status, body) == (200, b"\x00\x00\x00\x00\x02hi")
+        assert bytes(server.requests[0].body) == b"part" * 6
+        await t.aclose()
+
+
+async def test_closing_the_answer_fails_a_reader_waiting_in_another_task() -> None:
+    async with RawServer(echo, streaming=True) as server:
+        t = transport()
+        messages = Messages()
+        async with asyncio.timeout(2):
+            answer = await t.open("POST", server.url(), GRPC_HEADERS, messages.source())
+            reading = asyncio.ensure_future(anext(answer.body()))
+            await asyncio.sleep(0.02)
+            await answer.aclose()
+            with pytest.raises(httpx.ReadError, match="closed"):
+                await reading
+        assert messages.closed and not senders()
         await t.aclose()

@@ -9,8 +9,16 @@ and HPACK, driven by an asyncio protocol of our own, one pool of connections per
   opened, up to `max_connections` per target, and requests wait for a free stream.
   A connection still opening counts for the streams it will likely take, so a burst
   of requests shares it instead of each opening one.
+- Full duplex: `open` returns once the answer's head is in, while a streamed request
+  body still goes out from a task tied to the stream (`_Sender`), so a caller can read
+  an answer between the messages it sends (gRPC's bidirectional calls). A bytes body
+  that fits the window goes out inline, without that task.
+- Trailers both ways: an answer's are kept on it (`H2Response.trailers`, complete once
+  its body is); a request's are sent after its body (`open(..., trailers=...)`).
 - Cancelling a request (its task cancelled, or its answer closed before the end)
-  resets just its stream (RST_STREAM CANCEL); the other streams go on.
+  resets just its stream (RST_STREAM CANCEL) and stops its body's sender; the other
+  streams go on. A reset by the upstream is an error for the reader, its code kept on
+  the answer (`H2Response.reset_code`).
 - A GOAWAY makes the connection take no new stream; the streams it names as not
   processed (ids above its last stream id), and streams refused with REFUSED_STREAM,
   never reached the application: they are sent again on another connection, the
@@ -26,7 +34,6 @@ and HPACK, driven by an asyncio protocol of our own, one pool of connections per
 - Timeouts as the h1 client has them: `connect_timeout` for TCP, TLS and the
   upstream's SETTINGS; `read_timeout` between two reads of one answer, and for one
   wait for window or a writable socket while sending.
-- Trailers of an answer are kept on it (`H2Response.trailers`, filled at its end).
 
 Errors are raised as httpx exceptions, like every transport of the gateway.
 """
@@ -37,7 +44,8 @@ import asyncio
 import base64
 import ssl
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
 from urllib.parse import unquote
 
 import h2.config
@@ -56,7 +64,12 @@ from gateway.upstream.transports.base import (
     default_tls_context,
 )
 
-__all__ = ["H2Response", "H2Transport"]
+__all__ = ["H2Response", "H2Transport", "RequestTrailers"]
+
+Fields = Sequence[tuple[bytes, bytes]]
+# A request's trailers: the fields, or an async callable that gives them once the body
+# has gone out (see `H2Transport.open`).
+RequestTrailers = Fields | Callable[[], Awaitable[Fields]]
 
 _STREAM_WINDOW = 256 * 1024  # answer bytes buffered per stream before the upstream waits
 _CONNECTION_WINDOW = 1 << 30  # per connection: the stream windows are the real bound
@@ -124,9 +137,14 @@ _CONFIG = h2.config.H2Configuration(
 
 
 class _Stream:
-    """One request on a connection: its answer as it arrives, and its windows."""
+    """One request on a connection: its answer as it arrives, and its windows.
+
+    Two tasks may wait on it at once, which is what full duplex is: the reader of the
+    answer (for its head and data) and the sender of the request body (for window).
+    Each has its own waiter; an error or the end wakes both."""
 
     __slots__ = (
+        "_send_waiter",
         "_waiter",
         "blocked",
         "buffered",
@@ -140,6 +158,7 @@ class _Stream:
         "id",
         "local_ended",
         "reset",
+        "reset_code",
         "status",
         "trailers",
         "unacked",
@@ -158,10 +177,12 @@ class _Stream:
         self.unacked = 0  # flow-controlled bytes received and not yet handed back
         self.ended = False  # the upstream's END_STREAM is in: the answer is complete
         self.reset = False  # RST_STREAM either way
+        self.reset_code: int | None = None  # the upstream's RST_STREAM error code
         self.finished = False  # no longer counts against the connection's streams
         self.error: Exception | None = None
         self.blocked = False  # waiting for send window
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiter: asyncio.Future[None] | None = None  # the answer's reader
+        self._send_waiter: asyncio.Future[None] | None = None  # the body's sender
 
     def __repr__(self) -> str:
         state = (
@@ -186,7 +207,7 @@ class _Stream:
                 fields.append((name, value))
         self.headers = fields
         self.head = True
-        self.wake()
+        self.wake_reader()
 
     def on_data(self, data: bytes, length: int) -> None:
         if data:
@@ -195,7 +216,7 @@ class _Stream:
             self.unacked += length
         elif length:
             self.conn.ack(self.id, length)  # padding only
-        self.wake()
+        self.wake_reader()
 
     def on_end(self) -> None:
         self.ended = True
@@ -203,6 +224,11 @@ class _Stream:
         self.wake()
 
     def on_reset(self, code: int) -> None:
+        """The upstream reset the stream (RST_STREAM with `code`)."""
+        self.reset_code = code
+        self._closed(code)
+
+    def _closed(self, code: int) -> None:
         self.reset = True
         if not self.ended and self.error is None:
             if code == ErrorCodes.REFUSED_STREAM and not self.head:
@@ -222,22 +248,54 @@ class _Stream:
         self.wake()
 
     def wake(self) -> None:
+        self.wake_reader()
+        self.wake_sender()
+
+    def wake_reader(self) -> None:
         waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def wake_sender(self) -> None:
+        waiter = self._send_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
     # --- the request's side -----------------------------------------------------------
 
     async def _wait(self, timeout_error: Callable[[], Exception]) -> None:
+        """Wait as the answer's reader (the head, data, the end), `read_timeout` at most
+        once the request is sent in full: while its body still goes out, the sender's
+        own waits are timed, and an upstream may rightly say nothing until it has it all
+        (the clock then starts at our END_STREAM, which wakes this wait)."""
         loop = self.conn.loop
         waiter = loop.create_future()
         self._waiter = waiter
-        timer = loop.call_later(self.conn.read_timeout, self._timed_out, timeout_error)
+        timer = (
+            loop.call_later(self.conn.read_timeout, self._timed_out, timeout_error)
+            if self.local_ended
+            else None
+        )
+        try:
+            await waiter
+        finally:
+            if timer is not None:
+                timer.cancel()
+            self._waiter = None
+
+    async def _wait_window(self) -> None:
+        """Wait as the body's sender for the upstream's window, `read_timeout` at most."""
+        loop = self.conn.loop
+        waiter = loop.create_future()
+        self._send_waiter = waiter
+        self.blocked = True
+        timer = loop.call_later(self.conn.read_timeout, self._timed_out, _write_timeout)
         try:
             await waiter
         finally:
             timer.cancel()
-            self._waiter = None
+            self.blocked = False
+            self._send_waiter = None
 
     def _timed_out(self, timeout_error: Callable[[], Exception]) -> None:
         if self.error is None:
@@ -245,7 +303,7 @@ class _Stream:
         self.cancel()
         self.wake()
 
-    def _stopped(self) -> bool:
+    def stopped(self) -> bool:
         """Whether sending must stop: failed, or the upstream is done with the stream."""
         if self.error is not None:
             raise self.error
@@ -255,6 +313,10 @@ class _Stream:
             return True
         return False
 
+    def window(self) -> int:
+        """Request body bytes the upstream takes now without waiting."""
+        return self.conn.h2.local_flow_control_window(self.id)
+
     async def send(self, data: bytes, end: bool) -> None:
         """Send `data` as the windows allow; END_STREAM with its last frame when `end`."""
         conn = self.conn
@@ -262,26 +324,23 @@ class _Stream:
         view = memoryview(data)
         offset, size, flushed = 0, len(data), 0
         while offset < size:
-            if self._stopped():
+            if self.stopped():
                 return
             window = connection.local_flow_control_window(self.id)
             if window <= 0:
-                self.blocked = True
-                try:
-                    await self._wait(_write_timeout)
-                finally:
-                    self.blocked = False
+                await self._wait_window()
                 continue
             n = min(window, connection.max_outbound_frame_size, size - offset)
             last = end and offset + n == size
             try:
                 connection.send_data(self.id, bytes(view[offset : offset + n]), end_stream=last)
             except h2.exceptions.StreamClosedError:
-                self.on_reset(ErrorCodes.STREAM_CLOSED)
+                self._closed(ErrorCodes.STREAM_CLOSED)
                 continue
             offset += n
             if last:
                 self.local_ended = True
+                self.wake_reader()  # its read timeout starts now
             # Frames go out together: when the window is used up, at the end, and
             # every `_STREAM_WINDOW` bytes in between.
             if n == window or offset == size or offset - flushed >= _STREAM_WINDOW:
@@ -289,20 +348,28 @@ class _Stream:
                 conn.flush()
                 if conn.write_paused:
                     await conn.drain()
-        if end and not self.local_ended and not self._stopped():
+        if end and not self.local_ended and not self.stopped():
             connection.end_stream(self.id)
             self.local_ended = True
+            self.wake_reader()
             conn.flush()
         self._maybe_finish()
 
-    async def send_stream(self, body: _Replay) -> None:
-        while (chunk := await body.next()) is not None:
-            if chunk:
-                await self.send(chunk, end=False)
-            if self.ended or self.reset or self.error is not None:
-                self._stopped()
-                return
-        await self.send(b"", end=True)
+    def send_trailers(self, fields: list[tuple[bytes, bytes]]) -> None:
+        """End the request with `fields` as its trailers (a HEADERS frame with
+        END_STREAM; not flow-controlled, so it never waits)."""
+        if self.stopped():
+            return
+        try:
+            self.conn.h2.send_headers(self.id, fields, end_stream=True)
+        except h2.exceptions.StreamClosedError:
+            self._closed(ErrorCodes.STREAM_CLOSED)
+            self.stopped()
+            return
+        self.local_ended = True
+        self.wake_reader()
+        self.conn.flush()
+        self._maybe_finish()
 
     async def wait_head(self) -> None:
         while not self.head:
@@ -333,6 +400,14 @@ class _Stream:
             self.conn.ack(self.id, self.unacked)
             self.unacked = 0
         return data
+
+    def abort(self, error: Exception) -> None:
+        """The request's side failed (its body source, a write): reset the stream and
+        let the answer's reader see `error`."""
+        if self.error is None and not self.ended:
+            self.error = error
+        self.cancel()
+        self.wake()
 
     def cancel(self) -> None:
         """Done with this stream before its end both ways: reset it (CANCEL) unless it
@@ -463,7 +538,7 @@ class _Conn(asyncio.Protocol):
                 if event.stream_id:
                     stream = streams.get(event.stream_id)
                     if stream is not None:
-                        stream.wake()
+                        stream.wake_sender()
                 else:
                     self._wake_senders()
             elif isinstance(event, h2.events.ResponseReceived):
@@ -608,7 +683,7 @@ class _Conn(asyncio.Protocol):
     def _wake_senders(self) -> None:
         for stream in self.streams.values():
             if stream.blocked:
-                stream.wake()
+                stream.wake_sender()
 
     def close(self) -> None:
         """No stream left that matters: GOAWAY and close."""
@@ -628,59 +703,242 @@ class _Conn(asyncio.Protocol):
             self.transport.abort()
 
 
+_NOT_REPLAYABLE = (
+    "upstream refused the stream after more of its body was sent than can be sent again"
+)
+
+
 class _Replay:
-    """A streamed request body, its first `_REPLAY_LIMIT` bytes kept so that a stream
-    the upstream refused can be sent again."""
+    """A request body as numbered chunks: bytes, or a stream whose first
+    `_REPLAY_LIMIT` bytes are kept so that a stream the upstream refused can be sent
+    again from chunk 0. A source that failed fails every later read the same way."""
 
-    __slots__ = ("_kept", "_position", "_size", "_source", "replayable")
+    __slots__ = (
+        "_done",
+        "_failed",
+        "_fetched",
+        "_kept",
+        "_last",
+        "_pending",
+        "_size",
+        "_source",
+        "replayable",
+    )
 
-    def __init__(self, source: AsyncIterable[bytes]) -> None:
-        self._source = aiter(source)
-        self._kept: list[bytes] = []
-        self._position = 0
-        self._size = 0
+    def __init__(self, source: AsyncIterable[bytes] | None, data: bytes = b"") -> None:
+        self._source = aiter(source) if source is not None else None
+        self._kept: list[bytes] = [data] if data else []
+        self._fetched = len(self._kept)  # chunks taken from the source (or given)
+        self._last: bytes | None = None  # the chunk last taken, kept or not
+        self._size = len(data)
+        self._done = source is None
+        self._failed: BaseException | None = None
+        self._pending: asyncio.Task[None] | None = None  # a detached read of the source
         self.replayable = True
 
-    async def next(self) -> bytes | None:
-        if self._position < len(self._kept):
-            chunk = self._kept[self._position]
-            self._position += 1
-            return chunk
+    def __repr__(self) -> str:
+        state = "failed" if self._failed else "done" if self._done else "open"
+        return f"_Replay({state} chunks={self._fetched} replayable={self.replayable})"
+
+    async def chunk(self, index: int, detached: bool) -> bytes | None:
+        """Chunk `index` (0 is the first), None past the end. `detached` reads the
+        source in a task of its own, so that cancelling this wait (its sender moved to
+        another stream) leaves the chunk coming for the next sender instead of
+        cancelling the source."""
+        while True:
+            if index < len(self._kept):
+                return self._kept[index]
+            if index == self._fetched - 1 and self._last is not None:
+                return self._last
+            if index < self._fetched:
+                raise httpx.RemoteProtocolError(_NOT_REPLAYABLE)
+            if self._failed is not None:
+                raise self._failed
+            if self._done:
+                return None
+            pending = self._pending
+            if pending is None:
+                if not detached:
+                    await self._pull()
+                    continue
+                pending = self._pending = asyncio.get_running_loop().create_task(self._pull())
+            await asyncio.shield(pending)
+
+    async def _pull(self) -> None:
+        source = self._source
+        if source is None:
+            self._done = True
+            return
         try:
-            chunk = await anext(self._source)
+            chunk = await anext(source)
         except StopAsyncIteration:
-            return None
+            self._done = True
+            return
+        except BaseException as exc:
+            self._failed = exc
+            raise
+        finally:
+            self._pending = None
+        self._fetched += 1
+        self._last = chunk
         if self.replayable:
             self._size += len(chunk)
             if self._size > _REPLAY_LIMIT:
                 self.replayable = False
                 self._kept.clear()
-                self._position = 0
             else:
                 self._kept.append(chunk)
-                self._position += 1
-        return chunk
 
-    def rewind(self) -> bool:
-        """Start again from the first byte; False when that is no longer possible."""
-        if not self.replayable:
-            return False
-        self._position = 0
-        return True
+    def cancel(self) -> asyncio.Task[None] | None:
+        """Cancel a detached read of the source in progress; that read, or None."""
+        pending = self._pending
+        if pending is not None:
+            pending.cancel()
+        return pending
+
+
+class _Sender:
+    """The request body (and its trailers) going out in a task of its own while the
+    answer is read: what makes a stream full duplex.
+
+    It follows the request from stream to stream: when the stream it sends on fails
+    before the answer's head, `open` either sends the request again on another stream
+    (`move`: a new task starts over from chunk 0) or stops it. Until the head is in, the
+    source is read detached, so that a move never cancels it: a client that waits for an
+    answer before sending more is not cut off. Any other failure of its own (the source
+    raising, a write timing out) resets the stream and becomes the error the answer's
+    reader sees."""
+
+    __slots__ = ("_asking", "_later", "_task", "_trailers", "replay", "stream")
+
+    def __init__(
+        self,
+        replay: _Replay,
+        trailers: list[tuple[bytes, bytes]] | None,
+        later: Callable[[], Awaitable[Fields]] | None,
+        stream: _Stream,
+    ) -> None:
+        self.replay = replay
+        self._trailers = trailers
+        self._later = later  # the trailers, asked for once the body is out
+        self._asking: asyncio.Future[Fields] | None = None
+        self.stream = stream
+        self._task = stream.conn.loop.create_task(self._run(stream))
+
+    def __repr__(self) -> str:
+        state = "done" if self._task.done() else "sending"
+        return f"_Sender({state} on {self.stream!r} {self.replay!r})"
+
+    def move(self, stream: _Stream) -> None:
+        """Send the request again, from its first byte, on `stream`."""
+        self.stream = stream
+        self._task.cancel()  # it is done with the failed stream, or waits detached
+        self._task = stream.conn.loop.create_task(self._run(stream))
+
+    async def stop(self) -> None:
+        """Stop sending, with the source's read and the trailers' callable in progress
+        (the stream is reset by whoever stops it), and wait until they are over."""
+        running: list[asyncio.Future[Any]] = []
+        for future in (self._task, self.replay.cancel(), self._asking):
+            if future is not None and not future.done():
+                future.cancel()
+                running.append(future)
+        if running:
+            await asyncio.wait(running)
+
+    async def _run(self, stream: _Stream) -> None:
+        replay = self.replay
+        index = 0
+        try:
+            while (
+                chunk := await replay.chunk(index, replay.replayable and not stream.head)
+            ) is not None:
+                index += 1
+                if chunk:
+                    await stream.send(chunk, end=False)
+                if stream.ended or stream.reset or stream.error is not None:
+                    stream.stopped()  # raises the stream's error, if any
+                    return
+            trailers = self._trailers
+            if trailers is None and self._later is not None:
+                if self._asking is None:
+                    self._asking = asyncio.ensure_future(self._later())
+                trailers = self._trailers = _trailer_block(await asyncio.shield(self._asking))
+            if trailers:
+                stream.send_trailers(trailers)
+            else:
+                await stream.send(b"", end=True)
+        except asyncio.CancelledError:
+            # Stopped or moved: the stream is reset already. A source that raises
+            # CancelledError of its own must still leave no reader waiting.
+            stream.abort(httpx.WriteError("sending the request body was cancelled"))
+            raise
+        except Exception as exc:
+            if stream.error is None:
+                stream.abort(_body_error(exc))
+            # Else the stream failed first (reset, lost, timed out): its reader sees
+            # that, and before the answer's head `open` may send the request again.
+
+
+def _body_error(exc: Exception) -> Exception:
+    """A failure of the request's side as the httpx error the answer's reader raises;
+    the source's own exception is its `__cause__`."""
+    if isinstance(exc, httpx.HTTPError):
+        return exc
+    error = httpx.WriteError(f"the request body failed ({type(exc).__name__}: {exc})")
+    error.__cause__ = exc
+    return error
+
+
+def _trailer_block(trailers: Fields) -> list[tuple[bytes, bytes]]:
+    """Request trailers as a header block: lower-case names, connection-specific fields
+    dropped, credentials never indexed; a pseudo-field or CR, LF or NUL is refused."""
+    fields: list[tuple[bytes, bytes]] = []
+    for name, value in trailers:
+        name = name.lower()
+        if name in _DROPPED:
+            continue
+        if not name or name[:1] == b":" or b"\r" in value or b"\n" in value or b"\0" in value:
+            raise httpx.LocalProtocolError("a trailer holds CR, LF or NUL, or a bad name")
+        if name in _SENSITIVE:
+            fields.append(NeverIndexedHeaderTuple(name, value))
+        else:
+            fields.append((name, value))
+    return fields
 
 
 class H2Response:
     """What `open` returns: status and headers now, the body as it arrives, and the
-    trailers once it has ended."""
+    trailers once it has ended.
 
-    __slots__ = ("_stream", "headers", "status", "trailers")
+    - `trailers`: the answer's trailing fields (`grpc-status`, `grpc-message`, `-bin`
+      metadata, as bytes exactly as received), filled in place when they arrive: they
+      are all there once `body()` is exhausted, or when `whole()` returned the body.
+      An answer that is only a HEADERS frame with END_STREAM (gRPC's trailers-only
+      answer) has them in `headers` and an empty body.
+    - `reset_code`: the error code of the RST_STREAM the upstream sent on this stream,
+      None when it sent none (a reset of ours, a connection lost or a timeout are not
+      the upstream's reset). Read it after `body()` raised, or after the end.
+    - `aclose()` stops the request body still being sent and resets the stream
+      (RST_STREAM CANCEL) unless both sides have ended; always call it.
+    """
 
-    def __init__(self, stream: _Stream) -> None:
+    __slots__ = ("_sender", "_stream", "headers", "status", "trailers")
+
+    def __init__(self, stream: _Stream, sender: _Sender | None = None) -> None:
         self._stream = stream
+        self._sender = sender
         self.status = stream.status
         self.headers = stream.headers
         # The stream's own list: filled in place when the trailers arrive.
         self.trailers: list[tuple[bytes, bytes]] = stream.trailers
+
+    def __repr__(self) -> str:
+        return f"H2Response({self.status} {self._stream!r} sender={self._sender!r})"
+
+    @property
+    def reset_code(self) -> int | None:
+        return self._stream.reset_code
 
     def whole(self) -> bytes | None:
         """The entire body if it arrived with the head, else None and it streams from
@@ -696,7 +954,15 @@ class H2Response:
             yield chunk
 
     async def aclose(self) -> None:
-        self._stream.cancel()
+        stream = self._stream
+        if stream.ended or stream.error is not None:
+            stream.cancel()
+        else:
+            # A reader still waiting in `body()` (another task) fails now instead of
+            # waiting for data that will never come.
+            stream.abort(httpx.ReadError("the answer was closed"))
+        if self._sender is not None:
+            await self._sender.stop()
 
 
 class _Pool:
@@ -1068,7 +1334,27 @@ class H2Transport(RawTransport):
         url: str,
         headers: list[tuple[bytes, bytes]],
         body: bytes | AsyncIterator[bytes] | None,
+        *,
+        trailers: RequestTrailers | None = None,
     ) -> H2Response:
+        """Send one request; return as soon as the answer's head is in, while the rest
+        of a streamed request body still goes out (full duplex: gRPC's bidirectional
+        calls read answers between the messages they send).
+
+        `body` as bytes that fit the upstream's window goes out before this waits for
+        the head, with no task of its own; a streamed body (or bytes larger than the
+        window) is sent by a task tied to the stream, flow control respected. Its
+        failures (the source raising, a write timing out, the upstream resetting the
+        stream) reset the stream and are raised by `open`, or by the answer's `body()`
+        once the head is in, as httpx errors (a failing source's exception is the
+        `__cause__` of an `httpx.WriteError`). Closing the answer stops that task.
+
+        `trailers` are sent after the body, as a HEADERS frame with END_STREAM: either
+        the fields themselves, or an async callable asked for them once the body source
+        is exhausted (a proxy learns its client's trailers only at the end). It is
+        called once, even when the request is sent again, and what it returned is
+        cancelled if the request ends first. Send `te: trailers` in `headers` when the
+        answer's trailers matter (gRPC)."""
         if self._closed:
             raise httpx.PoolTimeout("the transport was closed")
         tls, authority, target, credentials = _split(url)
@@ -1082,44 +1368,61 @@ class H2Transport(RawTransport):
             body if isinstance(body, bytes) else None,
             credentials,
         )
-        replay = _Replay(body) if body is not None and not isinstance(body, bytes) else None
+        fields: list[tuple[bytes, bytes]] | None = None
+        later: Callable[[], Awaitable[Fields]] | None = None
+        if callable(trailers):
+            later = trailers
+        elif trailers:
+            fields = _trailer_block(trailers) or None
         data = body if isinstance(body, bytes) else b""
-        end_with_headers = replay is None and not data
+        source = body if body is not None and not isinstance(body, bytes) else None
+        end_with_headers = source is None and not data and fields is None and later is None
+        sender: _Sender | None = None
         raced = False
-        for _ in range(_MAX_TRIES):
-            stream = await pool.stream(block, end_with_headers)
-            reused = stream.conn.served > 1
-            try:
-                if replay is not None:
-                    await stream.send_stream(replay)
-                elif data:
-                    await stream.send(data, end=True)
-                await stream.wait_head()
-            except _Refused:
-                stream.cancel()
-                if replay is not None and not replay.rewind():
-                    raise httpx.RemoteProtocolError(
-                        "upstream refused the stream after more of its body was sent "
-                        "than can be sent again"
-                    ) from None
-                continue
-            except BaseException as exc:
-                stream.cancel()
-                if (
-                    not raced
-                    and reused
-                    and method in _IDEMPOTENT
-                    and not stream.head
-                    and not stream.chunks
-                    and stream.conn.closed
-                    and isinstance(exc, httpx.ReadError | httpx.RemoteProtocolError)
-                    and (replay is None or replay.rewind())
-                ):
-                    raced = True  # the keep-alive race: the upstream closed as we sent
+        try:
+            for _ in range(_MAX_TRIES):
+                stream = await pool.stream(block, end_with_headers)
+                reused = stream.conn.served > 1
+                try:
+                    if sender is not None:
+                        sender.move(stream)
+                    elif end_with_headers:
+                        pass
+                    elif source is not None or later is not None or len(data) > stream.window():
+                        sender = _Sender(_Replay(source, data), fields, later, stream)
+                    else:
+                        # Bytes the window takes now: sent inline, no task (a unary call).
+                        if data:
+                            await stream.send(data, end=fields is None)
+                        if fields is not None:
+                            stream.send_trailers(fields)
+                    await stream.wait_head()
+                except _Refused:
+                    stream.cancel()
+                    if sender is not None and not sender.replay.replayable:
+                        raise httpx.RemoteProtocolError(_NOT_REPLAYABLE) from None
                     continue
-                raise
-            return H2Response(stream)
-        raise httpx.RemoteProtocolError(f"upstream refused the stream {_MAX_TRIES} times")
+                except BaseException as exc:
+                    stream.cancel()
+                    if (
+                        not raced
+                        and reused
+                        and method in _IDEMPOTENT
+                        and not stream.head
+                        and not stream.chunks
+                        and stream.conn.closed
+                        and isinstance(exc, httpx.ReadError | httpx.RemoteProtocolError)
+                        and (sender is None or sender.replay.replayable)
+                    ):
+                        raced = True  # the keep-alive race: the upstream closed as we sent
+                        continue
+                    raise
+                return H2Response(stream, sender)
+            raise httpx.RemoteProtocolError(f"upstream refused the stream {_MAX_TRIES} times")
+        except BaseException:
+            if sender is not None:
+                await sender.stop()
+            raise
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         body: bytes | AsyncIterator[bytes] | None
