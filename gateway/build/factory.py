@@ -24,6 +24,7 @@ from gateway.policies.bulkhead import bulkhead
 from gateway.policies.deadline import deadline
 from gateway.policies.retry import RetryRules, retry
 from gateway.policies.try_timeout import try_timeout
+from gateway.tracing.spans import client_spans
 from gateway.types import Handler, Policy
 
 __all__ = [
@@ -35,7 +36,7 @@ __all__ = [
 
 
 def build_route_handler(
-    route: RouteSettings, upstream: Upstream, *, own_deadline: bool = True
+    route: RouteSettings, upstream: Upstream, *, own_deadline: bool = True, traced: bool = False
 ) -> Handler:
     """Compose the route's chain around one upstream try, outermost first:
     deadline, retry, breaker, bulkhead, try timeout, upstream. Each retry passes
@@ -45,7 +46,11 @@ def build_route_handler(
 
     `own_deadline=False` leaves the deadline timer out, for an aggregate backend: the
     fan-out bounds each call by the route deadline (or the backend's own timeout)
-    itself, a second timer on the same instant would only cost."""
+    itself, a second timer on the same instant would only cost.
+
+    `traced=True` (tracing on) adds one CLIENT span per try, between the bulkhead and
+    the try timeout: queueing for a slot is not in it, and a try the timeout cuts ends
+    it as `upstream_timeout`. Off, the chain is exactly the untraced one."""
     settings = upstream.settings
     policies: list[Policy] = [deadline(upstream.name)] if own_deadline else []
     if settings.retries.attempts > 0:
@@ -60,6 +65,9 @@ def build_route_handler(
     if upstream.breaker is not None:
         policies.append(breaker(upstream.breaker))
     policies.append(bulkhead(upstream.bulkhead))
+    if traced:
+        protocol = "2" if settings.protocol == "http2" else "1.1"
+        policies.append(client_spans(upstream.name, protocol))
     if settings.read_timeout < route.timeout:
         # Otherwise it could never fire first: a try never outlives the route deadline,
         # which X-Request-Timeout-Ms can only shorten.
@@ -82,9 +90,12 @@ def build_runtime(
     settings: GatewaySettings,
     previous: Runtime | None = None,
     metrics: Metrics | None = None,
+    *,
+    traced: bool = False,
 ) -> Runtime:
     """Compile `settings`. Upstreams whose settings did not change are taken over from
-    `previous` as they are: their pools, breakers and health checks carry on."""
+    `previous` as they are: their pools, breakers and health checks carry on. `traced`:
+    the process traces requests (its tracer, made at start), so every try gets a span."""
     upstreams: dict[str, Upstream] = {}
     for name, upstream_settings in settings.upstreams.items():
         old = previous.upstreams.get(name) if previous is not None else None
@@ -102,20 +113,21 @@ def build_runtime(
         filters = build_filters(route, settings, edge.store, metrics, jwt=edge.jwt)
         compiled: Route
         if route.aggregate is not None:
-            compiled = build_aggregate_route(route, upstreams, server, filters)
+            compiled = build_aggregate_route(route, upstreams, server, filters, traced=traced)
         else:
             assert route.upstream is not None  # the settings model guarantees one
             upstream = upstreams[route.upstream]
             compiled = Route(
                 name=route.name,
                 upstream=upstream.name,
-                handler=build_route_handler(route, upstream),
+                handler=build_route_handler(route, upstream, traced=traced),
                 rewrite=CompiledTemplate(route.rewrite) if route.rewrite else None,
                 timeout=route.timeout,
                 preserve_host=route.preserve_host,
                 max_body_size=server.max_body_size,
                 trusted_proxies=server.trusted_proxies,
                 filters=filters,
+                path=route.path,
             )
         router.add(compiled, route.path, methods, route.host)
     return Runtime(settings, router, upstreams, edge)
@@ -126,6 +138,8 @@ def build_aggregate_route(
     upstreams: dict[str, Upstream],
     server: ServerSettings,
     filters: tuple[RequestFilter, ...] = (),
+    *,
+    traced: bool = False,
 ) -> Route:
     """An aggregate route: its fan-out `Aggregation` as the handler, each backend with
     its own upstream's chain."""
@@ -139,7 +153,9 @@ def build_aggregate_route(
             index=i,
             upstream=b.upstream,
             template=BackendTemplate(b.path, path_params),
-            handler=build_route_handler(route, upstreams[b.upstream], own_deadline=False),
+            handler=build_route_handler(
+                route, upstreams[b.upstream], own_deadline=False, traced=traced
+            ),
             key=b.key,
             required=b.required,
             timeout=b.timeout,
@@ -166,4 +182,5 @@ def build_aggregate_route(
         trusted_proxies=server.trusted_proxies,
         filters=filters,
         reads_body=False,
+        path=route.path,
     )

@@ -41,6 +41,7 @@ __all__ = [
     "RouteSettings",
     "ServerSettings",
     "TargetSettings",
+    "TracingSettings",
     "UpstreamSettings",
 ]
 
@@ -547,6 +548,61 @@ class RouteSettings(Model):
         return self
 
 
+class TracingSettings(Model):
+    """The `tracing:` block: W3C trace context (and B3) through every hop, and
+    OpenTelemetry spans exported over OTLP/HTTP (docs/tracing.md). Unset: off, at no
+    cost per request. Read once per process start: a reload does not change it."""
+
+    # OTLP HTTP/protobuf collector, http(s)://host:port[/path]; /v1/traces is appended; required
+    endpoint: str
+    # share (0-1, or 0%-100%) of requests without a parent that are sampled; default 0.01
+    sample_ratio: float = 0.01
+    # header formats, tracecontext | b3: the first present and valid gives the parent,
+    # every one listed is written upstream; default [tracecontext]
+    propagation: tuple[Literal["tracecontext", "b3"], ...] = ("tracecontext",)
+    # the resource's service.name; default gateway
+    service_name: str = Field("gateway", min_length=1)
+    # seconds one export may take, retries included; then its spans are dropped; default 3s
+    export_timeout: Duration = 3.0
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/?#\s]+(/[^?#\s]*)?$", value):
+            raise ValueError(f"invalid endpoint {value!r}: expected http(s)://host:port[/path]")
+        return value
+
+    @field_validator("sample_ratio", mode="before")
+    @classmethod
+    def _percent(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().endswith("%"):
+            return float(value.strip()[:-1]) / 100
+        return value
+
+    @field_validator("sample_ratio")
+    @classmethod
+    def _ratio(cls, value: float) -> float:
+        if not 0 <= value <= 1:
+            raise ValueError("sample_ratio is a share of requests: between 0 and 1 (or 0%-100%)")
+        return value
+
+    @field_validator("propagation")
+    @classmethod
+    def _formats(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("propagation needs at least one format: tracecontext or b3")
+        if len(set(value)) != len(value):
+            raise ValueError("propagation lists a format twice")
+        return value
+
+    @field_validator("export_timeout")
+    @classmethod
+    def _timeout(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("must be greater than zero")
+        return value
+
+
 class GatewaySettings(BaseSettings):
     """The whole file. Environment variables `GATEWAY_<SECTION>__<FIELD>` override it."""
 
@@ -566,6 +622,8 @@ class GatewaySettings(BaseSettings):
     rate_limit_store: Literal["memory"] | RedisStore = "memory"
     auth: AuthSettings | None = None  # credentials for api_key and jwt routes; default none
     cors: CorsSettings | None = None  # global CORS policy for every route; default none (no CORS)
+    # OpenTelemetry tracing (W3C trace context, OTLP export); default none (off, no cost)
+    tracing: TracingSettings | None = None
 
     @classmethod
     def settings_customise_sources(

@@ -60,15 +60,18 @@ class DataPlane:
         elif scope["type"] == "lifespan":
             await _lifespan(receive, send)
         elif scope["type"] == "websocket":
-            exchange = Exchange(time.monotonic(), "GET", scope["path"], "")
-            extensions = scope.get("extensions")
-            if extensions is not None and "tls" in extensions:
-                exchange.tls = extensions["tls"].get("version")
-            runtime = self.state.runtime
-            try:
-                await proxy_websocket(self.state, scope, receive, send, exchange)
-            finally:
-                self.phase.finish(exchange, scope.get("client"), runtime)
+            await self._websocket(scope, receive, send)
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        exchange = Exchange(time.monotonic(), "GET", scope["path"], "")
+        extensions = scope.get("extensions")
+        if extensions is not None and "tls" in extensions:
+            exchange.tls = extensions["tls"].get("version")
+        runtime = self.state.runtime
+        try:
+            await proxy_websocket(self.state, scope, receive, send, exchange)
+        finally:
+            self.phase.finish(exchange, scope.get("client"), runtime)
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         runtime = self.state.runtime

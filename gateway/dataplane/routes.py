@@ -29,3 +29,4 @@ class Route:
     trusted_proxies: tuple[IPNetwork, ...]  # peers whose X-Forwarded-* are believed
     filters: tuple[RequestFilter, ...] = ()  # the request-filter phase, in order
     reads_body: bool = True  # False: the body is never read nor forwarded (aggregate)
+    path: str = ""  # the path template it matches (`/users/{id}`): tracing's http.route

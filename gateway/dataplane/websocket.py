@@ -75,6 +75,7 @@ from gateway.errors import (
     problem_response,
 )
 from gateway.policies.breaker import FAILURE_OUTCOMES, CircuitBreaker, Ticket
+from gateway.tracing.spans import handshake_span
 from gateway.types import Deadline, Headers, Message, Receive, Scope, Send
 from gateway.upstream.target import Target
 
@@ -476,7 +477,11 @@ async def _open(
             ticket = breaker.admit(route.name)
         started = time.monotonic()
         try:
-            with map_websocket_errors(upstream.name, target.url):
+            with (
+                # With tracing on, the handshake's CLIENT span and the headers naming it.
+                handshake_span(upstream.name, target.base, path, query, attempt) as traced,
+                map_websocket_errors(upstream.name, target.url),
+            ):
                 remaining = deadline.remaining()
                 if remaining <= 0:
                     raise TimeoutError
@@ -485,7 +490,7 @@ async def _open(
                     path,
                     query,
                     incoming.host if route.preserve_host else None,
-                    headers,
+                    headers + traced if traced else headers,
                     offered,
                     remaining,
                 )

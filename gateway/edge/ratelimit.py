@@ -25,16 +25,14 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NoReturn, Protocol
-
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 from gateway.edge import EdgeContext, RequestFilter
 from gateway.errors import RateLimited, RateLimitUnavailable
 from gateway.ops.metrics import Metrics
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 __all__ = [
     "Decision",
@@ -206,6 +204,15 @@ class RedisBucketStore:
         self.settings = settings
         self._prefix = settings.prefix
         self._timeout = settings.timeout
+        # redis-py is imported only when a Redis store is configured: it loads
+        # OpenTelemetry's SDK whenever that is installed, which a gateway without
+        # `tracing` must never do (docs/tracing.md).
+        from redis.asyncio import BlockingConnectionPool, Redis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+        from redis.exceptions import RedisError
+
+        self._errors = (RedisError, OSError, TimeoutError, ValueError, IndexError, TypeError)
         pool = BlockingConnectionPool.from_url(
             settings.redis,
             max_connections=REDIS_MAX_CONNECTIONS,
@@ -230,7 +237,7 @@ class RedisBucketStore:
             async with asyncio.timeout(self._timeout * 2):
                 reply: Any = await self._script(keys=[self._prefix + key], args=[rate, burst])
             allowed, tokens = int(reply[0]), float(reply[1])
-        except (RedisError, OSError, TimeoutError, ValueError, IndexError, TypeError) as exc:
+        except self._errors as exc:
             self._down_until = time.monotonic() + REDIS_BACKOFF
             self._failed(time.monotonic(), exc)
         if self._failing_since is not None:

@@ -120,6 +120,8 @@ class StatusBoard:
         self.tls: Callable[[], dict[str, Any]] | None = None
         # What the data listener speaks, newest first.
         self.protocols: tuple[str, ...] = ("HTTP/1.1", "HTTP/1.0")
+        # Where spans are exported and how many, when tracing is on.
+        self.tracing: Callable[[], dict[str, Any]] | None = None
 
     def record(self, exchange: Finished, route: str, status: int, elapsed: float) -> None:
         """One finished request (the data plane's logging phase): O(1), no clock read.

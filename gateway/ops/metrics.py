@@ -137,6 +137,12 @@ class Metrics:
             ("result",),
             registry=r,
         )
+        self.spans_dropped = Counter(
+            "gateway_spans_dropped_total",
+            "Trace spans not exported: the export queue was full, or the collector did "
+            "not take their batch in time (tracing on only).",
+            registry=r,
+        )
 
     def __repr__(self) -> str:
         return f"Metrics(multiprocess={multiprocess_dir() is not None})"

@@ -47,6 +47,8 @@ def process_info(
         # The data listener: its protocols (HTTP/2 first when on), and TLS with its
         # certificates in use, or null for cleartext.
         "listener": _listener(snapshots),
+        # Tracing: where spans go and how many went or were dropped, or null when off.
+        "tracing": _tracing(snapshots),
         "config_file": board.config_path,
         "draining": draining or any(s.get("draining") for s in snapshots),
         "last_reload": None
@@ -59,6 +61,17 @@ def _listener(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
     tls = next((s["tls"] for s in snapshots if s.get("tls")), None)
     protocols = next((s["protocols"] for s in snapshots if s.get("protocols")), None)
     return {"protocols": protocols or ["HTTP/1.1", "HTTP/1.0"], "tls": tls}
+
+
+def _tracing(snapshots: list[dict[str, Any]]) -> dict[str, Any] | None:
+    live = [s["tracing"] for s in snapshots if s.get("tracing")]
+    if not live:
+        return None
+    counts = ("spans_exported", "spans_dropped", "spans_queued")
+    return {
+        **{k: v for k, v in live[0].items() if k not in counts},
+        **{k: sum(int(one.get(k, 0)) for one in live) for k in counts},
+    }
 
 
 def render(

@@ -48,6 +48,7 @@ def snapshot(state: GatewayState[Runtime]) -> dict[str, Any]:
         "connections": connections,
         "tls": board.tls() if board.tls is not None else None,
         "protocols": list(board.protocols),
+        "tracing": board.tracing() if board.tracing is not None else None,
         "draining": state.draining,
         "routes": {name: w.dump(int(now)) for name, w in board.routes.items()},
         "upstreams": upstreams,

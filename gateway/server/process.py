@@ -19,10 +19,12 @@ import uvicorn
 
 from gateway.build.factory import build_runtime, unsupported
 from gateway.build.runtime import Retirements, Runtime
+from gateway.build.values import plain
 from gateway.config.loader import ConfigError, load_config
-from gateway.config.models import GatewaySettings, TlsSettings
+from gateway.config.models import GatewaySettings, TlsSettings, TracingSettings
 from gateway.dataplane.app import DataPlane
 from gateway.dataplane.state import GatewayState
+from gateway.dataplane.traced import TracedDataPlane
 from gateway.ops.logs import AccessLog
 from gateway.ops.metrics import Metrics
 from gateway.ops.snapshots import publish
@@ -31,6 +33,7 @@ from gateway.server.listeners import Listener, admin_server
 from gateway.server.protocol import ClientLimits, protocol_class
 from gateway.server.reload import watch, with_port
 from gateway.server.tls import Certificate, TlsError, TlsListener, TlsTerminator
+from gateway.tracing.spans import TracedAccessLog, Tracer, TracingRules
 
 __all__ = ["GatewayServer", "raise_open_file_limit"]
 
@@ -71,11 +74,22 @@ class GatewayServer:
         self.worker = worker
         self.ready_fd = ready_fd
         self.status_dir = status_dir  # a worker publishes its status snapshot there
+        metrics = Metrics()
+        # Tracing is set up once per process, here: in the worker itself under a
+        # supervisor (its export thread starts in `serve`). Unset, OpenTelemetry is
+        # never imported and the request path is the untraced one.
+        self.tracer = make_tracer(settings.tracing, metrics) if settings.tracing else None
+        self._access_log = AccessLog if self.tracer is None else TracedAccessLog
         self.state: GatewayState[Runtime] = GatewayState(
-            metrics=Metrics(),
-            access_log=AccessLog() if settings.server.access_log else None,
+            metrics=metrics,
+            access_log=self._access_log() if settings.server.access_log else None,
         )
         server = settings.server
+        data_plane = (
+            DataPlane(self.state, body_timeout=server.body_timeout)
+            if self.tracer is None
+            else TracedDataPlane(self.state, self.tracer, body_timeout=server.body_timeout)
+        )
         self.tls = (
             TlsTerminator(tls_values(server.tls, http2=server.http2.enabled))
             if server.tls is not None
@@ -83,7 +97,7 @@ class GatewayServer:
         )
         self.data = Listener(
             uvicorn.Config(
-                DataPlane(self.state, body_timeout=server.body_timeout),
+                data_plane,
                 host=server.host,
                 port=server.port,
                 loop="none",
@@ -118,6 +132,8 @@ class GatewayServer:
             board.tls = self.tls.describe
         if server.http2.enabled:
             board.protocols = ("HTTP/2", "HTTP/1.1", "HTTP/1.0")
+        if self.tracer is not None:
+            board.tracing = self.tracer.describe
         self._signals = 0
         self._reload_lock = asyncio.Lock()
         self._background: set[asyncio.Task[None]] = set()
@@ -170,13 +186,17 @@ class GatewayServer:
                 self.state.status.reloaded(errors)
                 log.error("reload refused; the running config is kept", extra={"errors": errors})
                 return errors
+            if settings.tracing != self.settings.tracing:
+                log.warning("tracing: a change takes effect at the next start")
             old = self.state.runtime
-            runtime = build_runtime(settings, previous=old, metrics=self.state.metrics)
+            runtime = build_runtime(
+                settings, previous=old, metrics=self.state.metrics, traced=self.tracer is not None
+            )
             await runtime.start(previous=old)
             self.state.runtime = runtime  # the swap: new requests start on the new config
             self.settings = settings
             if self.state.access_log is None and settings.server.access_log:
-                self.state.access_log = AccessLog()
+                self.state.access_log = self._access_log()
             if old is not None:
                 grace = max(settings.server.drain_timeout, 30)
                 self._retirements.retire(old, runtime, grace=grace)
@@ -255,9 +275,13 @@ class GatewayServer:
 
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
-        runtime = build_runtime(self.settings, metrics=self.state.metrics)
+        runtime = build_runtime(
+            self.settings, metrics=self.state.metrics, traced=self.tracer is not None
+        )
         await runtime.start()
         self.state.runtime = runtime
+        if self.tracer is not None:
+            self.tracer.sink.start()
         # What exists now lives as long as the process: out of the collector's sight,
         # so a full collection under load walks per-request garbage only; and young
         # collections every 50,000 allocations instead of 700 (less CPU per request,
@@ -297,6 +321,9 @@ class GatewayServer:
                 await runtime.aclose()
             if self.state.access_log is not None:
                 self.state.access_log.flush()
+            if self.tracer is not None:
+                # What is queued goes out now, within the export timeout.
+                await asyncio.to_thread(self.tracer.sink.close)
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
                 if self.worker:
@@ -352,6 +379,15 @@ def _nr_open() -> int:
             return int(f.read())
     except (OSError, ValueError):
         return 1024 * 1024
+
+
+def make_tracer(settings: TracingSettings, metrics: Metrics) -> Tracer:
+    """The process's tracer, exporting with OpenTelemetry (imported here, and only
+    when the `tracing` block is set)."""
+    from gateway.tracing.export import BatchExporter
+
+    rules = plain(TracingRules, settings)
+    return Tracer(rules, BatchExporter(rules, metrics.spans_dropped))
 
 
 def tls_values(tls: TlsSettings, *, http2: bool = True) -> TlsListener:

@@ -29,6 +29,7 @@ PROCESS = {
     "draining",
     "last_reload",
     "listener",
+    "tracing",
 }
 ROUTE = {
     "name",
@@ -169,6 +170,7 @@ def test_status_json_has_the_documented_fields_after_known_traffic(
     assert process["last_reload"] is None
     assert process["draining"] is False
     assert process["listener"] == {"protocols": ["HTTP/2", "HTTP/1.1", "HTTP/1.0"], "tls": None}
+    assert process["tracing"] is None  # off: tests/integration/test_tracing.py has it on
     assert process["uptime_s"] >= 0
     assert isinstance(process["connections"], int)
 

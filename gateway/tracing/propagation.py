@@ -1,0 +1,282 @@
+"""Trace headers, read and written by hand: W3C Trace Context (`traceparent`,
+`tracestate`) and B3 (the multi headers `X-B3-*` and the single `b3` header).
+
+Reading is strict, so that a header the gateway cannot vouch for never names a parent:
+`traceparent` is version `00` in its fixed width of 55 characters, lowercase hex, with
+neither id all zeros (W3C Trace Context, 3.2); B3 ids are lowercase hex, 16 or 32
+characters for a trace id (a 64-bit one is padded to 128 bits), 16 for a span id.
+Writing needs nothing but string formatting. No OpenTelemetry here: this runs per
+request while tracing is on, and OpenTelemetry is only the exporter's business.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+__all__ = [
+    "B3",
+    "FORMATS",
+    "TRACEPARENT",
+    "TRACESTATE",
+    "TRACE_HEADERS",
+    "X_B3_FLAGS",
+    "X_B3_PARENTSPANID",
+    "X_B3_SAMPLED",
+    "X_B3_SPANID",
+    "X_B3_TRACEID",
+    "Extracted",
+    "Parent",
+    "b3_headers",
+    "b3_single",
+    "extract",
+    "format_traceparent",
+    "new_ids",
+    "new_span_id",
+    "new_trace_id",
+    "parse_b3_multi",
+    "parse_b3_single",
+    "parse_traceparent",
+]
+
+TRACEPARENT = b"traceparent"
+TRACESTATE = b"tracestate"
+B3 = b"b3"
+X_B3_TRACEID = b"x-b3-traceid"
+X_B3_SPANID = b"x-b3-spanid"
+X_B3_PARENTSPANID = b"x-b3-parentspanid"
+X_B3_SAMPLED = b"x-b3-sampled"
+X_B3_FLAGS = b"x-b3-flags"
+# Every trace header the gateway knows. With tracing on, none is forwarded as it came:
+# each try gets the gateway's own (an upstream must never attach to the caller's span).
+TRACE_HEADERS = frozenset(
+    {TRACEPARENT, TRACESTATE, B3, X_B3_TRACEID, X_B3_SPANID, X_B3_PARENTSPANID, X_B3_SAMPLED}
+    | {X_B3_FLAGS}
+)
+FORMATS = ("tracecontext", "b3")
+
+_HEX = b"0123456789abcdef"
+_ZERO_HALF = "0" * 16
+_ZERO_TRACE = "0" * 32
+_B3_SAMPLED = {b"1": True, b"true": True, b"0": False, b"false": False}
+_B3_SINGLE_SAMPLED = {b"1": True, b"d": True, b"0": False}
+
+# Ids need uniqueness, not secrecy (W3C Trace Context 6.2 asks for randomness, which a
+# PRNG seeded from the OS gives), and a PRNG costs no system call per id.
+_ids = random.Random(int.from_bytes(os.urandom(32), "big"))
+
+
+def new_trace_id() -> str:
+    """128 random bits as 32 lowercase hex digits, never all zeros."""
+    value = _ids.getrandbits(128)
+    while not value:  # pragma: no cover - one chance in 2**128
+        value = _ids.getrandbits(128)
+    return value.to_bytes(16, "big").hex()  # twice as fast as f"{value:032x}"
+
+
+def new_ids() -> tuple[str, str]:
+    """A new trace id and span id at once (one draw, one formatting: a root's cost)."""
+    text = _ids.getrandbits(192).to_bytes(24, "big").hex()
+    trace_id, span_id = text[:32], text[32:]
+    if trace_id == _ZERO_TRACE or span_id == _ZERO_HALF:  # pragma: no cover - 2**-64
+        return new_trace_id(), new_span_id()
+    return trace_id, span_id
+
+
+def new_span_id() -> str:
+    """64 random bits as 16 lowercase hex digits, never all zeros."""
+    value = _ids.getrandbits(64)
+    while not value:  # pragma: no cover - one chance in 2**64
+        value = _ids.getrandbits(64)
+    return value.to_bytes(8, "big").hex()
+
+
+def _hex_id(value: bytes, size: int) -> bool:
+    """`value` is `size` lowercase hex digits, not all of them zeros."""
+    return len(value) == size and not value.translate(None, _HEX) and value.count(b"0") != size
+
+
+@dataclass(frozen=True, slots=True)
+class Parent:
+    """What a request's trace headers say. `trace_id` and `span_id` name the caller's
+    span (None for a sampling decision that came without ids, B3's `b3: 0`);
+    `sampled` is the caller's decision, None when it left it to the gateway (B3 ids
+    without a sampling state)."""
+
+    trace_id: str | None
+    span_id: str | None
+    sampled: bool | None
+
+
+def parse_traceparent(value: bytes) -> Parent | None:
+    """A `traceparent` value, or None when it is malformed: anything but version `00`
+    exactly 55 characters long, `-` where the format puts them, lowercase hex, and
+    neither id all zeros."""
+    value = value.strip(b" \t")
+    if (
+        len(value) != 55
+        or value[:3] != b"00-"
+        or value[35:36] != b"-"
+        or value[52:53] != b"-"
+        or not _hex_id(value[3:35], 32)
+        or not _hex_id(value[36:52], 16)
+        or value[53:55].translate(None, _HEX)
+    ):
+        return None
+    return Parent(
+        value[3:35].decode("ascii"),
+        value[36:52].decode("ascii"),
+        bool(int(value[53:55], 16) & 1),
+    )
+
+
+def format_traceparent(trace_id: str, span_id: str, sampled: bool) -> bytes:
+    """`traceparent` for a span of ours: version 00, the sampled flag alone."""
+    return f"00-{trace_id}-{span_id}-{'01' if sampled else '00'}".encode("ascii")
+
+
+def _b3_trace_id(value: bytes) -> str | None:
+    if _hex_id(value, 32):
+        return value.decode("ascii")
+    if _hex_id(value, 16):
+        return _ZERO_HALF + value.decode("ascii")  # a 64-bit trace id, left-padded
+    return None
+
+
+def parse_b3_single(value: bytes) -> Parent | None:
+    """The single `b3` header: `{trace}-{span}[-{sampling}[-{parent span}]]`, or a
+    sampling decision alone (`0`, `1`, `d` for debug, which samples). None when
+    malformed."""
+    parts = value.strip(b" \t").split(b"-")
+    if len(parts) == 1:
+        decision = _B3_SINGLE_SAMPLED.get(parts[0])
+        return None if decision is None else Parent(None, None, decision)
+    if len(parts) > 4:
+        return None
+    trace_id = _b3_trace_id(parts[0])
+    if trace_id is None or not _hex_id(parts[1], 16):
+        return None
+    sampled: bool | None = None
+    if len(parts) >= 3:
+        sampled = _B3_SINGLE_SAMPLED.get(parts[2])
+        if sampled is None:
+            return None
+    if len(parts) == 4 and not _hex_id(parts[3], 16):
+        return None
+    return Parent(trace_id, parts[1].decode("ascii"), sampled)
+
+
+def parse_b3_multi(
+    trace_id: bytes | None,
+    span_id: bytes | None,
+    sampled: bytes | None,
+    flags: bytes | None,
+) -> Parent | None:
+    """The multi headers: `X-B3-TraceId` and `X-B3-SpanId` together, `X-B3-Sampled`
+    (`1`/`0`, or the older `true`/`false`) and `X-B3-Flags: 1` (debug, which samples).
+    None when absent or malformed; a sampling decision alone has no ids."""
+    decision: bool | None = None
+    if sampled is not None:
+        decision = _B3_SAMPLED.get(sampled.strip(b" \t").lower())
+        if decision is None:
+            return None
+    if flags is not None and flags.strip(b" \t") == b"1":
+        decision = True
+    if trace_id is None and span_id is None:
+        return None if decision is None else Parent(None, None, decision)
+    if trace_id is None or span_id is None:
+        return None
+    tid = _b3_trace_id(trace_id.strip(b" \t"))
+    span_id = span_id.strip(b" \t")
+    if tid is None or not _hex_id(span_id, 16):
+        return None
+    return Parent(tid, span_id.decode("ascii"), decision)
+
+
+def b3_headers(trace_id: str, span_id: str, sampled: bool) -> list[tuple[bytes, bytes]]:
+    """The multi headers for a span of ours. A trace id whose upper half is zeros came
+    from a 64-bit B3 system: it goes back in its 16-digit form."""
+    tid = trace_id[16:] if trace_id.startswith(_ZERO_HALF) else trace_id
+    return [
+        (X_B3_TRACEID, tid.encode("ascii")),
+        (X_B3_SPANID, span_id.encode("ascii")),
+        (X_B3_SAMPLED, b"1" if sampled else b"0"),
+    ]
+
+
+def b3_single(trace_id: str, span_id: str, sampled: bool) -> tuple[bytes, bytes]:
+    """The single `b3` header for a span of ours."""
+    tid = trace_id[16:] if trace_id.startswith(_ZERO_HALF) else trace_id
+    return (B3, f"{tid}-{span_id}-{'1' if sampled else '0'}".encode("ascii"))
+
+
+@dataclass(frozen=True, slots=True)
+class Extracted:
+    """A request's trace headers, read in the order of the `propagation` list.
+
+    `parent`: what the first listed format that is present and valid says (None: no
+    parent, the request starts a trace). `tracestate`: the caller's, to pass on
+    unchanged; kept only when its `traceparent` was valid and names the parent's trace
+    (a malformed `traceparent` takes its `tracestate` with it). `single`: the B3 parent
+    came as the single `b3` header, so tries get that header too. `found`: some trace
+    header was present, so the forwarded headers must be cleaned of them."""
+
+    parent: Parent | None
+    tracestate: bytes | None = None
+    single: bool = False
+    found: bool = False
+
+
+NOTHING = Extracted(None)
+_REPEATED = b""  # a header given twice where once is allowed: no parser accepts it
+
+
+def extract(raw: Iterable[tuple[bytes, bytes]], formats: tuple[str, ...]) -> Extracted:
+    """Read the trace headers of `raw` (an ASGI header list, lowercase names) for the
+    `formats` listed. A header that repeats when it may not (`traceparent`, `b3`, the
+    B3 ids) is malformed; repeated `tracestate` fields are one list (RFC 9110 5.3)."""
+    values: dict[bytes, list[bytes]] | None = None
+    for name, value in raw:
+        if name in TRACE_HEADERS:
+            if values is None:
+                values = {}
+            values.setdefault(name, []).append(value)
+    if values is None:
+        return NOTHING
+
+    def one(name: bytes) -> bytes | None:
+        assert values is not None
+        found = values.get(name)
+        if found is None:
+            return None
+        return found[0] if len(found) == 1 else _REPEATED
+
+    parent: Parent | None = None
+    given = one(TRACEPARENT)
+    traceparent = parse_traceparent(given) if given is not None else None
+    single = False
+    for fmt in formats:
+        if fmt == "tracecontext":
+            parent = traceparent
+        elif B3 in values:
+            parent = parse_b3_single(values[B3][0] if len(values[B3]) == 1 else _REPEATED)
+            single = parent is not None
+        else:
+            parent = parse_b3_multi(
+                one(X_B3_TRACEID), one(X_B3_SPANID), one(X_B3_SAMPLED), one(X_B3_FLAGS)
+            )
+        if parent is not None:
+            break
+    tracestate: bytes | None = None
+    states = values.get(TRACESTATE)
+    if (
+        states
+        and traceparent is not None
+        and parent is not None
+        and parent.trace_id == traceparent.trace_id
+        and "tracecontext" in formats
+    ):
+        tracestate = b",".join(states)
+    return Extracted(parent, tracestate, single, True)

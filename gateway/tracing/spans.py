@@ -1,0 +1,447 @@
+"""Spans: the process's `Tracer`, one request's `RequestTrace` (its SERVER span and the
+ids every try is sent with) and one try's `TrySpan` (a CLIENT span), plus the policy and
+the context manager that give every upstream try and WebSocket handshake its span.
+
+Everything here is built only while the `tracing` block is set: the server makes the
+`Tracer`, the factory composes `client_spans` into each chain, and the traced data plane
+(`gateway/dataplane/traced.py`) starts a `RequestTrace` per request and keeps it in
+`CURRENT`, a context variable, for as long as the request's task serves it (the way
+OpenTelemetry itself carries the current span). A request that is not sampled only gets
+ids: what its tries send upstream and what its access log line says. A sampled one also
+gets timestamps and attributes, handed as a plain `SpanRecord` to the sink (the
+exporter, `export.py`), which builds the SDK spans on its own thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from contextvars import ContextVar
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+from gateway.errors import GatewayError
+from gateway.ops.logs import AccessLog, scrub
+from gateway.tracing.propagation import (
+    TRACESTATE,
+    b3_headers,
+    b3_single,
+    extract,
+    format_traceparent,
+    new_ids,
+    new_span_id,
+)
+from gateway.types import GatewayRequest, GatewayResponse, Handler, Headers, Policy
+
+__all__ = [
+    "CLIENT",
+    "CURRENT",
+    "SERVER",
+    "RequestTrace",
+    "SpanRecord",
+    "SpanSink",
+    "TracedAccessLog",
+    "Tracer",
+    "TracingRules",
+    "TrySpan",
+    "client_spans",
+    "error_type",
+    "handshake_span",
+]
+
+SERVER = "server"
+CLIENT = "client"
+Attributes = dict[str, str | int]
+
+
+@dataclass(frozen=True, slots=True)
+class TracingRules:
+    """The `tracing` block's values (docs/tracing.md)."""
+
+    endpoint: str  # the collector's base URL; spans go to `{endpoint}/v1/traces`
+    sample_ratio: float = 0.01  # share of requests without a parent that are sampled
+    propagation: tuple[str, ...] = ("tracecontext",)  # read in this order, all written
+    service_name: str = "gateway"  # the resource's service.name
+    export_timeout: float = 3.0  # seconds one export may take, retries included
+
+    @property
+    def traces_url(self) -> str:
+        return self.endpoint.rstrip("/") + "/v1/traces"
+
+
+@dataclass(slots=True)
+class SpanRecord:
+    """One finished span of a sampled request, as plain values: ids in lowercase hex,
+    times in Unix nanoseconds, `error` the status description of a failed span (None:
+    status unset)."""
+
+    kind: str  # SERVER or CLIENT
+    name: str
+    trace_id: str
+    span_id: str
+    parent_id: str | None
+    remote_parent: bool  # the parent is the caller's span, not one of ours
+    tracestate: bytes | None
+    start_ns: int
+    end_ns: int
+    attributes: Attributes
+    error: str | None = None
+
+
+class SpanSink(Protocol):
+    """Where finished spans go (`export.BatchExporter`): `submit` is called on the event
+    loop and must never block."""
+
+    def submit(self, span: SpanRecord) -> None: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+    def start(self) -> None:
+        """Start exporting (in the serving process, its event loop running)."""
+
+    def close(self, timeout: float | None = None) -> None:
+        """Export what is left, bounded, and stop; blocking (call it off the loop)."""
+
+
+class Tracer:
+    """The process's tracer: the rules, where finished spans go, and the sampling dice.
+    `begin` starts one request's trace from its headers."""
+
+    __slots__ = ("_random", "_ratio", "b3", "rules", "sink", "tracecontext")
+
+    def __init__(
+        self, rules: TracingRules, sink: SpanSink, rng: random.Random | None = None
+    ) -> None:
+        self.rules = rules
+        self.sink = sink
+        self._ratio = rules.sample_ratio
+        self._random = (rng or random.Random()).random
+        self.tracecontext = "tracecontext" in rules.propagation  # tries get `traceparent`
+        self.b3 = "b3" in rules.propagation  # tries get the X-B3-* headers
+
+    def begin(self, raw: Headers) -> tuple[RequestTrace, bool]:
+        """A request's trace from its headers: the parent (the first listed format that
+        is present and valid), a new SERVER span id, the sampling decision (the parent's
+        when it made one, else `sample_ratio`). The flag says whether any trace header
+        was present, which then must not be forwarded as it came."""
+        extracted = extract(raw, self.rules.propagation)
+        parent = extracted.parent
+        parent_id = None
+        if parent is None or parent.trace_id is None:
+            trace_id, span_id = new_ids()
+        else:
+            trace_id, parent_id, span_id = parent.trace_id, parent.span_id, new_span_id()
+        if parent is not None and parent.sampled is not None:
+            sampled = parent.sampled
+        else:
+            sampled = self._ratio >= 1.0 or self._random() < self._ratio
+        trace = RequestTrace(
+            self, trace_id, span_id, parent_id, sampled, extracted.tracestate, extracted.single
+        )
+        return trace, extracted.found
+
+    def describe(self) -> dict[str, Any]:
+        """What the status page shows: where spans go, how many, and how many were lost."""
+        rules = self.rules
+        return {
+            "endpoint": rules.traces_url,
+            "sample_ratio": rules.sample_ratio,
+            "propagation": list(rules.propagation),
+            "service_name": rules.service_name,
+            **self.sink.describe(),
+        }
+
+    def __repr__(self) -> str:
+        return f"Tracer({self.rules.traces_url}, sample_ratio={self._ratio})"
+
+
+class RequestTrace:
+    """One request's trace: its trace id, its SERVER span's id, the caller's span (the
+    parent, if any), the sampling decision and the caller's `tracestate`. `server` is
+    what the data plane noted at the start for the SERVER span's attributes (sampled
+    requests only)."""
+
+    __slots__ = (
+        "b3_single",
+        "parent_id",
+        "sampled",
+        "server",
+        "span_id",
+        "start_ns",
+        "trace_id",
+        "tracer",
+        "tracestate",
+    )
+
+    def __init__(
+        self,
+        tracer: Tracer,
+        trace_id: str,
+        span_id: str,
+        parent_id: str | None,
+        sampled: bool,
+        tracestate: bytes | None = None,
+        b3_single: bool = False,
+    ) -> None:
+        self.tracer = tracer
+        self.trace_id = trace_id
+        self.span_id = span_id
+        self.parent_id = parent_id
+        self.sampled = sampled
+        self.tracestate = tracestate
+        self.b3_single = b3_single
+        self.server: Any = None
+        self.start_ns = time.time_ns() if sampled else 0
+
+    def start_try(self) -> TrySpan:
+        """A CLIENT span for one upstream try (or WebSocket handshake): a new span id,
+        the headers that carry it upstream, and its start when sampled."""
+        return TrySpan(self, new_span_id())
+
+    def headers_for(self, span_id: str) -> Headers:
+        """The trace headers a try sends: every listed format, naming `span_id` as the
+        parent, and the caller's `tracestate` unchanged."""
+        tracer = self.tracer
+        out: Headers = []
+        if tracer.tracecontext:
+            out.append((b"traceparent", format_traceparent(self.trace_id, span_id, self.sampled)))
+            if self.tracestate is not None:
+                out.append((TRACESTATE, self.tracestate))
+        if tracer.b3:
+            out.extend(b3_headers(self.trace_id, span_id, self.sampled))
+            if self.b3_single:
+                out.append(b3_single(self.trace_id, span_id, self.sampled))
+        return out
+
+    def end(self, name: str, attributes: Attributes, error: str | None = None) -> None:
+        """End the SERVER span now (sampled requests only; a no-op otherwise)."""
+        if not self.sampled:
+            return
+        self.tracer.sink.submit(
+            SpanRecord(
+                SERVER,
+                name,
+                self.trace_id,
+                self.span_id,
+                self.parent_id,
+                True,
+                self.tracestate,
+                self.start_ns,
+                time.time_ns(),
+                attributes,
+                error,
+            )
+        )
+
+    def __repr__(self) -> str:
+        flags = "sampled" if self.sampled else "not sampled"
+        return f"RequestTrace({self.trace_id}/{self.span_id}, parent={self.parent_id}, {flags})"
+
+
+class TrySpan:
+    """The CLIENT span of one try: its id, the headers naming it, and its start."""
+
+    __slots__ = ("headers", "span_id", "start_ns", "trace")
+
+    def __init__(self, trace: RequestTrace, span_id: str) -> None:
+        self.trace = trace
+        self.span_id = span_id
+        self.headers = trace.headers_for(span_id)
+        self.start_ns = time.time_ns() if trace.sampled else 0
+
+    def end(self, name: str, attributes: Attributes, error: str | None = None) -> None:
+        trace = self.trace
+        if not trace.sampled:
+            return
+        trace.tracer.sink.submit(
+            SpanRecord(
+                CLIENT,
+                name,
+                trace.trace_id,
+                self.span_id,
+                trace.span_id,
+                False,
+                trace.tracestate,
+                self.start_ns,
+                time.time_ns(),
+                attributes,
+                error,
+            )
+        )
+
+    def __repr__(self) -> str:
+        return f"TrySpan({self.trace.trace_id}/{self.span_id})"
+
+
+# The request being served by the current task, while tracing is on.
+CURRENT: ContextVar[RequestTrace | None] = ContextVar("gateway_trace", default=None)
+
+
+def error_type(exc: BaseException, *, timed_out: bool = False) -> tuple[str, str]:
+    """`error.type` and the status description of a failed try: the gateway's error
+    code (`upstream_unavailable`...), `upstream_timeout` for a try cut by a deadline,
+    `cancelled` when the request was cancelled otherwise (the client left), else the
+    exception's class (OTel's rule)."""
+    if isinstance(exc, GatewayError):
+        return exc.code, exc.detail
+    if isinstance(exc, asyncio.CancelledError | TimeoutError):
+        if timed_out:
+            return "upstream_timeout", "the try was cut by the deadline"
+        return "cancelled", "the try was cancelled (the client left, or the gateway stopped)"
+    return type(exc).__qualname__, str(exc) or type(exc).__qualname__
+
+
+def _server(url: str) -> tuple[str, int]:
+    """`server.address` and `server.port` of a target URL."""
+    parts = urlsplit(url)
+    return parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+
+
+def _try_attributes(
+    request: GatewayRequest, target: str | None, upstream: str, protocol: str
+) -> Attributes:
+    attributes: Attributes = {
+        "http.request.method": request.method,
+        "network.protocol.version": protocol,
+        "gateway.upstream": upstream,
+    }
+    if request.attempt:
+        attributes["http.request.resend_count"] = request.attempt
+    if target is not None:
+        address, port = _server(target)
+        attributes["server.address"] = address
+        attributes["server.port"] = port
+        url = target.rstrip("/") + request.path
+        if request.query:
+            url += "?" + request.query.decode("latin-1")
+        attributes["url.full"] = scrub(url)
+    return attributes
+
+
+def client_spans(upstream: str, protocol: str = "1.1") -> Policy:
+    """One CLIENT span per try, composed by the factory between the bulkhead and the
+    try timeout (so queueing for a slot is not in it, and a try cut by `read_timeout`
+    ends it as `upstream_timeout`). The try is sent with headers naming its span; the
+    span ends when the answer's head is in (OTel's HTTP client instrumentations do the
+    same for a streamed body), or with the try's failure."""
+
+    def wrap(inner: Handler) -> Handler:
+        async def handle(request: GatewayRequest) -> GatewayResponse:
+            trace = CURRENT.get()
+            if trace is None:  # a backend call outside a traced request (none today)
+                return await inner(request)
+            headers = request.headers
+            if not trace.sampled:  # ids only: the try's span id, in its headers
+                request.headers = headers + trace.headers_for(new_span_id())
+                try:
+                    return await inner(request)
+                finally:
+                    request.headers = headers
+            span = trace.start_try()
+            request.headers = headers + span.headers
+            tried = set(request.exclude_targets)
+            try:
+                response = await inner(request)
+            except BaseException as exc:
+                request.headers = headers
+                # The pool adds the target it picked to `exclude_targets`.
+                target = next(iter(request.exclude_targets - tried), None)
+                attributes = _try_attributes(request, target, upstream, protocol)
+                code, detail = error_type(exc, timed_out=request.deadline.expired())
+                attributes["error.type"] = code
+                span.end(request.method, attributes, detail)
+                raise
+            request.headers = headers
+            attributes = _try_attributes(request, response.target, upstream, protocol)
+            status = response.status
+            attributes["http.response.status_code"] = status
+            error = None
+            if status >= 400:  # OTel: a CLIENT span fails on any 4xx or 5xx
+                attributes["error.type"] = str(status)
+                error = f"the upstream answered {status}"
+            span.end(request.method, attributes, error)
+            return response
+
+        return handle
+
+    return wrap
+
+
+class handshake_span:
+    """`with handshake_span(...) as headers:` around one WebSocket opening handshake:
+    the CLIENT span of that try (when the request is traced), `headers` being the
+    trace headers to send with it (text, as the `websockets` client takes them; empty
+    when untraced). An exception with a `response` (the upstream refused the upgrade)
+    ends the span with that status; any other ends it as a failure; none, with 101."""
+
+    __slots__ = ("_attempt", "_span", "_target", "_upstream", "_url", "headers")
+
+    def __init__(self, upstream: str, target: str, path: str, query: bytes, attempt: int) -> None:
+        trace = CURRENT.get()
+        self._span = span = trace.start_try() if trace is not None else None
+        self.headers: list[tuple[str, str]] = (
+            [(n.decode("latin-1"), v.decode("latin-1")) for n, v in span.headers]
+            if span is not None
+            else []
+        )
+        self._upstream = upstream
+        self._target = target
+        self._url = target.rstrip("/") + path + ("?" + query.decode("latin-1") if query else "")
+        self._attempt = attempt
+
+    def __enter__(self) -> list[tuple[str, str]]:
+        return self.headers
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        span = self._span
+        if span is None or not span.trace.sampled:
+            return
+        address, port = _server(self._target)
+        attributes: Attributes = {
+            "http.request.method": "GET",
+            "server.address": address,
+            "server.port": port,
+            "url.full": scrub(self._url),
+            "network.protocol.version": "1.1",
+            "gateway.upstream": self._upstream,
+        }
+        if self._attempt:
+            attributes["http.request.resend_count"] = self._attempt
+        error: str | None = None
+        response = getattr(exc, "response", None)
+        status = getattr(response, "status_code", None)
+        if isinstance(status, int):
+            attributes["http.response.status_code"] = status
+            attributes["error.type"] = str(status)
+            error = f"the upstream refused the upgrade with {status}"
+        elif exc is not None:
+            code, error = error_type(exc)
+            attributes["error.type"] = code
+        else:
+            attributes["http.response.status_code"] = 101
+        span.end("GET", attributes, error)
+
+
+class TracedAccessLog(AccessLog):
+    """The access log while tracing is on: every line carries `trace_id` and the SERVER
+    span's `span_id`, sampled or not; `null` for an answer the HTTP protocol made
+    before any request reached the data plane (no trace was started for it)."""
+
+    __slots__ = ()
+
+    def write(self, record: dict[str, object]) -> None:
+        trace = CURRENT.get()
+        if trace is None:
+            record["trace_id"] = record["span_id"] = None
+        else:
+            record["trace_id"] = trace.trace_id
+            record["span_id"] = trace.span_id
+        super().write(record)
