@@ -104,6 +104,7 @@ class GatewayRequest:
     params: dict[str, str] | None = None  # the route's path parameters, as they came
     attempt: int = 0
     exclude_targets: set[str] = field(default_factory=set)
+    grpc: bool = False  # a gRPC call: each try carries grpc-timeout, statuses may retry
 
     @property
     def replayable(self) -> bool:
@@ -124,6 +125,11 @@ class GatewayResponse:
     upstream: str | None = None
     target: str | None = None
     whole: bytes | None = None
+    # The trailer fields (HTTP/2 upstreams), filled in place as the body ends: complete
+    # once `body` is exhausted (or at once when `whole` is set). None: no trailers.
+    trailers: Headers | None = None
+    # The error code of the upstream's RST_STREAM, once its body failed (HTTP/2).
+    reset_code: Callable[[], int | None] | None = None
 
 
 class WholeBody:

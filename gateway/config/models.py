@@ -192,10 +192,21 @@ class RetrySettings(Model):
     attempts: int = Field(1, ge=0, le=10)
     # seconds before the first retry, doubled each retry, with jitter; default 25ms
     backoff: Duration = 0.025
-    # outcomes (connect_error, timeout) and 5xx statuses worth a retry; default [connect_error]
-    on: tuple[Literal["connect_error", "timeout"] | Annotated[int, Field(ge=500, le=599)], ...] = (
-        "connect_error",
-    )
+    # outcomes (connect_error, timeout), 5xx statuses, and the gRPC statuses of a
+    # trailers-only answer (unavailable, resource-exhausted, deadline-exceeded,
+    # internal; retried whatever the method) worth a retry; default [connect_error]
+    on: tuple[
+        Literal[
+            "connect_error",
+            "timeout",
+            "unavailable",
+            "resource-exhausted",
+            "deadline-exceeded",
+            "internal",
+        ]
+        | Annotated[int, Field(ge=500, le=599)],
+        ...,
+    ] = ("connect_error",)
     # retries at most this share of recent requests (0-1, or 0%-100%); default 20%
     budget: float = 0.2
 
@@ -238,6 +249,10 @@ class HealthCheckSettings(Model):
     healthy_threshold: int = Field(2, ge=1)
     # consecutive failures that take a target out; default 3
     unhealthy_threshold: int = Field(3, ge=1)
+    # probe grpc.health.v1.Health/Check instead of GET path (needs protocol: http2);
+    # SERVING is healthy; default false
+    grpc: bool = False
+    service: str = ""  # the service name asked about with grpc: true; default "" (the server)
 
 
 class UpstreamTlsSettings(Model):
@@ -292,6 +307,12 @@ class UpstreamSettings(Model):
         if isinstance(value, list | tuple):
             return tuple({"url": v} if isinstance(v, str) else v for v in value)
         return value
+
+    @model_validator(mode="after")
+    def _grpc_health(self) -> UpstreamSettings:
+        if self.health_check is not None and self.health_check.grpc and self.protocol != "http2":
+            raise ValueError("health_check.grpc: true needs protocol: http2 (gRPC is HTTP/2)")
+        return self
 
 
 class RateLimitSettings(Model):

@@ -15,6 +15,7 @@ import re
 import time
 
 from gateway.dataplane.bodies import REPLAY_LIMIT, BodyReader, send_problem, send_response
+from gateway.dataplane.grpc import RESET, grpc_status_of, send_grpc_error
 from gateway.dataplane.headers import IncomingHeaders, add_forwarded, http_date, parse_incoming
 from gateway.dataplane.logphase import LoggingPhase
 from gateway.dataplane.phases import deadline_for, enrich, request_filter
@@ -79,6 +80,8 @@ class DataPlane:
         raw_path = scope.get("raw_path")
         path = raw_path.decode("latin-1") if raw_path else scope["path"]
         exchange = Exchange(time.monotonic(), scope["method"], path, incoming.request_id)
+        if incoming.grpc:
+            exchange.grpc = True  # its errors, from here on, are gRPC answers
         if runtime is not None:
             runtime.active += 1
         try:
@@ -180,6 +183,12 @@ class DataPlane:
             return  # too late for an error document: ending early aborts the connection
         enrich(error, exchange)
         exchange.response_started = True
+        if exchange.grpc:
+            exchange.status = 200  # what went on the wire; the error is in grpc_status
+            exchange.grpc_status = await send_grpc_error(
+                send, error, exchange.request_id, exchange.extra_headers
+            )
+            return
         exchange.bytes_out = await send_problem(
             send, error, exchange.request_id, exchange.extra_headers
         )
@@ -215,6 +224,9 @@ class DataPlane:
             host=incoming.host if route.preserve_host else None,
             params=params,
         )
+        if incoming.grpc:
+            request.grpc = True
+            incoming.upstream.append((b"te", b"trailers"))  # gRPC servers insist on it
         if reads_body and ((length or 0) > 0 or incoming.chunked):
             if length is not None and length <= REPLAY_LIMIT:
                 try:
@@ -243,23 +255,36 @@ class DataPlane:
                 exchange.target = response.target
                 exchange.status = response.status
                 exchange.response_started = True
-                await self._stream(send, response, reader, exchange)
+                await self._stream(send, response, reader, exchange, scope)
             finally:
                 if response is not None:
                     await response.close()
 
     async def _stream(
-        self, send: Send, response: GatewayResponse, reader: BodyReader, exchange: Exchange
+        self,
+        send: Send,
+        response: GatewayResponse,
+        reader: BodyReader,
+        exchange: Exchange,
+        scope: Scope,
     ) -> None:
         rid = exchange.request_id.encode("ascii")
         try:
             exchange.bytes_out = await send_response(
-                send, response, rid, reader, exchange.extra_headers
+                send, response, rid, reader, exchange.extra_headers, scope
             )
+            if exchange.grpc:
+                exchange.grpc_status = grpc_status_of(response)
         except GatewayError as exc:
             # The upstream failed mid-body: the status line is gone, so the only honest
             # signal left is to end the connection without completing the response.
+            # Over HTTP/2, only the stream is reset: with the upstream's own code when it
+            # reset its stream (the `gateway.http.reset` extension of server/h2.py).
             exchange.error = exc.code
+            code = response.reset_code() if response.reset_code is not None else None
+            extensions = scope.get("extensions")
+            if code is not None and extensions is not None and RESET in extensions:
+                await send({"type": RESET, "code": code})
             log.warning(
                 "upstream body failed after the response started: %s",
                 exc.detail,

@@ -15,7 +15,7 @@ from gateway.errors import (
     problem_response,
 )
 from gateway.policies.expiry import Expiry
-from gateway.types import GatewayResponse, Headers, Receive, Send
+from gateway.types import GatewayResponse, Headers, Receive, Scope, Send
 
 __all__ = ["REPLAY_LIMIT", "BodyReader", "send_problem", "send_response"]
 
@@ -116,25 +116,47 @@ async def send_response(
     request_id: bytes,
     reader: BodyReader,
     extra: Headers | None = None,
+    scope: Scope | None = None,
 ) -> int:
-    """Stream the upstream's response to the client; returns the body bytes sent."""
+    """Stream the upstream's response to the client; returns the body bytes sent.
+
+    An answer with trailers (an HTTP/2 upstream's, gRPC's status) passes them on to a
+    client whose server offers the ASGI `http.response.trailers` extension (HTTP/2);
+    an HTTP/1.1 client gets the body without them."""
     headers = response_headers(response.headers, request_id)
     if extra:
         headers.extend(extra)
-    await send({"type": "http.response.start", "status": response.status, "headers": headers})
+    trailers = response.trailers
     whole = response.whole
+    if trailers is not None and (
+        (not trailers and whole is not None) or scope is None or not trailing(scope)
+    ):
+        trailers = None  # none came (a trailers-only answer stays one), or nowhere to go
+    start = {"type": "http.response.start", "status": response.status, "headers": headers}
+    if trailers is not None:
+        start["trailers"] = True
+    await send(start)
     if whole is not None:  # the common small answer: one body message, nothing to iterate
         reader.finished = True
         await send({"type": "http.response.body", "body": whole, "more_body": False})
-        return len(whole)
-    sent = 0
-    async for chunk in response.body:
-        if chunk:
-            sent += len(chunk)
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-    reader.finished = True
-    await send({"type": "http.response.body", "body": b"", "more_body": False})
+        sent = len(whole)
+    else:
+        sent = 0
+        async for chunk in response.body:
+            if chunk:
+                sent += len(chunk)
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        reader.finished = True
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    if trailers is not None:
+        await send({"type": "http.response.trailers", "headers": trailers, "more_trailers": False})
     return sent
+
+
+def trailing(scope: Scope) -> bool:
+    """The client's server can send trailers (the ASGI extension)."""
+    extensions = scope.get("extensions")
+    return extensions is not None and "http.response.trailers" in extensions
 
 
 async def send_problem(

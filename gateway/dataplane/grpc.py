@@ -14,14 +14,17 @@ from __future__ import annotations
 import re
 
 from gateway.errors import GatewayError
+from gateway.types import GatewayResponse, Headers, Send
 
 __all__ = [
     "GRPC_STATUS",
-    "RETRYABLE_STATUS",
+    "RESET",
     "grpc_error_headers",
     "grpc_message",
+    "grpc_status_of",
     "grpc_timeout",
     "is_grpc",
+    "send_grpc_error",
     "timeout_header",
 ]
 
@@ -49,14 +52,9 @@ GRPC_STATUS: dict[str, int] = {
     "internal_error": 13,
 }
 UNKNOWN = 2
-
-# `retries.on` names for the status of a trailers-only answer.
-RETRYABLE_STATUS: dict[str, int] = {
-    "unavailable": 14,
-    "resource-exhausted": 8,
-    "deadline-exceeded": 4,
-    "internal": 13,
-}
+# The gateway's own ASGI extension (HTTP/2 only): `{"type": RESET, "code": N}` resets
+# the client's stream with that error code, passing on an upstream's RST_STREAM.
+RESET = "gateway.http.reset"
 
 _TIMEOUT = re.compile(rb"([0-9]{1,8})([HMSmun])")
 _UNIT_SECONDS = {
@@ -111,3 +109,31 @@ def grpc_error_headers(error: GatewayError, request_id: str) -> list[tuple[bytes
         (b"grpc-message", grpc_message(f"{error.code}: {error.detail}")),
         (b"x-request-id", request_id.encode("ascii")),
     ]
+
+
+async def send_grpc_error(
+    send: Send, error: GatewayError, request_id: str, extra: Headers | None = None
+) -> int:
+    """Answer `error` as a trailers-only gRPC answer; returns its gRPC status. Headers
+    the edge filters added (CORS) ride along; the error's own HTTP headers do not
+    (Retry-After, Allow and Connection mean nothing to a gRPC client)."""
+    headers = grpc_error_headers(error, request_id)
+    if extra:
+        headers.extend(extra)
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": b""})
+    return GRPC_STATUS.get(error.code, UNKNOWN)
+
+
+def grpc_status_of(response: GatewayResponse) -> int | None:
+    """The grpc-status of a proxied answer: from its trailers, else from its headers (a
+    trailers-only answer); None when it carried none."""
+    for fields in (response.trailers, response.headers):
+        if fields:
+            for name, value in fields:
+                if name.lower() == b"grpc-status":
+                    try:
+                        return int(value)
+                    except ValueError:
+                        return UNKNOWN
+    return None

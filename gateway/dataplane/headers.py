@@ -50,6 +50,8 @@ _REPLACED = frozenset(
         b"expect",
         # Only the gateway vouches for a client certificate (mTLS): never the client.
         b"x-forwarded-client-cert",
+        # gRPC's deadline: every try gets the time left (policies' per-try headers).
+        b"grpc-timeout",
     }
 )
 _DROP_UP = HOP_BY_HOP | _REPLACED
@@ -108,6 +110,8 @@ class IncomingHeaders:
     # answered 400 and never forwarded. (httptools refuses most of these before the
     # gateway sees them; this holds whatever the HTTP parser lets through.)
     framing_error: str | None = None
+    grpc: bool = False  # the content type starts with application/grpc
+    grpc_timeout: bytes | None = None  # the client's grpc-timeout, as it came
 
 
 def parse_incoming(raw: list[tuple[bytes, bytes]]) -> IncomingHeaders:
@@ -128,7 +132,8 @@ def parse_incoming(raw: list[tuple[bytes, bytes]]) -> IncomingHeaders:
     content_length: int | None = None
     chunked = False
     timeout_ms: int | None = None
-    xff = xfp = xfh = None
+    xff = xfp = xfh = grpc_timeout = None
+    grpc = False
     framing_error: str | None = None
     hosts = 0
     te_seen = False
@@ -143,6 +148,8 @@ def parse_incoming(raw: list[tuple[bytes, bytes]]) -> IncomingHeaders:
                 else:
                     content_length = int(length)
                 continue
+            if name == b"content-type" and value[:16].lower() == b"application/grpc":
+                grpc = True
             upstream.append((name, value))
             continue
         if name == b"host":
@@ -166,6 +173,8 @@ def parse_incoming(raw: list[tuple[bytes, bytes]]) -> IncomingHeaders:
             xfp = value
         elif name == b"x-forwarded-host":
             xfh = value
+        elif name == b"grpc-timeout":
+            grpc_timeout = value
     if content_length is not None:
         if te_seen:
             framing_error = "both Content-Length and Transfer-Encoding"
@@ -183,6 +192,8 @@ def parse_incoming(raw: list[tuple[bytes, bytes]]) -> IncomingHeaders:
         forwarded_proto=xfp,
         forwarded_host=xfh,
         framing_error=framing_error,
+        grpc=grpc,
+        grpc_timeout=grpc_timeout,
     )
 
 

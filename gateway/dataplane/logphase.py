@@ -91,6 +91,11 @@ class LoggingPhase:
                 self._series[key] = series
         series[0].inc()
         series[1].observe(elapsed)
+        if exchange.grpc:
+            grpc_status = exchange.grpc_status
+            metrics.grpc_requests.labels(
+                route, "none" if grpc_status is None else str(grpc_status)
+            ).inc()
         error = exchange.error
         if error is not None:
             if error == "rate_limited":
@@ -101,24 +106,25 @@ class LoggingPhase:
         access_log = state.access_log
         if access_log is not None and (runtime is None or runtime.access_log):
             method = exchange.method
-            access_log.write(
-                {
-                    "time": access_log.now(),
-                    "request_id": exchange.request_id,
-                    "client": client[0] if client else None,
-                    "method": None if method == UNKNOWN_METHOD else method,
-                    "path": exchange.path or None,
-                    "route": exchange.route,
-                    "upstream": exchange.upstream,
-                    "target": exchange.target,
-                    "status": status,
-                    "bytes_out": exchange.bytes_out,
-                    "duration_ms": round(elapsed * 1000, 3),
-                    "error": error,
-                    "protocol": exchange.protocol,
-                    "tls": exchange.tls,
-                }
-            )
+            record: dict[str, object] = {
+                "time": access_log.now(),
+                "request_id": exchange.request_id,
+                "client": client[0] if client else None,
+                "method": None if method == UNKNOWN_METHOD else method,
+                "path": exchange.path or None,
+                "route": exchange.route,
+                "upstream": exchange.upstream,
+                "target": exchange.target,
+                "status": status,
+                "bytes_out": exchange.bytes_out,
+                "duration_ms": round(elapsed * 1000, 3),
+                "error": error,
+                "protocol": exchange.protocol,
+                "tls": exchange.tls,
+            }
+            if exchange.grpc:  # a gRPC call's status (the HTTP one is 200 either way)
+                record["grpc_status"] = exchange.grpc_status
+            access_log.write(record)
 
     def refusal(
         self,

@@ -5,6 +5,7 @@ error enrichment before an error is answered. The logging phase that ends them a
 
 from __future__ import annotations
 
+from gateway.dataplane.grpc import grpc_timeout
 from gateway.dataplane.headers import IncomingHeaders
 from gateway.dataplane.routes import Route
 from gateway.dataplane.state import Exchange
@@ -38,10 +39,16 @@ async def request_filter(
 
 
 def deadline_for(route_timeout: float, incoming: IncomingHeaders) -> Deadline:
-    """The route's deadline, which an incoming X-Request-Timeout-Ms can only shorten."""
+    """The route's deadline, which an incoming X-Request-Timeout-Ms (and a gRPC call's
+    grpc-timeout) can only shorten."""
+    timeout = route_timeout
     if incoming.timeout_ms is not None:
-        return Deadline.after(min(route_timeout, incoming.timeout_ms / 1000))
-    return Deadline.after(route_timeout)
+        timeout = min(timeout, incoming.timeout_ms / 1000)
+    if incoming.grpc_timeout is not None:
+        client = grpc_timeout(incoming.grpc_timeout)
+        if client is not None:
+            timeout = min(timeout, client)
+    return Deadline.after(timeout)
 
 
 def enrich(error: GatewayError, exchange: Exchange) -> None:

@@ -61,3 +61,5 @@ class Exchange:
     extra_headers: Headers | None = None  # from edge filters, on every answer
     protocol: str = "HTTP/1.1"  # the client's protocol, as the access log names it
     tls: str | None = None  # the connection's TLS version ("TLSv1.3"), None in cleartext
+    grpc: bool = False  # a gRPC call: the gateway's own errors are gRPC answers
+    grpc_status: int | None = None  # a gRPC call's status, once known

@@ -137,6 +137,14 @@ class Metrics:
             ("result",),
             registry=r,
         )
+        self.grpc_requests = Counter(
+            "gateway_grpc_requests_total",
+            "gRPC calls by route and grpc-status (the HTTP status of every gRPC answer "
+            "is 200; this is the call's outcome). A call that ended without a status "
+            "(the client cancelled) is counted as 'none'.",
+            ("route", "grpc_status"),
+            registry=r,
+        )
         self.spans_dropped = Counter(
             "gateway_spans_dropped_total",
             "Trace spans not exported: the export queue was full, or the collector did "

@@ -210,7 +210,12 @@ def _upstream(
         },
         "health_check": None
         if health is None
-        else {"path": health.path, "interval_s": health.interval},
+        else {
+            "path": "/grpc.health.v1.Health/Check" if health.grpc else health.path,
+            "interval_s": health.interval,
+            "grpc": health.grpc,
+            "service": health.service if health.grpc else None,
+        },
         "targets": [
             _target(
                 t.url, t.weight, health is not None, [one["targets"].get(t.url) for one in live]

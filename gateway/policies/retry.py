@@ -2,7 +2,10 @@
 
 Safe: the method is idempotent (or the route opted in with `retry_non_idempotent`) and
 the request body can be replayed (a streamed body is sent once). Useful: the failure's
-outcome (`connect_error`, `timeout`) or the response status is listed in `on`.
+outcome (`connect_error`, `timeout`) or the response status is listed in `on`. A gRPC
+call's trailers-only answer is retried when its status is listed by name (`unavailable`,
+`resource-exhausted`, `deadline-exceeded`, `internal`): listing one is the opt-in, so
+it applies whatever the method (gRPC calls are POSTs), the body still replayable.
 Affordable: the backoff sleep ends before the route deadline and the upstream's retry
 budget (`budget.py`) has room. Otherwise the last outcome stands: the last upstream
 response is passed through (responses given up on are closed), or the last error raised.
@@ -23,7 +26,7 @@ from gateway.errors import UpstreamError, UpstreamTimeout
 from gateway.policies.budget import RetryBudget
 from gateway.types import GatewayRequest, GatewayResponse, Handler, Policy
 
-__all__ = ["IDEMPOTENT_METHODS", "RetryRules", "backoff_delay", "retry"]
+__all__ = ["GRPC_STATUS_NAMES", "IDEMPOTENT_METHODS", "RetryRules", "backoff_delay", "retry"]
 
 log = logging.getLogger("gateway.retry")
 
@@ -40,6 +43,29 @@ class RetryRules:
     backoff: float = 0.025  # seconds before the first retry, doubled for each next one
     # Outcomes (`connect_error`, `timeout`) and 5xx statuses that are worth a retry.
     on: tuple[str | int, ...] = ("connect_error",)
+
+
+# `on` names for a gRPC call's status, read off a trailers-only answer.
+GRPC_STATUS_NAMES = {
+    "unavailable": 14,
+    "resource-exhausted": 8,
+    "deadline-exceeded": 4,
+    "internal": 13,
+}
+
+
+def _trailers_only_status(response: GatewayResponse) -> int | None:
+    """The grpc-status of a trailers-only answer: in its headers, or (as some servers
+    send it) in trailers after an empty body, the whole answer in. Else None."""
+    if response.status != 200:
+        return None
+    fields = response.headers
+    if response.whole == b"" and response.trailers:
+        fields = [*fields, *response.trailers]
+    for name, value in fields:
+        if name.lower() == b"grpc-status":
+            return int(value) if value.isdigit() else None
+    return None
 
 
 def backoff_delay(base: float, retry_number: int, rng: random.Random) -> float:
@@ -61,6 +87,7 @@ def retry(
     base = settings.backoff
     on_outcomes = frozenset(o for o in settings.on if isinstance(o, str))
     on_statuses = frozenset(o for o in settings.on if isinstance(o, int))
+    on_grpc = frozenset(GRPC_STATUS_NAMES[o] for o in on_outcomes if o in GRPC_STATUS_NAMES)
     random_source = rng or random.Random()
 
     def wrap(inner: Handler) -> Handler:
@@ -81,7 +108,12 @@ def retry(
                         raise
                     failure = exc
                 else:
-                    if not (may_retry and response.status in on_statuses):
+                    if not (may_retry and response.status in on_statuses) and not (
+                        on_grpc
+                        and request.grpc
+                        and attempts > 0
+                        and _trailers_only_status(response) in on_grpc
+                    ):
                         return response
 
                 # A retryable outcome: retry only if it is still safe and affordable.

@@ -109,6 +109,7 @@ _MAX_PRIORITY_PER_STREAM = 100
 _MAX_EMPTY_DATA = 100
 _HARD_HEADER_CAP = 64 * 1024  # decoded bytes; the hard cap is at least this
 _CONNECTION_WINDOW = 16 * 1024 * 1024  # bytes all streams together may have unread
+_UNSIZED = (b"transfer-encoding", b"chunked")  # a request body of unknown length
 _LINGER = 1.0  # seconds a connection closed for an error keeps reading (and dropping)
 _FLUSH_NOW = 64 * 1024  # pending output larger than this is written at once
 
@@ -310,6 +311,8 @@ class _Stream:
             if last:
                 self.done = True
                 self.notify()
+        elif kind == "gateway.http.reset":  # the upstream reset its stream: so do we
+            protocol.reset(self, int(message.get("code", ErrorCodes.INTERNAL_ERROR)))
         elif kind == "http.response.trailers":
             if not self.trailers:
                 raise RuntimeError("http.response.trailers without trailers: true")
@@ -567,10 +570,19 @@ class H2Protocol(asyncio.Protocol):
         }
         # The ASGI `http.response.trailers` extension (gRPC's status travels in them),
         # beside the connection's `tls` one.
-        scope["extensions"] = {**self.extensions, "http.response.trailers": {}}
+        scope["extensions"] = {
+            **self.extensions,
+            "http.response.trailers": {},
+            "gateway.http.reset": {},  # reset this stream with a given code
+        }
         stream = _Stream(self, stream_id, scope)
         if event.stream_ended is not None:
             stream.ended = True
+        elif not any(name == b"content-length" for name, _ in fields):
+            # A body of unknown length follows (gRPC's always does): to the data plane
+            # that is what HTTP/1.1 calls chunked, and it streams it as such (unless it
+            # is all in by the time the stream's task starts: `_run`).
+            fields.append(_UNSIZED)
         self.streams[stream_id] = stream
         self._last_stream = stream_id
         self._served_any = True
@@ -581,6 +593,11 @@ class H2Protocol(asyncio.Protocol):
 
     async def _run(self, stream: _Stream) -> None:
         stream.started = True
+        if stream.ended and stream.scope["headers"][-1] is _UNSIZED:
+            # The whole body came with the request (a unary gRPC call's usually does):
+            # its length is known after all, so the data plane may keep it for replay.
+            size = sum(len(data) for data, _ in stream.body)
+            stream.scope["headers"][-1] = (b"content-length", b"%d" % size)
         try:
             await self.app(stream.scope, stream.receive, stream.send)
         except BaseException as exc:
@@ -785,6 +802,10 @@ class H2Protocol(asyncio.Protocol):
         except Exception:
             log.exception("could not record a refused request")
 
+    def reset(self, stream: _Stream, code: int) -> None:
+        """Reset a stream with `code` (the data plane passing on an upstream's reset)."""
+        self._reset(stream, code)
+
     def _reset_id(self, stream_id: int, code: ErrorCodes) -> None:
         try:
             self.conn.reset_stream(stream_id, code)
@@ -792,7 +813,7 @@ class H2Protocol(asyncio.Protocol):
             return
         self._schedule_flush()
 
-    def _reset(self, stream: _Stream, code: ErrorCodes) -> None:
+    def _reset(self, stream: _Stream, code: ErrorCodes | int) -> None:
         if stream.reset:
             return
         stream.reset = True

@@ -25,6 +25,82 @@ __all__ = ["HealthCheck", "HealthChecker"]
 log = logging.getLogger("gateway.health")
 
 _PROBE_HEADERS = {"x-gateway-health-check": "1"}
+_GRPC_CHECK = "/grpc.health.v1.Health/Check"
+_GRPC_HEADERS = {
+    "x-gateway-health-check": "1",
+    "content-type": "application/grpc",
+    "te": "trailers",
+}
+_SERVING = 1
+_STATUS_NAMES: dict[int | None, str] = {
+    None: "unreadable",
+    0: "UNKNOWN",
+    1: "SERVING",
+    2: "NOT_SERVING",
+    3: "SERVICE_UNKNOWN",
+}
+
+
+def health_request(service: str) -> bytes:
+    """A gRPC message holding `HealthCheckRequest{service}`, encoded by hand (field 1,
+    a length-delimited string) rather than with a protobuf runtime."""
+    name = service.encode("utf-8")
+    message = b"\x0a" + _varint(len(name)) + name if name else b""
+    return b"\x00" + len(message).to_bytes(4, "big") + message
+
+
+def health_status(body: bytes) -> int | None:
+    """The `status` (field 1, a varint) of the first `HealthCheckResponse` in a gRPC
+    body; 0 (UNKNOWN) when the field is absent, None when the body is not one."""
+    if len(body) < 5 or body[0] != 0:
+        return None
+    size = int.from_bytes(body[1:5], "big")
+    message = body[5 : 5 + size]
+    if len(message) != size:
+        return None
+    at = 0
+    while at < len(message):
+        key, at = _read_varint(message, at)
+        if key is None:
+            return None
+        kind = key & 7
+        if key >> 3 == 1 and kind == 0:
+            value, at = _read_varint(message, at)
+            return value
+        if kind == 0:
+            _, at = _read_varint(message, at)
+        elif kind == 2:
+            length, at = _read_varint(message, at)
+            if length is None:
+                return None
+            at += length
+        else:
+            return None  # no other wire types in this message
+    return 0
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _read_varint(data: bytes, at: int) -> tuple[int | None, int]:
+    value = shift = 0
+    while at < len(data) and shift < 64:
+        byte = data[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, at
+        shift += 7
+    return None, len(data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +112,8 @@ class HealthCheck:
     timeout: float = 1.0  # seconds a probe may take before it counts as failed
     healthy_threshold: int = 2  # consecutive successes that bring a target back
     unhealthy_threshold: int = 3  # consecutive failures that take it out of rotation
+    grpc: bool = False  # probe grpc.health.v1.Health/Check rather than GET path
+    service: str = ""  # the service asked about (grpc); "" is the server as a whole
 
 
 class HealthChecker:
@@ -97,6 +175,8 @@ class HealthChecker:
 
     async def probe(self, target: Target) -> tuple[bool, str]:
         """One check: (healthy, why not)."""
+        if self.settings.grpc:
+            return await self._probe_grpc(target)
         url = target.base + self.settings.path
         try:
             async with asyncio.timeout(self.settings.timeout):
@@ -110,6 +190,30 @@ class HealthChecker:
             return False, f"{type(exc).__name__}: {exc}"
         if not 200 <= response.status_code < 300:
             return False, f"answered {response.status_code}"
+        return True, ""
+
+    async def _probe_grpc(self, target: Target) -> tuple[bool, str]:
+        """`grpc.health.v1.Health/Check` for `service`: healthy when it says SERVING."""
+        try:
+            async with asyncio.timeout(self.settings.timeout):
+                response = await self.client.post(
+                    target.base + _GRPC_CHECK,
+                    headers=_GRPC_HEADERS,
+                    content=health_request(self.settings.service),
+                )
+        except TimeoutError:
+            return False, f"no answer within {self.settings.timeout:g}s"
+        except httpx.HTTPError as exc:
+            return False, f"{type(exc).__name__}: {exc}".rstrip(": ")
+        if response.status_code != 200:
+            return False, f"answered {response.status_code}"
+        status = response.headers.get("grpc-status")
+        if status is not None and status != "0":  # a trailers-only error
+            message = response.headers.get("grpc-message", "")
+            return False, f"grpc-status {status} {message}".rstrip()
+        serving = health_status(response.content)
+        if serving != _SERVING:
+            return False, f"health status {_STATUS_NAMES.get(serving, serving)}"
         return True, ""
 
     def observe(self, target: Target, ok: bool, reason: str = "") -> None:

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import http.cookiejar
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import httpx
 
 from gateway.errors import UpstreamError, UpstreamUnhealthy
 from gateway.ops.metrics import UpstreamStats
-from gateway.types import GatewayRequest, GatewayResponse, WholeBody, closed
+from gateway.types import GatewayRequest, GatewayResponse, Headers, WholeBody, closed
 from gateway.upstream.balancers import Balancer, make_balancer
 from gateway.upstream.health import HealthCheck, HealthChecker
 from gateway.upstream.target import Target
@@ -110,6 +110,8 @@ class UpstreamPool:
             headers.append((b"host", request.host.encode("latin-1")))
         remaining_ms = max(1, int(request.deadline.remaining() * 1000))
         headers.append((b"x-request-timeout-ms", str(remaining_ms).encode()))
+        if request.grpc:  # gRPC's own deadline header: the whole milliseconds left
+            headers.append((b"grpc-timeout", b"%dm" % min(remaining_ms, 99_999_999)))
         content = request.body if request.stream is None else request.stream
 
         stats = self.stats
@@ -117,6 +119,8 @@ class UpstreamPool:
         stats.inflight.inc()
         started = time.monotonic()
         whole: bytes | None = None
+        trailers: Headers | None = None
+        reset_code: Callable[[], int | None] | None = None
         try:
             with map_httpx_errors(self.name, target.url):
                 if self._raw is not None:
@@ -124,6 +128,7 @@ class UpstreamPool:
                     # response objects and browser features (cookies, redirects) of send.
                     raw = await self._raw.open(request.method, url, headers, content)
                     status, response_headers = raw.status, raw.headers
+                    trailers = getattr(raw, "trailers", None)  # an HTTP/2 answer's
                     whole = raw.whole()
                     if whole is not None:
                         # The whole answer is in: its connection goes back to the pool
@@ -131,6 +136,8 @@ class UpstreamPool:
                         await raw.aclose()
                     else:
                         chunks, aclose = raw.body(), raw.aclose
+                        if trailers is not None:  # HTTP/2: it may reset the stream
+                            reset_code = lambda: getattr(raw, "reset_code", None)  # noqa: E731
                 else:
                     response = await self.client.send(
                         httpx.Request(
@@ -163,6 +170,7 @@ class UpstreamPool:
                 upstream=self.name,
                 target=target.url,
                 whole=whole,
+                trailers=trailers,
             )
 
         released = False
@@ -187,6 +195,8 @@ class UpstreamPool:
             close=close,
             upstream=self.name,
             target=target.url,
+            trailers=trailers,
+            reset_code=reset_code,
         )
 
     async def start(self) -> None:

@@ -222,7 +222,12 @@ def test_status_json_has_the_documented_fields_after_known_traffic(
     assert api_up["outcomes"] == {"2xx": 10}
     assert api_up["breaker"] is None
     assert api_up["retry_budget"]["requests"] == 10
-    assert api_up["health_check"] == {"path": "/healthz", "interval_s": 0.1}
+    assert api_up["health_check"] == {
+        "path": "/healthz",
+        "interval_s": 0.1,
+        "grpc": False,
+        "service": None,
+    }
     [target] = api_up["targets"]
     assert (target["url"], target["weight"], target["health"]) == (api.url, 1, "healthy")
     assert set(target["last_check"]) == CHECK

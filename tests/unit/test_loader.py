@@ -359,7 +359,8 @@ def test_union_errors_that_fit_no_branch_become_one_line() -> None:
             retries: {on: [connect_error, 404]}
         """)
     assert errors == [
-        "cfg.yaml:4:35: upstreams.u.retries.on.1: Input should be 'connect_error' or 'timeout', "
+        "cfg.yaml:4:35: upstreams.u.retries.on.1: Input should be 'connect_error', 'timeout', "
+        "'unavailable', 'resource-exhausted', 'deadline-exceeded' or 'internal', "
         "or Input should be greater than or equal to 500"
     ]
 
