@@ -7,14 +7,22 @@ request path reads them. Each policy, filter and upstream is handed plain values
 
 from __future__ import annotations
 
+import dataclasses
+
 from starlette.routing import PARAM_REGEX
 
 from gateway.build.edge import EdgeResources, build_filters, config_problems, router_methods
 from gateway.build.runtime import Runtime
 from gateway.build.upstreams import Upstream
 from gateway.build.values import plain
-from gateway.config.models import GatewaySettings, RouteSettings, ServerSettings
+from gateway.config.models import (
+    CompressionSettings,
+    GatewaySettings,
+    RouteSettings,
+    ServerSettings,
+)
 from gateway.dataplane.aggregate import Aggregation, Backend, BackendTemplate
+from gateway.dataplane.compression import CompressionRules
 from gateway.dataplane.routes import Route
 from gateway.dataplane.routing import CompiledTemplate, Router
 from gateway.edge import RequestFilter
@@ -29,6 +37,7 @@ from gateway.types import Handler, Policy
 
 __all__ = [
     "build_aggregate_route",
+    "build_compression",
     "build_route_handler",
     "build_runtime",
     "unsupported",
@@ -82,8 +91,22 @@ def unsupported(settings: GatewaySettings) -> list[str]:
     """Configured features this build cannot enforce as configured (a route asking for
     auth without the global block, an empty key variable, an unreadable JWKS file):
     refusing to start beats silently serving a route without the auth or limits its
-    operator asked for."""
-    return config_problems(settings)
+    operator asked for. A `grpc_web` route needs gRPC behind it: an upstream with
+    `protocol: http2` (gRPC is HTTP/2), and no aggregate."""
+    problems = config_problems(settings)
+    for i, route in enumerate(settings.routes):
+        if not route.grpc_web:
+            continue
+        if route.aggregate is not None:
+            problems.append(f"routes.{i}.grpc_web: does not apply to an aggregate route")
+        elif route.upstream is not None:
+            upstream = settings.upstreams.get(route.upstream)
+            if upstream is not None and upstream.protocol != "http2":
+                problems.append(
+                    f"routes.{i}.grpc_web: needs upstream {route.upstream} to have "
+                    "protocol: http2 (gRPC is HTTP/2)"
+                )
+    return problems
 
 
 def build_runtime(
@@ -108,6 +131,7 @@ def build_runtime(
     edge = EdgeResources(settings, previous.edge if previous is not None else None)
     router: Router[Route] = Router()
     server = settings.server
+    compression = build_compression(settings.compression)
     for route in settings.routes:
         methods = router_methods(route, settings)
         filters = build_filters(route, settings, edge.store, metrics, jwt=edge.jwt)
@@ -128,9 +152,22 @@ def build_runtime(
                 trusted_proxies=server.trusted_proxies,
                 filters=filters,
                 path=route.path,
+                grpc_web=route.grpc_web,
             )
+        if compression is not None and route.compression:
+            compiled = dataclasses.replace(compiled, compression=compression)
         router.add(compiled, route.path, methods, route.host)
     return Runtime(settings, router, upstreams, edge)
+
+
+def build_compression(settings: CompressionSettings | None) -> CompressionRules | None:
+    """The `compression` block as the data plane's rules, shared by every route that
+    does not opt out; None (the block unset) leaves compression off."""
+    if settings is None:
+        return None
+    return CompressionRules(
+        algorithms=settings.algorithms, min_size=settings.min_size, types=settings.types
+    )
 
 
 def build_aggregate_route(

@@ -30,6 +30,7 @@ __all__ = [
     "AuthSettings",
     "BackendSettings",
     "BreakerSettings",
+    "CompressionSettings",
     "CorsSettings",
     "GatewaySettings",
     "HealthCheckSettings",
@@ -506,6 +507,10 @@ class RouteSettings(Model):
     cors: CorsSettings | None = None
     # fan out to backends instead of proxying to upstream; default none
     aggregate: AggregateSettings | None = None
+    # false: this route's answers are never compressed (the global `compression`); default true
+    compression: bool = True
+    # translate gRPC-Web calls (browsers) to gRPC for a protocol: http2 upstream; default false
+    grpc_web: bool = False
 
     @field_validator("path")
     @classmethod
@@ -567,6 +572,43 @@ class RouteSettings(Model):
                     f"which the path {self.path!r} does not define"
                 )
         return self
+
+
+class CompressionSettings(Model):
+    """The `compression:` block: answers compressed for clients that accept it
+    (docs/compression.md). Unset: off, at no cost per request."""
+
+    # codings offered, the gateway's preference among those a client accepts with
+    # equal q: zstd | br | gzip; default [zstd, br, gzip]
+    algorithms: tuple[Literal["zstd", "br", "gzip"], ...] = ("zstd", "br", "gzip")
+    min_size: Size = 1 * KiB  # bodies known to be smaller are sent as they are; default 1KiB
+    # media types compressed, exact or type/*; default text/*, application/json,
+    # application/javascript, application/xml, application/problem+json, image/svg+xml
+    types: tuple[str, ...] = (
+        "text/*",
+        "application/json",
+        "application/javascript",
+        "application/xml",
+        "application/problem+json",
+        "image/svg+xml",
+    )
+
+    @field_validator("algorithms")
+    @classmethod
+    def _algorithms(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("algorithms needs at least one of zstd, br, gzip")
+        if len(set(value)) != len(value):
+            raise ValueError("algorithms lists a coding twice")
+        return value
+
+    @field_validator("types")
+    @classmethod
+    def _types(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for media in value:
+            if not re.match(r"^[A-Za-z0-9!#$&^_.+-]+/(\*|[A-Za-z0-9!#$&^_.+-]+)$", media):
+                raise ValueError(f"{media!r} is not a media type (type/subtype or type/*)")
+        return tuple(media.lower() for media in value)
 
 
 class TracingSettings(Model):
@@ -645,6 +687,8 @@ class GatewaySettings(BaseSettings):
     cors: CorsSettings | None = None  # global CORS policy for every route; default none (no CORS)
     # OpenTelemetry tracing (W3C trace context, OTLP export); default none (off, no cost)
     tracing: TracingSettings | None = None
+    # response compression (zstd, br, gzip) by Accept-Encoding; default none (off, no cost)
+    compression: CompressionSettings | None = None
 
     @classmethod
     def settings_customise_sources(

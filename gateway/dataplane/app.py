@@ -15,7 +15,9 @@ import re
 import time
 
 from gateway.dataplane.bodies import REPLAY_LIMIT, BodyReader, send_problem, send_response
+from gateway.dataplane.compression import CompressionRules, accept_encoding
 from gateway.dataplane.grpc import RESET, grpc_status_of, send_grpc_error
+from gateway.dataplane.grpcweb import grpc_web
 from gateway.dataplane.headers import IncomingHeaders, add_forwarded, http_date, parse_incoming
 from gateway.dataplane.logphase import LoggingPhase
 from gateway.dataplane.phases import deadline_for, enrich, request_filter
@@ -101,6 +103,7 @@ class DataPlane:
         incoming: IncomingHeaders,
         exchange: Exchange,
     ) -> None:
+        compression: CompressionRules | None = None  # the route's, for its problem answers
         try:
             if self.state.draining or runtime is None:
                 raise ShuttingDown("the gateway is draining; retry on another instance")
@@ -136,16 +139,22 @@ class DataPlane:
             route = match.route
             exchange.route = route.name
             exchange.upstream = route.upstream
+            compression = route.compression
+            if route.grpc_web and incoming.grpc:
+                web = grpc_web(scope, receive, send, incoming)
+                if web is not None:  # a gRPC-Web call: served as gRPC from here on
+                    scope, receive, send = web.scope, web.receive, web.send
             if route.filters and await self._filter(route, scope, send, incoming, exchange):
                 return
             if route.rewrite is not None:
                 path = route.rewrite.fill(match.params)
             await self._proxy(route, path, match.params, scope, receive, send, incoming, exchange)
         except GatewayError as exc:
-            await self._fail(send, exc, exchange)
+            await self._fail(send, exc, exchange, compression, incoming)
         except Exception as exc:  # a bug: log it whole, tell the client nothing about it
             log.exception("unexpected error serving %s %s", exchange.method, exchange.path)
-            await self._fail(send, InternalError("unexpected gateway error"), exchange)
+            error = InternalError("unexpected gateway error")
+            await self._fail(send, error, exchange, compression, incoming)
             del exc
 
     async def _filter(
@@ -174,7 +183,14 @@ class DataPlane:
         await send({"type": "http.response.body", "body": early.body})
         return True
 
-    async def _fail(self, send: Send, error: GatewayError, exchange: Exchange) -> None:
+    async def _fail(
+        self,
+        send: Send,
+        error: GatewayError,
+        exchange: Exchange,
+        compression: CompressionRules | None = None,
+        incoming: IncomingHeaders | None = None,
+    ) -> None:
         exchange.error = error.code
         if isinstance(error, ClientClosedRequest):
             exchange.status = exchange.status or error.status
@@ -189,8 +205,11 @@ class DataPlane:
                 send, error, exchange.request_id, exchange.extra_headers
             )
             return
+        accept = None
+        if compression is not None and incoming is not None:
+            accept = accept_encoding(incoming.upstream)
         exchange.bytes_out = await send_problem(
-            send, error, exchange.request_id, exchange.extra_headers
+            send, error, exchange.request_id, exchange.extra_headers, compression, accept
         )
 
     async def _proxy(
@@ -255,6 +274,9 @@ class DataPlane:
                 exchange.target = response.target
                 exchange.status = response.status
                 exchange.response_started = True
+                if route.compression is not None:  # off: this one check per request
+                    head = scope["method"] == "HEAD"
+                    route.compression.apply(response, accept_encoding(incoming.upstream), head)
                 await self._stream(send, response, reader, exchange, scope)
             finally:
                 if response is not None:

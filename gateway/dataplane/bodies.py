@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+from gateway.dataplane.compression import CompressionRules
 from gateway.dataplane.headers import http_date, response_headers
 from gateway.errors import (
     BodyTooLarge,
@@ -15,7 +16,7 @@ from gateway.errors import (
     problem_response,
 )
 from gateway.policies.expiry import Expiry
-from gateway.types import GatewayResponse, Headers, Receive, Scope, Send
+from gateway.types import GatewayResponse, Headers, Receive, Scope, Send, WholeBody, closed
 
 __all__ = ["REPLAY_LIMIT", "BodyReader", "send_problem", "send_response"]
 
@@ -55,18 +56,21 @@ class BodyReader:
         self._complete: asyncio.Event | None = None
 
     async def _next(self) -> bytes:
-        if self.idle_timeout is None:
-            message = await self._receive()
-        else:
-            try:
+        try:
+            if self.idle_timeout is None:
+                message = await self._receive()
+            else:
                 with Expiry(self.idle_timeout):
                     message = await self._receive()
-            except TimeoutError:
-                self.error = RequestTimeout(
-                    f"the request body stalled for {self.idle_timeout:g}s",
-                    headers=[(b"connection", b"close")],
-                )
-                raise self.error from None
+        except TimeoutError:
+            self.error = RequestTimeout(
+                f"the request body stalled for {self.idle_timeout:g}s",
+                headers=[(b"connection", b"close")],
+            )
+            raise self.error from None
+        except GatewayError as exc:  # a translation layer's refusal (gRPC-Web's base64)
+            self.error = exc
+            raise
         if message["type"] == "http.disconnect":
             self.error = ClientClosedRequest("the client went away while sending the body")
             raise self.error
@@ -160,10 +164,21 @@ def trailing(scope: Scope) -> bool:
 
 
 async def send_problem(
-    send: Send, error: GatewayError, request_id: str, extra: Headers | None = None
+    send: Send,
+    error: GatewayError,
+    request_id: str,
+    extra: Headers | None = None,
+    compression: CompressionRules | None = None,
+    accept: bytes | None = None,
 ) -> int:
-    """Answer with the problem+json document for `error`; returns the body's length."""
+    """Answer with the problem+json document for `error`; returns the body's length.
+    With the route's `compression` (and the client's `accept`), it is an answer like any
+    other: `Vary: Accept-Encoding`, and compressed when above `min_size` (rarely)."""
     headers, body = problem_response(error, request_id, extra, date=http_date())
+    if compression is not None:
+        answer = GatewayResponse(error.status, headers, WholeBody(body), closed, whole=body)
+        compression.apply(answer, accept)
+        headers, body = answer.headers, answer.whole or b""
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
     return len(body)

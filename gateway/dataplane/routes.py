@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gateway.dataplane.compression import CompressionRules
 from gateway.dataplane.routing import CompiledTemplate
 from gateway.edge import RequestFilter
 from gateway.types import Handler, IPNetwork
@@ -30,3 +31,6 @@ class Route:
     filters: tuple[RequestFilter, ...] = ()  # the request-filter phase, in order
     reads_body: bool = True  # False: the body is never read nor forwarded (aggregate)
     path: str = ""  # the path template it matches (`/users/{id}`): tracing's http.route
+    # how answers are compressed; None: never (no `compression` block, or the route opts out)
+    compression: CompressionRules | None = None
+    grpc_web: bool = False  # translate gRPC-Web calls to gRPC (`dataplane/grpcweb.py`)
