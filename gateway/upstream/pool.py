@@ -128,7 +128,7 @@ class UpstreamPool:
                     # response objects and browser features (cookies, redirects) of send.
                     raw = await self._raw.open(request.method, url, headers, content)
                     status, response_headers = raw.status, raw.headers
-                    trailers = getattr(raw, "trailers", None)  # an HTTP/2 answer's
+                    trailers = raw.trailers  # an HTTP/2 answer's; None over HTTP/1.1
                     whole = raw.whole()
                     if whole is not None:
                         # The whole answer is in: its connection goes back to the pool

@@ -51,6 +51,8 @@ class RawResponse:
 
     __slots__ = ("_response", "headers", "status")
 
+    trailers = None  # not kept over HTTP/1.1
+
     def __init__(self, response: aiohttp.ClientResponse) -> None:
         self._response = response
         self.status = response.status

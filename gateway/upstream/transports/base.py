@@ -72,6 +72,10 @@ class RawAnswer(Protocol):
 
     async def aclose(self) -> None: ...
 
+    @property
+    def trailers(self) -> list[tuple[bytes, bytes]] | None:
+        """The trailer fields, filled as the body ends (HTTP/2); None: never any."""
+
 
 class RawTransport(httpx.AsyncBaseTransport, abc.ABC):
     """A transport the hot path can call directly, without httpx's objects."""

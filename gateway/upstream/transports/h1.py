@@ -326,6 +326,8 @@ class H1Response:
 
     __slots__ = ("_conn", "_pool", "headers", "status")
 
+    trailers = None  # HTTP/1.1 answers' trailers are not kept (HTTP/2's are)
+
     def __init__(self, pool: _Pool, conn: _Conn) -> None:
         self._pool = pool
         self._conn = conn
