@@ -3,7 +3,9 @@
 Starts an nginx upstream, nginx as a reverse proxy, the naive proxy (Starlette + httpx),
 the aiohttp pipe (pure ASGI on uvicorn + aiohttp), the fast pipe (pure ASGI on granian
 + pyreqwest) and the gateway with every policy on; for the TLS scenarios, nginx and the
-gateway again with a TLS listener (HTTP/2 by ALPN) and a throwaway certificate; pins the
+gateway again with a TLS listener (HTTP/2 by ALPN) and a throwaway certificate; for the
+tracing scenario, the gateway with tracing off, 1% and 100% sampled, exporting to a real
+OTLP/HTTP collector (load/collector.py) that counts the spans; pins the
 proxy under test to one CPU and the load generator (wrk, h2load, load/handshake.py) with
 the upstream to another; runs every scenario in interleaved rounds; holds 10,000 idle
 connections against the gateway for its RSS; writes `load/results/<timestamp>/`
@@ -19,6 +21,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import ssl
@@ -39,6 +42,9 @@ from benchlib import BLOB_BYTES, LOAD_DIR, ROOT, Procs, RssSampler, Timer, TlsFi
 
 VENV_BIN = ROOT / ".venv" / "bin"
 MiB = 1 << 20
+PROFILE_RATE = 200  # py-spy samples per second in the tracing profile
+INSTRUCTIONS_LINE = re.compile(r"([\d,]+) requests, ([\d.]+) k instructions per request")
+SPANS_EXPORTED = re.compile(r"([\d,]+) spans exported")
 
 
 @dataclass
@@ -94,6 +100,8 @@ class Bench:
     all_cpus: str | None = None  # taskset's list of every CPU, for what runs unpinned
     gateway_dropped: list[str] = field(default_factory=list)
     tls: TlsFiles | None = None  # the throwaway certificates, once made
+    collector_port: int | None = None  # load/collector.py, for the tracing scenario
+    tracing: dict[str, Any] = field(default_factory=dict)  # profile, instruction counts
 
     def log(self, message: str) -> None:
         print(f"[{self.timer}] {message}", file=sys.stderr, flush=True)
@@ -116,8 +124,16 @@ def _env_list(name: str, default: str) -> list[str]:
 
 
 TLS_SCENARIOS = ("tls-keepalive", "h2", "tls-handshake")
+# The tracing scenario's gateways: the bench config with no tracing block, and with one
+# sampling 1% and 100% of requests (docs/tracing.md), all exporting to load/collector.py.
+TRACING_SYSTEMS: dict[str, float | None] = {
+    "gateway-trace-off": None,
+    "gateway-trace-1pct": 0.01,
+    "gateway-trace-all": 1.0,
+}
 ALL_SCENARIOS = (
     "simple",
+    "tracing",
     "fanout",
     "stream",
     "upload",
@@ -156,6 +172,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.access_log = os.environ.get("BENCH_ACCESS_LOG", "file")
     args.max_error_ratio = float(os.environ.get("BENCH_MAX_ERROR_RATIO", "0.01"))
     args.variants = _parse_variants(os.environ.get("BENCH_GATEWAY_VARIANTS", ""))
+    # Seconds of py-spy on each tracing gateway (100%, 1%, off) after the rounds
+    # (0: none); whether to count instructions per request under callgrind (valgrind).
+    args.tracing_profile = _env_int("BENCH_TRACING_PROFILE", 3 if quick else 5)
+    args.tracing_instructions = _env_int("BENCH_TRACING_INSTRUCTIONS", 0 if quick else 1)
+    # A source tree to count untraced too (the tree before tracing, say): the "off costs
+    # nothing" goal is then judged against it, counted in the same run.
+    baseline = os.environ.get("BENCH_TRACING_BASELINE", "").strip()
+    args.tracing_baseline = Path(baseline).resolve() if baseline else None
+    if args.tracing_baseline and not (args.tracing_baseline / "gateway").is_dir():
+        raise SystemExit(f"bench: BENCH_TRACING_BASELINE {baseline!r} has no gateway/ package")
     if args.rounds < 1 or args.seconds < 1 or args.connections < 1 or args.h2_streams < 1:
         raise SystemExit(
             "bench: BENCH_ROUNDS, BENCH_SECONDS, BENCH_CONNECTIONS, BENCH_H2_STREAMS must be >= 1"
@@ -186,8 +212,8 @@ def _parse_variants(text: str) -> dict[str, dict[str, str]]:
 
 def define_systems(bench: Bench) -> None:
     args = bench.args
-    # Two per system at most (data + admin), plus the upstream's sink.
-    ports = iter(benchlib.free_ports(2 * (12 + len(args.variants))))
+    # Two per system at most (data + admin), plus the upstream's sink and the collector.
+    ports = iter(benchlib.free_ports(2 * (16 + len(args.variants))))
     up = next(ports)
     bench.systems["nginx-direct"] = System(
         "nginx-direct",
@@ -198,6 +224,7 @@ def define_systems(bench: Bench) -> None:
         "ceiling of this rig, not a proxy",
     )
     bench.upstream_sink = next(ports)
+    bench.collector_port = next(ports)
     specs = [
         ("nginx-proxy", "nginx reverse proxy", "nginx", "nginx, 1 worker, upstream keepalive"),
         (
@@ -227,6 +254,24 @@ def define_systems(bench: Bench) -> None:
             "naive Starlette + httpx",
             "reference",
             "Starlette + one httpx.AsyncClient, default transport: load/refs/naive.py",
+        ),
+        (
+            "gateway-trace-off",
+            "gateway, tracing off",
+            "gateway",
+            "the gateway's config, no tracing block (a process of its own)",
+        ),
+        (
+            "gateway-trace-1pct",
+            "gateway, tracing 1% sampled",
+            "gateway",
+            "the gateway's config plus tracing: sample_ratio 0.01, exporting to load/collector.py",
+        ),
+        (
+            "gateway-trace-all",
+            "gateway, tracing 100% sampled",
+            "gateway",
+            "the gateway's config plus tracing: sample_ratio 1.0, exporting to load/collector.py",
         ),
         ("gateway-1w", "gateway, 1 worker (unpinned)", "gateway", "workers: 1, not pinned"),
         ("gateway-2w", "gateway, 2 workers (unpinned)", "gateway", "workers: 2, not pinned"),
@@ -266,6 +311,13 @@ def scenarios(bench: Bench) -> list[Scenario]:
             f"simple GET, {c} connections",
             "/hello",
             ("nginx-direct", "nginx-proxy", "fast-pipe", "aiohttp-pipe", *gateway_set, "naive"),
+            (c,),
+        ),
+        Scenario(
+            "tracing",
+            f"simple GET with tracing off / 1% / 100% sampled, {c} connections",
+            "/hello",
+            tuple(TRACING_SYSTEMS),
             (c,),
         ),
         Scenario(
@@ -361,6 +413,8 @@ def start_systems(bench: Bench, names: set[str]) -> None:
     ref_env = {"BENCH_UPSTREAM": upstream_url, "PYTHONPATH": str(LOAD_DIR)}
     if names & set(TLS_SYSTEMS):
         make_tls(bench, names)
+    if any(TRACING_SYSTEMS.get(name) is not None for name in names):
+        start_collector(bench, names, client_cpu)
 
     for name in sorted(names):
         system = bench.systems[name]
@@ -440,6 +494,33 @@ def make_tls(bench: Bench, names: set[str]) -> None:
     bench.log(f"TLS: a throwaway CA and {bench.tls.key_type} certificate in {folder}")
 
 
+def start_collector(bench: Bench, names: set[str], cpus: str | None) -> None:
+    """The OTLP/HTTP collector the traced gateways export to, on the client CPU with the
+    upstream; they fail, with the reason, if it does not answer."""
+    assert bench.collector_port is not None
+    proc = bench.procs.start("collector", benchlib.collector_argv(bench.collector_port), cpus=cpus)
+    problem = benchlib.wait_http(f"http://127.0.0.1:{bench.collector_port}/stats", 10, proc.pid)
+    if problem is None:
+        bench.log(f"collector ready on 127.0.0.1:{bench.collector_port} (load/collector.py)")
+        return
+    bench.log(f"collector: FAILED to start: {problem}")
+    for name in names:
+        if TRACING_SYSTEMS.get(name) is not None:
+            bench.systems[name].failure = f"the OTLP collector did not start: {problem}"
+
+
+def _tracing_block(bench: Bench, name: str) -> dict[str, Any] | None:
+    """The `tracing:` block of a tracing-scenario gateway: its own path on the collector,
+    so the spans of each are counted apart."""
+    ratio = TRACING_SYSTEMS.get(name)
+    if ratio is None:
+        return None
+    return {
+        "endpoint": f"http://127.0.0.1:{bench.collector_port}/{name}",
+        "sample_ratio": ratio,
+    }
+
+
 def _context(bench: Bench, system: System) -> ssl.SSLContext | None:
     """What verifies `system`'s certificate (None for cleartext)."""
     return bench.tls.client_context() if system.scheme == "https" and bench.tls else None
@@ -486,6 +567,7 @@ def start_gateway(bench: Bench, system: System, cpus: str | None) -> None:
     admin_port = system.admin_port
 
     tls = bench.tls if system.scheme == "https" else None
+    tracing = _tracing_block(bench, system.name)
 
     def build(dropped: list[str]) -> dict[str, Any]:
         return benchlib.gateway_config(
@@ -495,6 +577,7 @@ def start_gateway(bench: Bench, system: System, cpus: str | None) -> None:
             workers=workers,
             dropped=dropped,
             tls=tls,
+            tracing=tracing,
         )
 
     dropped, problem = benchlib.check_gateway_config(yaml_path, build)
@@ -507,7 +590,7 @@ def start_gateway(bench: Bench, system: System, cpus: str | None) -> None:
             f"This gateway build refused {', '.join(dropped)}: the bench ran without "
             "those keys (see gateway.yaml in this folder)."
         )
-    if system.name in ("gateway", "gateway-tls"):
+    if system.name in ("gateway", "gateway-tls", "gateway-trace-all"):
         shutil.copy(yaml_path, bench.out / f"{system.name}.yaml")
     access = Path("/dev/null") if args.access_log == "/dev/null" else None
     stdout = access or work / f"{system.name}.access.log"
@@ -723,6 +806,11 @@ def run_one(bench: Bench, scenario: Scenario, connections: int, system: System) 
     args = bench.args
     if args.warmup:
         load(bench, scenario, connections, system, args.warmup)
+    traced = scenario.key == "tracing" and TRACING_SYSTEMS.get(system.name) is not None
+    if traced:
+        # The warm-up's (or the last run's) spans exported first, so the count below is
+        # this run's alone.
+        spans_before = _spans(bench, system)
     with RssSampler(system.proc.pid if system.proc else None) as rss:
         result, extras, output = load(bench, scenario, connections, system, args.seconds)
     if system.scheme == "https" and not result.failure and not result.requests:
@@ -748,9 +836,36 @@ def run_one(bench: Bench, scenario: Scenario, connections: int, system: System) 
         cpu_split=rss.cpu_split,
         host_busy_pct=rss.host_busy_pct,
     )
+    if traced:
+        spans_after = _spans(bench, system)
+        out.update(_span_counts(spans_before, spans_after, result.requests))
     if system.proc is not None and not benchlib.alive(system.proc.pid):
         out["failure"] = f"{system.name} exited during the run"
         bench.log(bench.procs.log_tail(system.name))
+    return out
+
+
+def _spans(bench: Bench, system: System) -> dict[str, Any]:
+    """Once the gateway's export has settled: what the collector received from it, and
+    the gateway's own counts (exported, dropped)."""
+    assert bench.collector_port is not None
+    spans, exports = benchlib.settle_spans(
+        bench.collector_port, f"/{system.name}", system.admin_port
+    )
+    status = benchlib.tracing_status(system.admin_port) if system.admin_port else None
+    return {"spans": spans, "exports": exports, "status": status or {}}
+
+
+def _span_counts(before: dict[str, Any], after: dict[str, Any], requests: int) -> dict[str, Any]:
+    """One run's spans: received by the collector, per request, and dropped by the
+    gateway (queue full or a failed export)."""
+    out: dict[str, Any] = {"exports": after["exports"] - before["exports"]}
+    if before["spans"] is not None and after["spans"] is not None:
+        out["spans"] = after["spans"] - before["spans"]
+        out["spans_per_request"] = out["spans"] / requests if requests else None
+    dropped = [s.get("spans_dropped") for s in (before["status"], after["status"])]
+    if None not in dropped:
+        out["spans_dropped"] = dropped[1] - dropped[0]
     return out
 
 
@@ -762,6 +877,10 @@ def _summary(record: dict[str, Any]) -> str:
     text += f"  p99 {p99:8.2f} ms" if p99 is not None else "  (no request completed)"
     if "mib_s" in record:
         text += f"  {record['mib_s']:7.0f} MiB/s"
+    if record.get("spans") is not None:
+        text += f"  spans {record['spans']:,}"
+        if record.get("spans_dropped"):
+            text += f" ({record['spans_dropped']:,} dropped)"
     errors = record["non_2xx"] + record["socket_errors"]
     return text + (f"  errors {errors}" if errors else "")
 
@@ -812,6 +931,174 @@ def run_memory(bench: Bench) -> None:
             f"The open-files limit ({m['open_files_limit']}) allowed {m['opened']:,} of the "
             f"{m['wanted']:,} idle connections."
         )
+
+
+# --- tracing: where the time goes, and instructions --------------------------------------
+
+
+def _pyspy() -> str | None:
+    exe = VENV_BIN / "py-spy"
+    return str(exe) if exe.exists() else shutil.which("py-spy")
+
+
+def profile_tracing(bench: Bench) -> None:
+    """py-spy on each tracing gateway in turn (100%, 1%, off), under the scenario's wrk
+    load for `BENCH_TRACING_PROFILE` seconds, sampling the thread that holds the
+    interpreter's lock: top frames, own time per package and per thread for the report."""
+    import flametop
+
+    args = bench.args
+    seconds = args.tracing_profile
+    if not seconds or "tracing" not in args.scenarios:
+        return
+    pyspy = _pyspy()
+    if pyspy is None:
+        bench.notes.append("py-spy is not installed: no profile of the traced gateway.")
+        return
+    cpus = str(args.client_cpu) if bench.pin else None
+    profiles = bench.tracing.setdefault("profiles", {})
+    for name in reversed(TRACING_SYSTEMS):
+        system = bench.systems[name]
+        if system.failure or system.proc is None:
+            continue
+        bench.log(f"tracing: py-spy on {name} for {seconds}s under wrk -c{args.connections}")
+        wrk = benchlib.wrk_argv(system.url("/hello"), args.connections, seconds + 2)
+        loader = subprocess.Popen(
+            ["taskset", "-c", cpus, *wrk] if cpus else wrk,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        raw = bench.out / f"tracing-profile-{name}.raw"
+        argv = [
+            pyspy,
+            "record",
+            "--pid",
+            str(system.proc.pid),
+            "--rate",
+            str(PROFILE_RATE),
+            "--duration",
+            str(seconds),
+            "--format",
+            "raw",
+            "--threads",
+            "--gil",  # the thread holding the interpreter's lock: a waiting one is not
+            "--subprocesses",
+            "--output",
+            str(raw),
+        ]
+        time.sleep(1)  # past wrk's connection burst
+        try:
+            done = subprocess.run(
+                ["taskset", "-c", cpus, *argv] if cpus else argv,
+                capture_output=True,
+                text=True,
+                timeout=seconds + 60,
+                check=False,
+            )
+            said = (done.stdout + done.stderr).strip()
+        except subprocess.TimeoutExpired:
+            said = "py-spy did not finish"
+        try:
+            output, _ = loader.communicate(timeout=seconds + 30)
+        except subprocess.TimeoutExpired:
+            loader.kill()
+            output, _ = loader.communicate()
+        benchlib.wait_idle(system.proc.pid)
+        if not raw.exists():
+            profiles[name] = {"failure": said[-300:] or "py-spy wrote nothing"}
+            continue
+        with raw.open(errors="replace") as fh:
+            found = flametop.parse(fh)
+        result = benchlib.parse_wrk(output)
+        profiles[name] = {
+            "seconds": seconds,
+            "rate": PROFILE_RATE,
+            "flags": "--gil --threads",
+            "raw": raw.name,
+            "rps_under_pyspy": None if result.failure else result.rps,
+            "samples": found.samples,
+            "top": [[key, n, found.total[key]] for key, n in found.own.most_common(25)],
+            "packages": _tracing_apart(found),
+            "threads": dict(found.threads.most_common()),
+        }
+        (bench.out / f"tracing-profile-{name}.txt").write_text(flametop.render(found, 30))
+
+
+TRACING_CODE = ("gateway/tracing/", "gateway/dataplane/traced.py")
+
+
+def _tracing_apart(profile: Any) -> dict[str, int]:
+    """Own samples per package, the gateway's tracing code (`gateway/tracing/`, the traced
+    data plane) apart from the rest of the gateway."""
+    packages = dict(profile.packages)
+    traced = sum(
+        count for key, count in profile.own.items() if any(f"({p}" in key for p in TRACING_CODE)
+    )
+    if traced:
+        packages["gateway"] -= traced
+        packages["gateway (tracing code)"] = traced
+    return dict(sorted(packages.items(), key=lambda kv: -kv[1]))
+
+
+def count_instructions(bench: Bench) -> None:
+    """`load/instructions.py` with no tracing block, then sample ratios 0.01 and 1:
+    instructions per simple GET under callgrind, the figure that does not move with
+    the machine's load (`BENCH_TRACING_INSTRUCTIONS=0` skips it; QUICK does)."""
+    args = bench.args
+    if not args.tracing_instructions or "tracing" not in args.scenarios:
+        return
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        bench.notes.append(
+            "valgrind is not installed: no instruction counts (`make instructions` installs it)."
+        )
+        return
+    counts = bench.tracing.setdefault("instructions", {})
+    runs: list[tuple[str, list[str]]] = []
+    if args.tracing_baseline is not None:
+        runs.append(("baseline", ["--checkout", str(args.tracing_baseline)]))
+    for name, ratio in TRACING_SYSTEMS.items():
+        runs.append((name, [] if ratio is None else ["--sample-ratio", f"{ratio:g}"]))
+    for name, extra in runs:
+        argv = [sys.executable, str(LOAD_DIR / "instructions.py"), *extra]
+        bench.log(f"tracing: instructions per request, {' '.join(argv[1:])}")
+        counts[name] = _instructions(argv)
+        bench.log(f"  {counts[name].get('line') or counts[name].get('failure')}")
+    if "baseline" in counts:
+        counts["baseline"]["checkout"] = str(args.tracing_baseline)
+
+
+def _instructions(argv: list[str], timeout: float = 600) -> dict[str, Any]:
+    # SIGINT on a timeout or when interrupted: instructions.py then stops its valgrind
+    # and nginx itself (they run in sessions of their own, out of the bench's record).
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT
+    )
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.communicate(timeout=20)
+        raise
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGINT)
+        try:
+            output, _ = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            output, _ = proc.communicate()
+        return {"failure": f"instructions.py did not finish within {timeout:.0f} s"}
+    match = INSTRUCTIONS_LINE.search(output)
+    if proc.returncode != 0 or match is None:
+        return {"failure": output.strip()[-300:] or f"exit status {proc.returncode}"}
+    spans = SPANS_EXPORTED.search(output)
+    return {
+        "kilo_per_request": float(match.group(2)),
+        "requests": int(match.group(1).replace(",", "")),
+        "spans": int(spans.group(1).replace(",", "")) if spans else None,
+        "line": output.strip().splitlines()[-1],
+    }
 
 
 # --- main ---------------------------------------------------------------------------------
@@ -899,6 +1186,7 @@ def write_results(bench: Bench, facts: dict[str, Any], plan: list[Scenario]) -> 
         },
         "runs": bench.runs,
         "memory": bench.memory,
+        "tracing": bench.tracing or None,
     }
     (bench.out / "wrk-output.md").write_text(
         "# Load generator output (wrk, h2load, load/handshake.py), every run\n\n"
@@ -956,6 +1244,8 @@ def main(argv: list[str] | None = None) -> int:
         broken = verify(bench, plan)
         prime(bench, plan, broken)
         run_all(bench, plan, broken)
+        profile_tracing(bench)
+        count_instructions(bench)
         if "memory" in args.scenarios:
             run_memory(bench)
     except KeyboardInterrupt as exc:

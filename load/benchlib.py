@@ -41,6 +41,8 @@ __all__ = [
     "TlsFiles",
     "WrkResult",
     "check_gateway_config",
+    "collector_argv",
+    "collector_spans",
     "free_ports",
     "gateway_config",
     "h2load_argv",
@@ -59,6 +61,8 @@ __all__ = [
     "run_handshakes",
     "run_wrk",
     "set_tree_affinity",
+    "settle_spans",
+    "tracing_status",
     "tree_pids",
     "wait_http",
 ]
@@ -67,6 +71,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LOAD_DIR = ROOT / "load"
 WRK_SCRIPT = LOAD_DIR / "wrk_stats.lua"
 HANDSHAKE_CLIENT = LOAD_DIR / "handshake.py"
+COLLECTOR = LOAD_DIR / "collector.py"
 
 # Payloads the upstream serves; the scenarios and the report share them.
 BLOB_BYTES = 1 << 20
@@ -902,12 +907,14 @@ def gateway_config(
     access_log: bool = True,
     dropped: Sequence[str] = (),
     tls: TlsFiles | None = None,
+    tracing: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The bench's gateway config: every policy on (bulkhead, breaker, retries on connect
     errors, deadline), metrics and access log on, one plain route per scenario and an
     aggregate route over three upstreams for the fan-out. With `tls`, the data listener
     is TLS (`server.tls`), HTTP/2 by ALPN beside HTTP/1.1 (`server.http2`, on by
-    default)."""
+    default). With `tracing`, that block as the `tracing:` section (docs/tracing.md);
+    without it there is none, and tracing is off."""
     target = f"http://127.0.0.1:{upstream_port}"
     policies: dict[str, Any] = {
         "max_connections": 512,
@@ -941,7 +948,7 @@ def gateway_config(
     }
     if tls is not None:
         server["tls"] = {"certificates": [{"cert": str(tls.cert), "key": str(tls.key)}]}
-    return {
+    config: dict[str, Any] = {
         "server": server,
         "upstreams": {name: dict(upstream) for name in ("backend", "users", "orders", "recs")},
         "routes": [
@@ -963,6 +970,59 @@ def gateway_config(
             },
         ],
     }
+    if tracing is not None:
+        config["tracing"] = dict(tracing)
+    return config
+
+
+def tracing_status(admin_port: int) -> dict[str, Any] | None:
+    """The gateway's `/status.json` `process.tracing` (spans exported, dropped, queued,
+    summed over its workers); None when tracing is off or the admin does not answer."""
+    try:
+        code, body = http_status(f"http://127.0.0.1:{admin_port}/status.json", timeout=5)
+        found = json.loads(body)["process"]["tracing"] if code == 200 else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return found if isinstance(found, dict) else None
+
+
+# --- the OTLP collector ----------------------------------------------------------------
+
+
+def collector_argv(port: int) -> list[str]:
+    """`load/collector.py` on `port`: accepts OTLP/HTTP exports, counts their spans."""
+    return [sys.executable, str(COLLECTOR), "--host", "127.0.0.1", "--port", str(port)]
+
+
+def collector_spans(port: int, prefix: str) -> tuple[int | None, int]:
+    """(spans, exports) the collector on `port` received under `prefix` (the endpoint's
+    path, `/gateway-trace-all`); spans is None when it could not decode them."""
+    try:
+        _, body = http_status(f"http://127.0.0.1:{port}/stats", timeout=5)
+        entry = json.loads(body).get(prefix) or {"spans": 0, "exports": 0}
+    except (OSError, ValueError, AttributeError):
+        return None, 0
+    return entry["spans"], int(entry["exports"])
+
+
+def settle_spans(
+    port: int, prefix: str, admin_port: int | None, quiet: float = 1.3, limit: float = 8.0
+) -> tuple[int | None, int]:
+    """Wait until the gateway has nothing queued for export and the collector's count
+    for `prefix` has not moved for `quiet` seconds (the export thread wakes every
+    second), at most `limit` seconds; then (spans, exports) as `collector_spans`."""
+    deadline = time.monotonic() + limit
+    last = collector_spans(port, prefix)
+    still_since = time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = collector_spans(port, prefix)
+        status = tracing_status(admin_port) if admin_port is not None else None
+        if now != last or (status and status.get("spans_queued")):
+            last, still_since = now, time.monotonic()
+        elif time.monotonic() - still_since >= quiet:
+            break
+    return last
 
 
 def gateway_executable() -> str:

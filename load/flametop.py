@@ -7,6 +7,8 @@ The raw format is one collapsed stack per line, `frame;frame;...;leaf COUNT`, ea
 every stack a function appears in once. Lines are merged per function (not per line),
 paths shortened to the package (`aiohttp/client.py`, `gateway/dataplane/app.py`), and own time
 is also summed per top-level package, which is often the quickest read of a profile.
+A file recorded with `py-spy record --threads` (each stack starting `thread (ID): NAME`)
+is also summed per thread name (the event loop's `MainThread`, an exporter's thread).
 """
 
 from __future__ import annotations
@@ -16,13 +18,15 @@ import re
 import sys
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = ["Profile", "parse", "render", "short_path"]
 
 _FRAME = re.compile(r"^(?P<name>.*?) \((?P<path>[^()]*?)(?::(?P<line>\d+))?\)$")
 _ANCHORS = ("site-packages/", "dist-packages/", "lib/python3")
+_PROCESS = re.compile(r"^process \d+:")  # py-spy --subprocesses: the process, first
+_THREAD = re.compile(r"^thread \((?:0x)?[0-9a-fA-F]+\)(?:: (?P<name>.*))?$")
 
 
 def short_path(path: str) -> str:
@@ -62,12 +66,14 @@ class Profile:
     own: Counter[str]
     total: Counter[str]
     packages: Counter[str]
+    threads: Counter[str] = field(default_factory=Counter)  # with py-spy --threads only
 
 
 def parse(lines: Iterable[str]) -> Profile:
     own: Counter[str] = Counter()
     total: Counter[str] = Counter()
     packages: Counter[str] = Counter()
+    threads: Counter[str] = Counter()
     samples = 0
     for raw in lines:
         line = raw.rstrip("\n")
@@ -77,7 +83,14 @@ def parse(lines: Iterable[str]) -> Profile:
         if not count_text.isdigit():
             continue
         count = int(count_text)
-        frames = [frame_key(f) for f in stack.split(";") if f]
+        frames = [f for f in stack.split(";") if f]
+        while frames and _PROCESS.match(frames[0]):
+            frames = frames[1:]
+        thread = _THREAD.match(frames[0]) if frames else None
+        if thread is not None:
+            threads[thread["name"] or frames[0]] += count
+            frames = frames[1:]
+        frames = [frame_key(f) for f in frames]
         if not frames:
             continue
         samples += count
@@ -85,7 +98,7 @@ def parse(lines: Iterable[str]) -> Profile:
         packages[package_of(frames[-1])] += count
         for key in set(frames):
             total[key] += count
-    return Profile(samples, own, total, packages)
+    return Profile(samples, own, total, packages, threads)
 
 
 def render(profile: Profile, top: int = 25) -> str:
@@ -99,6 +112,10 @@ def render(profile: Profile, top: int = 25) -> str:
     lines += ["", "own time by package:", ""]
     for package, count in profile.packages.most_common(15):
         lines.append(f"{100 * count / n:6.1f}%  {package}")
+    if len(profile.threads) > 1:
+        lines += ["", "samples by thread:", ""]
+        for thread, count in profile.threads.most_common(10):
+            lines.append(f"{100 * count / n:6.1f}%  {thread}")
     return "\n".join(lines) + "\n"
 
 

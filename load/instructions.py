@@ -16,9 +16,18 @@ per connection, and reads the total back. Everything on 127.0.0.1, bounded in ti
     python load/instructions.py                         # GET /hello, 2,000 requests
     python load/instructions.py --path /profile/1       # the fan-out route
     python load/instructions.py --checkout ../other     # another checkout of the gateway
+    python load/instructions.py --sample-ratio 0.01     # with a tracing: block, 1% sampled
     make instructions                                   # the first, with valgrind ensured
+    make instructions INSTR_ARGS="--sample-ratio 1"     # every request traced
 
-Prints `<checkout> <path>: N requests, X k instructions per request`.
+With `--sample-ratio`, the config gets a `tracing:` block with that `sample_ratio`,
+exporting to `load/collector.py` (a real OTLP/HTTP receiver on 127.0.0.1, CPU 1): the
+export thread's work is in the count, as it is in the gateway's process. Without it,
+there is no `tracing:` block (tracing off).
+
+Prints `<checkout> <path>: N requests, X k instructions per request (...)`, with the
+sample ratio and the spans the collector received during the counted requests when
+tracing is on.
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ import benchlib
 from benchlib import ROOT, Procs
 
 _LENGTH = re.compile(rb"content-length:\s*(\d+)")
+PREFIX = "/gateway"  # the collector counts this gateway's exports under it
 # Runs the gateway's CLI from the given checkout (first on sys.path), whatever is
 # installed in the virtualenv.
 _LAUNCH = (
@@ -60,7 +70,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--keep", type=Path, help="copy the callgrind dump here (for callgrind_annotate)"
     )
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--sample-ratio",
+        type=float,
+        metavar="R",
+        help="add a tracing: block with this sample_ratio (0-1), exporting to "
+        "load/collector.py; default: no tracing block (off)",
+    )
+    args = parser.parse_args(argv)
+    if args.sample_ratio is not None and not 0 <= args.sample_ratio <= 1:
+        parser.error("--sample-ratio is a share: between 0 and 1")
+    return args
 
 
 def _read_answer(sock: socket.socket) -> None:
@@ -114,12 +134,29 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         work.chmod(0o755)  # nginx workers run as nobody
         procs = Procs(work)
-        up, sink, port, admin = benchlib.free_ports(4)
+        up, sink, port, admin, collector = benchlib.free_ports(5)
         (work / "upstream.conf").write_text(benchlib.nginx_upstream_conf(work, up, sink))
-        config = benchlib.gateway_config(port=port, admin_port=admin, upstream_port=up)
+        tracing = None
+        if args.sample_ratio is not None:
+            tracing = {
+                "endpoint": f"http://127.0.0.1:{collector}{PREFIX}",
+                "sample_ratio": args.sample_ratio,
+            }
+        config = benchlib.gateway_config(
+            port=port, admin_port=admin, upstream_port=up, tracing=tracing
+        )
         (work / "gateway.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        spans: int | None = None
         try:
             procs.start("upstream", ["nginx", "-c", str(work / "upstream.conf")], cpus="1")
+            if tracing is not None:
+                sink_proc = procs.start("collector", benchlib.collector_argv(collector), cpus="1")
+                problem = benchlib.wait_http(
+                    f"http://127.0.0.1:{collector}/stats", 10, sink_proc.pid
+                )
+                if problem is not None:
+                    print(f"the collector did not start: {problem}", file=sys.stderr)
+                    return 1
             gateway = procs.start(
                 "gateway",
                 [
@@ -145,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(procs.log_tail("gateway"), file=sys.stderr)
                 return 1
             drive(port, args.path, args.warmup, args.connections)
+            if tracing is not None:
+                before, _ = benchlib.settle_spans(collector, PREFIX, None, limit=30)
             subprocess.run(
                 ["callgrind_control", "-i", "on", str(gateway.pid)], check=True, capture_output=True
             )
@@ -156,6 +195,12 @@ def main(argv: list[str] | None = None) -> int:
             )
             time.sleep(0.5)
             total = total_instructions(work)
+            if tracing is not None:
+                # The counted requests' spans (the warm-up's were settled before the
+                # count; those of the last second are exported after the dump, uncounted).
+                after, _ = benchlib.settle_spans(collector, PREFIX, None, limit=30)
+                if before is not None and after is not None:
+                    spans = after - before
             if args.keep is not None:
                 dumps = sorted(work.glob("callgrind.out.*"), key=lambda p: p.stat().st_mtime)
                 if dumps:
@@ -165,9 +210,16 @@ def main(argv: list[str] | None = None) -> int:
     if not total or not done:
         print("no instructions were counted", file=sys.stderr)
         return 1
+    traced = (
+        "tracing off"
+        if args.sample_ratio is None
+        else f"tracing sample_ratio {args.sample_ratio:g}, "
+        + ("spans not counted" if spans is None else f"{spans:,} spans exported")
+    )
     print(
         f"{checkout} {args.path}: {done:,} requests, "
-        f"{total / done / 1000:.1f} k instructions per request ({took:.0f} s under callgrind)"
+        f"{total / done / 1000:.1f} k instructions per request "
+        f"({took:.0f} s under callgrind; {traced})"
     )
     return 0
 

@@ -8,6 +8,14 @@ same load: `profile.raw` (collapsed stacks, for `flametop.py` and diffs) and
 
     python load/profile.py            # or: make profile
     PROFILE_NATIVE=1 make profile     # with native frames (Rust, C) as well
+    PROFILE_SAMPLE_RATIO=1 make profile   # tracing on, every request sampled
+
+With `PROFILE_SAMPLE_RATIO` (or `--sample-ratio`), the config gets a `tracing:` block
+with that ratio, exporting to `load/collector.py` (a real OTLP/HTTP receiver, on the
+client CPU), and py-spy records with `--threads --gil`: `top.txt` also splits the
+samples between the event loop and the span-export thread, and only the thread holding
+the interpreter's lock is sampled (py-spy counts the export thread's waits between
+batches as busy otherwise; time in the kernel is then not sampled either).
 
 Writes load/results/profile-<timestamp>/ (git-ignored). See load/README.md.
 """
@@ -54,7 +62,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="py-spy --native: C and Rust frames too",
     )
     parser.add_argument("--path", default=os.environ.get("PROFILE_PATH", "/hello"))
-    return parser.parse_args(argv)
+    ratio = os.environ.get("PROFILE_SAMPLE_RATIO", "").strip()
+    parser.add_argument(
+        "--sample-ratio",
+        type=float,
+        default=float(ratio) if ratio else None,
+        help="tracing on with this sample_ratio (0-1), exporting to load/collector.py",
+    )
+    args = parser.parse_args(argv)
+    if args.sample_ratio is not None and not 0 <= args.sample_ratio <= 1:
+        parser.error("the sample ratio is a share: between 0 and 1")
+    return args
 
 
 def pyspy() -> str:
@@ -85,6 +103,10 @@ def record(
     ]
     if args.native:
         argv.append("--native")
+    if args.sample_ratio is not None:
+        # The event loop apart from the span-export thread; only the thread holding the
+        # interpreter's lock, or py-spy counts the export thread's waits as busy.
+        argv += ["--threads", "--gil"]
     if cpus:
         argv = ["taskset", "-c", cpus, *argv]
     done = subprocess.run(
@@ -114,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"==> {message}", file=sys.stderr, flush=True)
 
     try:
-        up_port, sink, port, admin = benchlib.free_ports(4)
+        up_port, sink, port, admin, collector = benchlib.free_ports(5)
         (work / "upstream.conf").write_text(benchlib.nginx_upstream_conf(work, up_port, sink))
         upstream = procs.start(
             "upstream",
@@ -125,9 +147,29 @@ def main(argv: list[str] | None = None) -> int:
         if problem:
             raise SystemExit(f"profile: the nginx upstream did not start: {problem}")
 
+        tracing = None
+        if args.sample_ratio is not None:
+            sink_proc = procs.start(
+                "collector", benchlib.collector_argv(collector), cpus=client_cpu
+            )
+            problem = benchlib.wait_http(
+                f"http://127.0.0.1:{collector}/stats", 10, pid=sink_proc.pid
+            )
+            if problem:
+                raise SystemExit(f"profile: the OTLP collector did not start: {problem}")
+            tracing = {
+                "endpoint": f"http://127.0.0.1:{collector}/gateway",
+                "sample_ratio": args.sample_ratio,
+            }
+            log(f"tracing on: sample_ratio {args.sample_ratio:g}, load/collector.py")
+
         def build(dropped: list[str]) -> dict[str, Any]:
             return benchlib.gateway_config(
-                port=port, admin_port=admin, upstream_port=up_port, dropped=dropped
+                port=port,
+                admin_port=admin,
+                upstream_port=up_port,
+                dropped=dropped,
+                tracing=tracing,
             )
 
         dropped, problem = benchlib.check_gateway_config(work / "gateway.yaml", build)
@@ -174,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
             wrk.kill()
             output, _ = wrk.communicate()
         result = benchlib.parse_wrk(output)
+        if tracing is not None:
+            spans, _ = benchlib.settle_spans(collector, "/gateway", admin)
+            log(f"the collector received {spans if spans is not None else '?'} spans")
     except KeyboardInterrupt:
         log("interrupted")
         return 130

@@ -28,6 +28,9 @@ ORDER = (
     "fast-pipe",
     "aiohttp-pipe",
     "gateway",
+    "gateway-trace-off",
+    "gateway-trace-1pct",
+    "gateway-trace-all",
     "gateway-tls",
     "naive",
     "gateway-1w",
@@ -62,6 +65,15 @@ TLS_LINES = (
     ("tls-handshake", "nginx-proxy-tls", "gateway-tls", "new TLS connections, 1 request each"),
 )
 TLS_KEYS = ("tls-keepalive", "h2", "tls-handshake")
+# The tracing scenario's gateways, untraced first, with their sample ratios.
+TRACING = (
+    ("gateway-trace-off", "off", None),
+    ("gateway-trace-1pct", "1% sampled", 0.01),
+    ("gateway-trace-all", "100% sampled", 1.0),
+)
+# `make instructions` for a simple GET on the tree just before tracing landed (issue 20):
+# tracing off must stay within 1% of it.
+PRE_TRACING_KILO_INSTRUCTIONS = 445.9
 COLORS = {
     "nginx-direct": "#9e9e9e",
     "nginx-proxy": "#2e7d32",
@@ -69,6 +81,9 @@ COLORS = {
     "aiohttp-pipe": "#6a1b9a",
     "gateway": "#d84315",
     "gateway-tls": "#ff8a65",
+    "gateway-trace-off": "#bf360c",
+    "gateway-trace-1pct": "#f4511e",
+    "gateway-trace-all": "#ffab91",
     "nginx-proxy-tls": "#81c784",
     "naive": "#795548",
     "gateway-1w": "#ef6c00",
@@ -118,6 +133,13 @@ def summarise(data: dict[str, Any]) -> list[dict[str, Any]]:
             row["tls"] = good[-1].get("tls") or ""
         if any("resumed" in r for r in good):
             row["resumed"] = sum(r.get("resumed") or 0 for r in good)
+        counted = [r for r in good if r.get("spans") is not None]
+        if counted:
+            # Spans the collector received in these runs, over the requests they served.
+            row["spans"] = sum(r["spans"] for r in counted)
+            served = sum(r["requests"] for r in counted)
+            row["spans_per_request"] = row["spans"] / served if served else None
+            row["spans_dropped"] = sum(r.get("spans_dropped") or 0 for r in counted)
         if len(good) < len(runs):
             row["failed_rounds"] = len(runs) - len(good)
         rows.append(row)
@@ -317,6 +339,100 @@ def tls_goals(table: Table) -> list[dict[str, Any]]:
     return goals
 
 
+def tracing_costs(table: Table) -> dict[str, dict[str, Any]]:
+    """Per tracing variant: its row, CPU per request, ratios to tracing off (req/s and by
+    CPU per request), and the extra CPU per request over off per span exported."""
+    off = table.get("tracing", "gateway-trace-off")
+    off_cost = _cpu_per_request(off)
+    out = {}
+    for name, label, sample in TRACING:
+        row = table.get("tracing", name)
+        cost = _cpu_per_request(row)
+        entry: dict[str, Any] = {"label": label, "sample_ratio": sample, "row": row}
+        entry["cpu_us"] = cost
+        entry["x_off"] = ratio(row, off)
+        entry["x_off_cpu"] = off_cost / cost if cost and off_cost else None
+        per_request = row.get("spans_per_request") if row else None
+        entry["extra_us"] = cost - off_cost if cost and off_cost else None
+        entry["us_per_span"] = (
+            entry["extra_us"] / per_request if entry["extra_us"] and per_request else None
+        )
+        out[name] = entry
+    return out
+
+
+def tracing_goals(table: Table) -> list[dict[str, Any]]:
+    """Issue 20: tracing off costs nothing measurable (instructions per request against
+    the tree before tracing), 1% sampling within 5% of off in req/s, and what 100%
+    sampling costs per span."""
+    if "tracing" not in table.data["scenarios"]:
+        return []
+    goals = []
+    counts = (table.data.get("tracing") or {}).get("instructions") or {}
+    off = counts.get("gateway-trace-off") or {}
+    baseline = counts.get("baseline") or {}
+    before = baseline.get("kilo_per_request") or PRE_TRACING_KILO_INSTRUCTIONS
+    against = (
+        f"{baseline['checkout']}, counted in this run"
+        if baseline.get("kilo_per_request")
+        else "issue 20's figure for the tree before tracing; commits since move this tree's"
+    )
+    if off.get("kilo_per_request"):
+        k = off["kilo_per_request"]
+        change = k / before - 1
+        goals.append(
+            _goal(
+                "tracing off: instructions per simple GET vs before tracing",
+                f"{k:.1f}k vs {before:.1f}k ({change:+.1%}; {against})",
+                "within 1%",
+                abs(change) <= 0.01,
+            )
+        )
+    else:
+        why = off.get("failure") or "BENCH_TRACING_INSTRUCTIONS=1 (or make instructions)"
+        goals.append(
+            _goal(
+                "tracing off: instructions per simple GET vs before tracing",
+                f"not counted in this run: {why}"[:160],
+                f"within 1% of {before:.1f}k",
+                None,
+            )
+        )
+    measured, ok = _versus(
+        table, "tracing", "gateway-trace-1pct", "tracing", "gateway-trace-off", 0.95
+    )
+    off_row = table.get("tracing", "gateway-trace-off")
+    if off_row.get("cpu_pct") is not None and off_row["cpu_pct"] < 90:
+        # Not CPU-bound (a shared CPU, or the client side was the limit): req/s then
+        # hides part of the cost, which CPU per request still shows.
+        measured += (
+            f"; off used {off_row['cpu_pct']:.0f}% of its CPU: read the ratio by CPU per request"
+        )
+    goals.append(_goal("tracing 1% sampled vs off, req/s", measured, ">= 0.95x", ok))
+    costs = tracing_costs(table)
+    full = costs["gateway-trace-all"]
+    row = full["row"]
+    if row:
+        parts = [f"{row['rps']:,.0f} req/s, {_x(full['x_off'])} off"]
+        if full["x_off_cpu"] is not None:
+            parts[0] += f" (by CPU per request {_x(full['x_off_cpu'])})"
+        if full["extra_us"] is not None:
+            parts.append(f"+{full['extra_us']:.0f} us CPU per request over off")
+        if row.get("spans_per_request") is not None:
+            parts.append(f"{row['spans_per_request']:.2f} spans per request exported")
+        if full["us_per_span"] is not None:
+            parts.append(f"= {full['us_per_span']:.0f} us per span")
+        if row.get("spans_dropped"):
+            parts.append(f"{row['spans_dropped']:,} spans dropped")
+        measured = "; ".join(parts)
+    else:
+        measured = f"n/a: {table.why('tracing', 'gateway-trace-all') or 'no figures'}"[:160]
+    goals.append(
+        _goal("tracing 100% sampled: cost per span", measured, "(reported)", None, verdict="-")
+    )
+    return goals
+
+
 def evaluate_goals(table: Table) -> list[dict[str, Any]]:
     """The goals of issue 13, each judged on figures from this one run."""
     goals = []
@@ -445,6 +561,7 @@ def evaluate_goals(table: Table) -> list[dict[str, Any]]:
         )
 
     goals += tls_goals(table)
+    goals += tracing_goals(table)
 
     mem = table.data.get("memory") or {}
     if mem.get("rss_per_connection_kib") is not None:
@@ -630,6 +747,180 @@ def tls_rows(table: Table) -> tuple[list[str], list[list[str]], list[str]]:
             cells += [_x(ratio(found[who], clear[who])) for who in ("gateway", "nginx")]
         rows.append(cells)
     return header, rows, notes
+
+
+def tracing_rows(table: Table) -> tuple[list[str], list[list[str]]]:
+    """The three tracing variants side by side: rate, latency, CPU, spans, cost."""
+    multi = table.data["meta"]["rounds"] > 1
+    header = ["tracing", "req/s", *(["req/s range"] if multi else [])]
+    header += ["p50", "p99", "errors", "CPU", "CPU per request", "x off", "x off by CPU"]
+    header += ["spans/s exported", "spans per request", "dropped", "extra CPU per request"]
+    header.append("extra CPU per span")
+    rows = []
+    for name, entry in tracing_costs(table).items():
+        row = entry["row"]
+        if not row:
+            why = table.why("tracing", name) or "no figures"
+            rows.append([entry["label"], f"n/a: {why[:100]}"] + [""] * (len(header) - 2))
+            continue
+        per = row.get("spans_per_request")
+        cells = [entry["label"], _num(row["rps"])]
+        if multi:
+            cells.append(f"{row['rps_min']:,.0f}-{row['rps_max']:,.0f}")
+        cells += [_ms(row.get("p50_ms")), _ms(row.get("p99_ms"))]
+        cells += [str(row["non_2xx"] + row["socket_errors"]), _cpu(row)]
+        cells.append("-" if entry["cpu_us"] is None else f"{entry['cpu_us']:.0f} us")
+        cells += [_x(entry["x_off"]), _x(entry["x_off_cpu"])]
+        cells.append("-" if per is None else _num(per * row["rps"]))
+        cells.append("-" if per is None else f"{per:.3f}")
+        cells.append("-" if per is None else f"{row.get('spans_dropped', 0):,}")
+        extra = entry["extra_us"]
+        cells.append("-" if extra is None or name == "gateway-trace-off" else f"{extra:+.0f} us")
+        # Per span only where spans are what the extra is made of: at 1% most of it is
+        # the unsampled requests' ids and headers, which no span carries.
+        per_span = entry["us_per_span"] if entry["sample_ratio"] == 1.0 else None
+        cells.append("-" if per_span is None else f"{per_span:.0f} us")
+        rows.append(cells)
+    return header, rows
+
+
+def tracing_section(data: dict[str, Any], table: Table) -> list[str]:
+    """## Tracing: the variants, instruction counts, and where the time goes (py-spy)."""
+    c = data["meta"]["connections"]
+    extra = data.get("tracing") or {}
+    lines = [f"## {data['scenarios']['tracing']['title']}", ""]
+    lines += [
+        "The `simple` request (`GET /hello`) on three gateways with the same config "
+        "(`gateway.yaml`), interleaved in every round: no `tracing:` block, and one with "
+        "`sample_ratio: 0.01` and `1.0` (`gateway-trace-all.yaml`), each exporting over "
+        "OTLP/HTTP to `load/collector.py` (on the client CPU, with wrk and the upstream), "
+        "which counts the spans it receives. Spans are counted per run once the export "
+        "has settled; CPU per request is the gateway's process (event loop and export "
+        "thread); extra CPU per span is (CPU per request - off's) / spans per request. "
+        "`x off by CPU` is off's CPU per request over this one's: the steadier ratio on "
+        "a shared machine.",
+        "",
+    ]
+    lines += _md_table(*tracing_rows(table))
+    same = table.get("simple", "gateway")
+    off = table.get("tracing", "gateway-trace-off")
+    if same and off:
+        # The same config in another process, measured at another moment of the run: how
+        # far two untraced gateways differ here, the noise the ratios above sit in.
+        r, by_cpu = ratio(off, same), _cpu_per_request(same)
+        cost = _cpu_per_request(off)
+        lines += [
+            f"For scale, the `simple` scenario's gateway (the same config, another process, "
+            f"measured earlier in each round): {same['rps']:,.0f} req/s, "
+            f"{_num(by_cpu, '.0f')} us CPU per request; tracing off here is {_x(r)} of it"
+            + (f" ({by_cpu / cost:.2f}x by CPU per request)." if by_cpu and cost else ".")
+            + " That is the spread between two untraced gateways in this run.",
+            "",
+        ]
+    counts = extra.get("instructions") or {}
+    if counts:
+        lines += ["### Instructions per request (`load/instructions.py`, callgrind)", ""]
+        base = (counts.get("gateway-trace-off") or {}).get("kilo_per_request")
+        rows = []
+        for name, label, _ in TRACING:
+            got = counts.get(name) or {}
+            k = got.get("kilo_per_request")
+            if k is None:
+                rows.append([label, f"n/a: {str(got.get('failure', 'not run'))[:100]}", "", ""])
+                continue
+            spans = got.get("spans")
+            per = f"{spans / got['requests']:.3f}" if spans is not None else "-"
+            rows.append([label, f"{k:,.1f}k", _x(k / base) if base else "-", per])
+        baseline = counts.get("baseline") or {}
+        if baseline.get("kilo_per_request"):
+            k = baseline["kilo_per_request"]
+            rows.append([f"`{baseline['checkout']}`, untraced", f"{k:,.1f}k", "", "-"])
+        before = PRE_TRACING_KILO_INSTRUCTIONS
+        rows.append(["before tracing existed (issue 20's figure)", f"{before:.1f}k", "", ""])
+        lines += _md_table(["tracing", "instructions", "x off", "spans per request"], rows)
+    profiles = extra.get("profiles") or {}
+    full = profiles.get("gateway-trace-all") or {}
+    if full:
+        lines += ["### Where the time goes (py-spy)", ""]
+    if full.get("failure"):
+        lines += [f"py-spy failed on the 100% sampled gateway: {full['failure']}", ""]
+    elif full:
+        costs = tracing_costs(table)
+        under = ", ".join(
+            f"{label} {_num((profiles.get(name) or {}).get('rps_under_pyspy'))}"
+            for name, label, _ in TRACING
+            if profiles.get(name)
+        )
+        lines += [
+            f"`py-spy record {full.get('flags', '--threads')} --rate {full['rate']}` for "
+            f"{full['seconds']} s "
+            f"on each gateway in turn under `wrk -c{c}` (req/s under py-spy: {under}; "
+            "sampling slows the process). `--gil` samples the thread holding the "
+            "interpreter's lock, so a thread waiting (the export thread between batches, "
+            "the event loop in epoll) is not counted, nor is time in the kernel. Own time "
+            "per package as a share of those samples, and that share of the CPU per request "
+            "measured in the rounds above (an estimate: kernel time is spread in "
+            f"proportion). Stacks: `{full['raw']}` and its neighbours; top frames: "
+            f"`{full['raw'].removesuffix('.raw')}.txt`.",
+            "",
+        ]
+        variants = [
+            (label, profiles[name], costs[name]["cpu_us"])
+            for name, label, _ in TRACING
+            if profiles.get(name) and not profiles[name].get("failure")
+        ]
+        lines += _md_table(*_package_rows(variants))
+        threads = full.get("threads") or {}
+        if threads:
+            n = sum(threads.values()) or 1
+            lines += [
+                "Samples by thread at 100%: "
+                + ", ".join(f"`{t}` {v / n:.0%}" for t, v in threads.items())
+                + " (the export thread builds, encodes and posts spans in Python, holding "
+                "the interpreter's lock: its time is taken from the event loop's).",
+                "",
+            ]
+        n = full["samples"] or 1
+        lines += ["Top frames by own time at 100%:", ""]
+        lines += _md_table(
+            ["own", "total", "function (file)"],
+            (
+                [f"{own / n:.1%}", f"{total / n:.1%}", f"`{key}`"]
+                for key, own, total in full["top"][:15]
+            ),
+            right_from=0,
+        )
+    return lines
+
+
+def _package_rows(
+    variants: list[tuple[str, dict[str, Any], float | None]],
+) -> tuple[list[str], list[list[str]]]:
+    """Own time per package, one pair of columns (share, us per request) per variant,
+    and the last variant's us per request minus the first's."""
+
+    def share(profile: dict[str, Any], package: str) -> float:
+        return (profile.get("packages") or {}).get(package, 0) / (profile.get("samples") or 1)
+
+    packages: list[str] = []
+    for _, profile, _ in reversed(variants):
+        packages += [p for p in list(profile.get("packages") or {})[:10] if p not in packages]
+    rows = []
+    for package in packages:
+        cells = [f"`{package}`"]
+        spent = []
+        for _, profile, cpu_us in variants:
+            part = share(profile, package)
+            spent.append(part * cpu_us if cpu_us else None)
+            cells += [f"{part:.1%}", _num(spent[-1], ".1f")]
+        first, last = spent[0], spent[-1]
+        cells.append("-" if first is None or last is None else f"{last - first:+.1f}")
+        rows.append(cells)
+    header = ["package"]
+    for label, _, _ in variants:
+        header += [f"{label}: share", f"{label}: us/request"]
+    first, last = variants[0][0], variants[-1][0]
+    return [*header, f"{last} - {first}, us/request"], rows
 
 
 def _cpu_per_request(row: dict[str, Any]) -> float | None:
@@ -818,6 +1109,8 @@ def render_markdown(
                 )
             if extra:
                 lines += [" ".join(extra), ""]
+    if "tracing" in scen:
+        lines += tracing_section(data, table)
     if "workers" in scen:
         lines += [f"## {scen['workers']['title']}", ""]
         lines += [
@@ -849,6 +1142,7 @@ def render_markdown(
         else:
             lines += _md_table(["figure", "value"], memory_rows(mem), right_from=99)
     tls_too = "; TLS and HTTP/2" if any(key in scen for key in TLS_KEYS) else ""
+    tls_too += "; tracing, issue 20" if "tracing" in scen else ""
     lines += [f"## Goals (issue 13{tls_too}), judged on this run", ""]
     lines += _md_table(
         ["goal", "measured", "target", "verdict"],
@@ -901,6 +1195,9 @@ def render_summary(data: dict[str, Any], table: Table, goals: list[dict[str, Any
         header, rows, notes = tls_rows(table)
         out += [f"TLS and HTTP/2, {c} connections", _text_table(header, rows)]
         out += [f"  {note}" for note in notes] + [""]
+    if "tracing" in data["scenarios"]:
+        header, rows = tracing_rows(table)
+        out += [f"tracing, simple GET, {c} connections", _text_table(header, rows), ""]
     out += [
         _text_table(
             ["goal", "measured", "target", "verdict"],
