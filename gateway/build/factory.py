@@ -16,12 +16,14 @@ from gateway.build.runtime import Runtime
 from gateway.build.upstreams import Upstream
 from gateway.build.values import plain
 from gateway.config.models import (
+    CacheSettings,
     CompressionSettings,
     GatewaySettings,
     RouteSettings,
     ServerSettings,
 )
 from gateway.dataplane.aggregate import Aggregation, Backend, BackendTemplate
+from gateway.dataplane.cache import Cache, RouteCache
 from gateway.dataplane.compression import CompressionRules
 from gateway.dataplane.routes import Route
 from gateway.dataplane.routing import CompiledTemplate, Router
@@ -37,6 +39,7 @@ from gateway.types import Handler, Policy
 
 __all__ = [
     "build_aggregate_route",
+    "build_cache",
     "build_compression",
     "build_route_handler",
     "build_runtime",
@@ -94,6 +97,8 @@ def unsupported(settings: GatewaySettings) -> list[str]:
     operator asked for. A `grpc_web` route needs gRPC behind it: an upstream with
     `protocol: http2` (gRPC is HTTP/2), and no aggregate."""
     problems = config_problems(settings)
+    if settings.cache is not None and settings.cache.store != "memory":
+        problems.append("cache.store: the Redis store is not supported yet; use memory")
     for i, route in enumerate(settings.routes):
         if not route.grpc_web:
             continue
@@ -132,6 +137,7 @@ def build_runtime(
     router: Router[Route] = Router()
     server = settings.server
     compression = build_compression(settings.compression)
+    cache = build_cache(settings, previous, metrics)
     for route in settings.routes:
         methods = router_methods(route, settings)
         filters = build_filters(route, settings, edge.store, metrics, jwt=edge.jwt)
@@ -156,8 +162,28 @@ def build_runtime(
             )
         if compression is not None and route.compression:
             compiled = dataclasses.replace(compiled, compression=compression)
+        if cache is not None and route.cache is not None:
+            route_cache = RouteCache(cache, route.name, route.cache.default_ttl)
+            compiled = dataclasses.replace(compiled, cache=route_cache)
         router.add(compiled, route.path, methods, route.host)
-    return Runtime(settings, router, upstreams, edge)
+    return Runtime(settings, router, upstreams, edge, cache)
+
+
+def build_cache(
+    settings: GatewaySettings, previous: Runtime | None, metrics: Metrics | None
+) -> Cache | None:
+    """The process's response cache, when a route caches; kept from `previous` (its
+    entries too) while the `cache` block is unchanged. None: no route caches."""
+    if not any(route.cache is not None for route in settings.routes):
+        return None
+    block = settings.cache or CacheSettings()
+    if (
+        previous is not None
+        and previous.cache is not None
+        and (previous.settings.cache or CacheSettings()) == block
+    ):
+        return previous.cache
+    return Cache(block.max_size, block.max_object_size, metrics)
 
 
 def build_compression(settings: CompressionSettings | None) -> CompressionRules | None:

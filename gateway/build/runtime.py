@@ -14,6 +14,7 @@ import logging
 from gateway.build.edge import EdgeResources
 from gateway.build.upstreams import Upstream
 from gateway.config.models import GatewaySettings
+from gateway.dataplane.cache import Cache
 from gateway.dataplane.routes import Route
 from gateway.dataplane.routing import Router
 
@@ -32,8 +33,10 @@ class Runtime:
         router: Router[Route],
         upstreams: dict[str, Upstream],
         edge: EdgeResources | None = None,
+        cache: Cache | None = None,
     ) -> None:
         self.settings = settings
+        self.cache = cache  # the response cache, when a route caches (`dataplane/cache.py`)
         self.router = router
         self.upstreams = upstreams
         self.edge = edge

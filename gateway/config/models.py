@@ -30,6 +30,7 @@ __all__ = [
     "AuthSettings",
     "BackendSettings",
     "BreakerSettings",
+    "CacheSettings",
     "CompressionSettings",
     "CorsSettings",
     "GatewaySettings",
@@ -39,6 +40,7 @@ __all__ = [
     "RateLimitSettings",
     "RedisStore",
     "RetrySettings",
+    "RouteCacheSettings",
     "RouteSettings",
     "ServerSettings",
     "TargetSettings",
@@ -478,6 +480,37 @@ class AggregateSettings(Model):
         return self
 
 
+class RouteCacheSettings(Model):
+    """A route's `cache:` block: its answers are cached (docs/cache.md)."""
+
+    # seconds answers without explicit freshness stay fresh; 0: only explicitly fresh
+    # answers (max-age, s-maxage, Expires) are stored; default 0s
+    default_ttl: Duration = 0.0
+
+    @field_validator("default_ttl")
+    @classmethod
+    def _ttl(cls, value: float) -> float:
+        if value < 0:
+            raise ValueError("default_ttl cannot be negative")
+        return value
+
+
+class CacheSettings(Model):
+    """The `cache:` block: the store every caching route shares (docs/cache.md)."""
+
+    # memory (per process) or {redis: URL} shared by replicas; default memory
+    store: Literal["memory"] | RedisStore = "memory"
+    max_size: Size = 256 * MiB  # bytes held, least recently used evicted; default 256MiB
+    # answers with larger bodies are streamed through, never stored; default 1MiB
+    max_object_size: Size = 1 * MiB
+
+    @model_validator(mode="after")
+    def _sizes(self) -> CacheSettings:
+        if self.max_size <= 0 or self.max_object_size <= 0:
+            raise ValueError("max_size and max_object_size must be positive")
+        return self
+
+
 class RouteSettings(Model):
     """One `routes[]` entry: what it matches and where it sends the request."""
 
@@ -511,6 +544,8 @@ class RouteSettings(Model):
     compression: bool = True
     # translate gRPC-Web calls (browsers) to gRPC for a protocol: http2 upstream; default false
     grpc_web: bool = False
+    # cache this route's GET/HEAD answers (the global `cache` store); default none (off)
+    cache: RouteCacheSettings | None = None
 
     @field_validator("path")
     @classmethod
@@ -689,6 +724,8 @@ class GatewaySettings(BaseSettings):
     tracing: TracingSettings | None = None
     # response compression (zstd, br, gzip) by Accept-Encoding; default none (off, no cost)
     compression: CompressionSettings | None = None
+    # the response cache's store and sizes, for routes with `cache:`; default memory, 256MiB
+    cache: CacheSettings | None = None
 
     @classmethod
     def settings_customise_sources(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gateway.dataplane.cache import RouteCache
 from gateway.dataplane.compression import CompressionRules
 from gateway.dataplane.routing import CompiledTemplate
 from gateway.edge import RequestFilter
@@ -34,3 +35,5 @@ class Route:
     # how answers are compressed; None: never (no `compression` block, or the route opts out)
     compression: CompressionRules | None = None
     grpc_web: bool = False  # translate gRPC-Web calls to gRPC (`dataplane/grpcweb.py`)
+    # the response cache of a route with `cache:`; None: never consulted (`dataplane/cache.py`)
+    cache: RouteCache | None = None

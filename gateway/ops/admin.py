@@ -98,6 +98,23 @@ def build_admin_app(
             return JSONResponse({"status": "error", "errors": errors}, status_code=400)
         return JSONResponse({"status": "reloaded"})
 
+    async def purge(request: Request) -> Response:
+        if (denied := _check_token(request, current())) is not None:
+            return denied
+        try:
+            spec = await request.json()
+        except ValueError:
+            spec = None
+        problem = _purge_problem(spec)
+        if problem is not None:
+            return JSONResponse({"error": problem}, status_code=400)
+        runtime = state.runtime
+        cache = getattr(runtime, "cache", None) if runtime is not None else None
+        if cache is None:
+            return JSONResponse({"purged": 0})
+        purged = cache.purge(spec.get("route"), spec.get("path"), spec.get("prefix"))
+        return JSONResponse({"purged": purged})
+
     async def status_page(request: Request) -> Response:
         if (denied := _check_token(request, current())) is not None:
             return denied
@@ -117,10 +134,23 @@ def build_admin_app(
             Route("/metrics", metrics, methods=["GET"]),
             Route("/config", config, methods=["GET"]),
             Route("/reload", do_reload, methods=["POST"]),
+            Route("/cache/purge", purge, methods=["POST"]),
             Route("/status", status_page, methods=["GET"]),
             Route("/status.json", status_json, methods=["GET"]),
         ]
     )
+
+
+def _purge_problem(spec: Any) -> str | None:
+    """Why a `/cache/purge` body is refused; None when it is one of the three forms:
+    `{"route"}`, `{"route", "path"}` or `{"prefix"}`."""
+    if not isinstance(spec, dict) or not spec:
+        return 'expected {"route": NAME}, {"route": NAME, "path": TARGET} or {"prefix": PATH}'
+    if any(not isinstance(v, str) or not v for v in spec.values()):
+        return "route, path and prefix are non-empty strings"
+    if set(spec) in ({"route"}, {"route", "path"}, {"prefix"}):
+        return None
+    return 'expected {"route": NAME}, {"route": NAME, "path": TARGET} or {"prefix": PATH}'
 
 
 def _check_token(request: Request, settings: GatewaySettings | None) -> Response | None:

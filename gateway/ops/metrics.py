@@ -152,6 +152,19 @@ class Metrics:
             registry=r,
         )
 
+        self.cache_requests = Counter(
+            "gateway_cache_requests_total",
+            "Requests of caching routes by cache result (hit, miss, stale, collapsed, bypass).",
+            ("route", "result"),
+            registry=r,
+        )
+        self.cache_bytes = Gauge(
+            "gateway_cache_bytes",
+            "Bytes held by the response cache (this process's memory store).",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+
     def __repr__(self) -> str:
         return f"Metrics(multiprocess={multiprocess_dir() is not None})"
 

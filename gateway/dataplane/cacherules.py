@@ -1,0 +1,194 @@
+"""RFC 9111's rules for a shared cache, as plain functions over raw header lists: which
+answers may be stored, for how long they are fresh, how old they are, and which request
+headers (`Vary`) select among their variants. No state and no I/O: `cache.py` holds the
+store and the request path's use of these rules.
+"""
+
+from __future__ import annotations
+
+import time
+from email.utils import parsedate_to_datetime
+
+from gateway.types import Headers
+
+__all__ = [
+    "HEURISTIC_STATUSES",
+    "Freshness",
+    "current_age",
+    "freshness",
+    "http_time",
+    "parse_cache_control",
+    "vary_names",
+    "vary_values",
+]
+
+# RFC 9110 15.1's heuristically cacheable statuses the gateway stores (206 and 308 not).
+HEURISTIC_STATUSES = frozenset({200, 203, 204, 300, 301, 404, 405, 410, 414, 501})
+
+
+def parse_cache_control(headers: Headers) -> dict[bytes, bytes | None]:
+    """Every `Cache-Control` directive of `headers`, names lowercased, quoted values
+    unquoted; a directive given twice keeps its first value."""
+    out: dict[bytes, bytes | None] = {}
+    for name, value in headers:
+        if name.lower() != b"cache-control":
+            continue
+        for element in value.split(b","):
+            key, eq, arg = element.partition(b"=")
+            key = key.strip().lower()
+            if key and key not in out:
+                out[key] = arg.strip().strip(b'"') if eq else None
+    return out
+
+
+def http_time(value: bytes | None) -> float | None:
+    """An HTTP date as seconds since the epoch; None when absent or invalid (RFC 9111
+    5.3: an invalid Expires means already expired, which the caller decides)."""
+    if value is None:
+        return None
+    try:
+        return parsedate_to_datetime(value.decode("latin-1")).timestamp()
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def _seconds(value: bytes | None) -> int | None:
+    if value is None or not value.isdigit():
+        return None
+    return int(value)
+
+
+def _field(headers: Headers, name: bytes) -> bytes | None:
+    for n, v in headers:
+        if n.lower() == name:
+            return v
+    return None
+
+
+class Freshness:
+    """What a response's headers say about storing it: `lifetime` in seconds (None:
+    not storable), `initial_age`, whether it must be revalidated before every use
+    (`no-cache`), and whether it may be shared with requests that carry
+    `Authorization` (`public`, `s-maxage`, `must-revalidate`)."""
+
+    __slots__ = ("initial_age", "lifetime", "no_cache", "reason", "shared_with_auth")
+
+    def __init__(
+        self,
+        lifetime: float | None,
+        initial_age: float = 0.0,
+        no_cache: bool = False,
+        shared_with_auth: bool = False,
+        reason: str = "",
+    ) -> None:
+        self.lifetime = lifetime
+        self.initial_age = initial_age
+        self.no_cache = no_cache
+        self.shared_with_auth = shared_with_auth
+        self.reason = reason  # why not storable, for logs and tests
+
+    def __repr__(self) -> str:
+        return f"Freshness(lifetime={self.lifetime}, age={self.initial_age}, {self.reason!r})"
+
+
+def freshness(
+    status: int,
+    headers: Headers,
+    default_ttl: float,
+    *,
+    authorized: bool = False,
+    now: float | None = None,
+) -> Freshness:
+    """Whether a shared cache may store this response and its freshness lifetime:
+    `s-maxage` > `max-age` > `Expires` (against `Date`) > `default_ttl` (0: only
+    explicitly fresh answers are stored). Never stored: `no-store`, `private`,
+    `Set-Cookie`, `Vary: *`, statuses outside `HEURISTIC_STATUSES`, and answers to a
+    request with `Authorization` unless `public`, `s-maxage` or `must-revalidate`."""
+    now = time.time() if now is None else now
+    if status not in HEURISTIC_STATUSES:
+        return Freshness(None, reason="status")
+    cc = parse_cache_control(headers)
+    if b"no-store" in cc:
+        return Freshness(None, reason="no-store")
+    if b"private" in cc:
+        return Freshness(None, reason="private")
+    date: float | None = None
+    expires: bytes | None = None
+    has_expires = False
+    age_value = 0
+    for name, value in headers:
+        lname = name.lower()
+        if lname == b"set-cookie":
+            return Freshness(None, reason="set-cookie")
+        if lname == b"vary" and any(t.strip() == b"*" for t in value.split(b",")):
+            return Freshness(None, reason="vary-star")
+        if lname == b"date":
+            date = http_time(value)
+        elif lname == b"expires":
+            expires, has_expires = value, True
+        elif lname == b"age":
+            age_value = _seconds(value.strip()) or 0
+    shared_with_auth = b"public" in cc or b"s-maxage" in cc or b"must-revalidate" in cc
+    if authorized and not shared_with_auth:
+        return Freshness(None, reason="authorization")
+    lifetime: float | None = None
+    s_maxage = _seconds(cc.get(b"s-maxage"))
+    max_age = _seconds(cc.get(b"max-age"))
+    if s_maxage is not None:
+        lifetime = s_maxage
+    elif max_age is not None:
+        lifetime = max_age
+    elif has_expires:
+        at = http_time(expires)
+        lifetime = 0.0 if at is None else max(0.0, at - (date if date is not None else now))
+    elif default_ttl > 0:
+        lifetime = default_ttl
+    no_cache = b"no-cache" in cc
+    if lifetime is None and no_cache and _has_validator(headers):
+        lifetime = 0.0  # stored, but revalidated before every use
+    if lifetime is None:
+        return Freshness(None, reason="no-freshness")
+    if lifetime <= 0 and not no_cache and not _has_validator(headers):
+        return Freshness(None, reason="stale-on-arrival")
+    apparent = max(0.0, now - date) if date is not None else 0.0
+    return Freshness(lifetime, max(float(age_value), apparent), no_cache, shared_with_auth)
+
+
+def _has_validator(headers: Headers) -> bool:
+    return _field(headers, b"etag") is not None or _field(headers, b"last-modified") is not None
+
+
+def current_age(initial_age: float, stored_at: float, now: float | None = None) -> float:
+    """RFC 9111 4.2.3: the age when stored plus the time resident since."""
+    now = time.time() if now is None else now
+    return initial_age + max(0.0, now - stored_at)
+
+
+def vary_names(headers: Headers) -> tuple[bytes, ...]:
+    """The request headers a response varies on, lowercased, sorted, once each."""
+    names: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"vary":
+            names.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    return tuple(sorted(names))
+
+
+def vary_values(request: Headers, names: tuple[bytes, ...]) -> tuple[bytes, ...]:
+    """The request's values of `names` (fields given twice joined, whitespace after
+    commas normalised): the secondary key selecting one variant."""
+    if not names:
+        return ()
+    found: dict[bytes, list[bytes]] = {}
+    for name, value in request:
+        lname = name.lower()
+        if lname in names:
+            found.setdefault(lname, []).append(value.strip())
+    out = []
+    for name in names:
+        values = found.get(name)
+        if values is None:
+            out.append(b"")
+            continue
+        joined = b",".join(values)
+        out.append(b",".join(t.strip() for t in joined.split(b",")))
+    return tuple(out)
