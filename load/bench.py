@@ -45,6 +45,11 @@ MiB = 1 << 20
 PROFILE_RATE = 200  # py-spy samples per second in the tracing profile
 INSTRUCTIONS_LINE = re.compile(r"([\d,]+) requests, ([\d.]+) k instructions per request")
 SPANS_EXPORTED = re.compile(r"([\d,]+) spans exported")
+# The grpc scenario: unary calls of one 100-byte message each way, over h2c.
+GRPC_MESSAGE_BYTES = 100
+GRPC_PATH = "/test.Echo/Unary"
+GRPC_HEADERS = ("content-type: application/grpc", "te: trailers")
+GRPC_SYSTEMS = ("grpc-direct", "nginx-grpc", "gateway-grpc")
 
 
 @dataclass
@@ -80,6 +85,8 @@ class Scenario:
     # wrk (keep-alive HTTP/1.1), h2load (HTTP/2, BENCH_H2_STREAMS streams per
     # connection) or handshake (load/handshake.py: a new TLS connection per request)
     tool: str = "wrk"
+    data: bytes | None = None  # h2load: the body each request POSTs (-d)
+    headers: tuple[str, ...] = ()  # h2load: extra request headers (-H)
 
 
 @dataclass
@@ -102,6 +109,7 @@ class Bench:
     tls: TlsFiles | None = None  # the throwaway certificates, once made
     collector_port: int | None = None  # load/collector.py, for the tracing scenario
     tracing: dict[str, Any] = field(default_factory=dict)  # profile, instruction counts
+    grpc_port: int | None = None  # load/refs/grpc_echo.py, for the grpc scenario
 
     def log(self, message: str) -> None:
         print(f"[{self.timer}] {message}", file=sys.stderr, flush=True)
@@ -138,6 +146,7 @@ ALL_SCENARIOS = (
     "stream",
     "upload",
     *TLS_SCENARIOS,
+    "grpc",
     "sweep",
     "workers",
     "memory",
@@ -213,7 +222,7 @@ def _parse_variants(text: str) -> dict[str, dict[str, str]]:
 def define_systems(bench: Bench) -> None:
     args = bench.args
     # Two per system at most (data + admin), plus the upstream's sink and the collector.
-    ports = iter(benchlib.free_ports(2 * (16 + len(args.variants))))
+    ports = iter(benchlib.free_ports(2 * (18 + len(args.variants))))
     up = next(ports)
     bench.systems["nginx-direct"] = System(
         "nginx-direct",
@@ -225,6 +234,15 @@ def define_systems(bench: Bench) -> None:
     )
     bench.upstream_sink = next(ports)
     bench.collector_port = next(ports)
+    bench.grpc_port = next(ports)
+    bench.systems["grpc-direct"] = System(
+        "grpc-direct",
+        "gRPC upstream, direct",
+        "upstream",
+        bench.grpc_port,
+        description="h2load straight to the gRPC upstream (load/refs/grpc_echo.py: grpcio, "
+        "8 threads, both on the client CPU): the ceiling of the grpc scenario, not a proxy",
+    )
     specs = [
         ("nginx-proxy", "nginx reverse proxy", "nginx", "nginx, 1 worker, upstream keepalive"),
         (
@@ -288,6 +306,20 @@ def define_systems(bench: Bench) -> None:
             "gateway",
             "the gateway's config plus server.tls (server.http2 at its default, on): "
             "HTTP/1.1 or h2 by ALPN",
+        ),
+        (
+            "nginx-grpc",
+            "nginx grpc_pass (h2c)",
+            "nginx",
+            "nginx, 1 worker, cleartext http2 listener (h2c), grpc_pass with keepalive to "
+            "the gRPC upstream; other paths proxied to the nginx upstream",
+        ),
+        (
+            "gateway-grpc",
+            "gateway (h2c, gRPC route)",
+            "gateway",
+            "the gateway's config, cleartext (h2c by prior knowledge), plus an upstream "
+            "with protocol: http2 and a route /test.Echo/{method} to the gRPC upstream",
         ),
     ]
     for name, label, kind, description in specs:
@@ -385,7 +417,34 @@ def scenarios(bench: Bench) -> list[Scenario]:
             pinned=False,
         ),
     ]
-    plan = [s for s in out if s.key in args.scenarios and s.connections]
+    frame = benchlib.grpc_frame(GRPC_MESSAGE_BYTES)
+    streams = f"{c} connections x {args.h2_streams} streams"
+    out += [
+        Scenario(
+            "grpc",
+            f"unary gRPC, {GRPC_MESSAGE_BYTES}-byte messages, h2c, {streams}",
+            GRPC_PATH,
+            GRPC_SYSTEMS,
+            (c,),
+            method="POST",
+            tool="h2load",
+            data=frame,
+            headers=GRPC_HEADERS,
+        ),
+        Scenario(
+            "grpc-post",
+            f"plain POST of the same {len(frame)} bytes to /upload, h2c, {streams}",
+            "/upload",
+            ("nginx-grpc", "gateway-grpc"),
+            (c,),
+            method="POST",
+            tool="h2load",
+            data=frame,
+        ),
+    ]
+    # The grpc goal is a ratio to the same gateway's plain POST over h2c: measured with it.
+    wanted = [*args.scenarios, *(["grpc-post"] if "grpc" in args.scenarios else [])]
+    plan = [s for s in out if s.key in wanted and s.connections]
     if "simple" not in args.scenarios and any(s.key in TLS_SCENARIOS for s in plan):
         # The TLS goals are ratios to the same proxies' cleartext simple GET: measure it.
         plan.insert(0, dataclasses.replace(out[0], systems=("nginx-proxy", "gateway")))
@@ -415,11 +474,13 @@ def start_systems(bench: Bench, names: set[str]) -> None:
         make_tls(bench, names)
     if any(TRACING_SYSTEMS.get(name) is not None for name in names):
         start_collector(bench, names, client_cpu)
+    if names & set(GRPC_SYSTEMS):
+        start_grpc_upstream(bench, names, client_cpu)
 
     for name in sorted(names):
         system = bench.systems[name]
         cpus = proxy_cpu if system.pinned else bench.all_cpus
-        if name == "nginx-direct" or system.failure:
+        if name in ("nginx-direct", "grpc-direct") or system.failure:
             continue
         if name == "nginx-proxy":
             (work / "proxy.conf").write_text(benchlib.nginx_proxy_conf(work, system.port, up.port))
@@ -435,6 +496,13 @@ def start_systems(bench: Bench, names: set[str]) -> None:
             )
             (work / "proxy-tls.conf").write_text(conf)
             system.proc = procs.start(name, _nginx_argv(work, "proxy-tls"), cpus=cpus)
+        elif name == "nginx-grpc":
+            assert bench.grpc_port is not None
+            conf = benchlib.nginx_grpc_conf(
+                work, system.port, bench.grpc_port, up.port, version=benchlib.nginx_version()
+            )
+            (work / "grpc.conf").write_text(conf)
+            system.proc = procs.start(name, _nginx_argv(work, "grpc"), cpus=cpus)
         elif name == "naive":
             system.proc = procs.start(
                 name, _uvicorn_argv("refs.naive:app", system.port), cpus=cpus, env=ref_env
@@ -474,10 +542,69 @@ def start_systems(bench: Bench, names: set[str]) -> None:
             start_gateway(bench, system, cpus)
 
     wait_ready(bench, up)
-    for name in sorted(names - {"nginx-direct"}):
+    if "grpc-direct" in names and bench.systems["grpc-direct"].failure is None:
+        wait_ready(bench, bench.systems["grpc-direct"])
+    for name in sorted(names - {"nginx-direct", "grpc-direct"}):
         system = bench.systems[name]
         if system.failure is None:
             wait_ready(bench, system)
+
+
+def start_grpc_upstream(bench: Bench, names: set[str], cpus: str | None) -> None:
+    """The gRPC upstream (load/refs/grpc_echo.py), on the client CPU with the nginx
+    upstream; the grpc systems fail, with the reason, if it cannot start."""
+    assert bench.grpc_port is not None
+    system = bench.systems["grpc-direct"]
+    try:
+        import grpc  # noqa: F401
+    except ImportError:
+        for name in names & set(GRPC_SYSTEMS):
+            bench.systems[name].failure = "grpcio is not installed (pip install -e '.[dev]')"
+        return
+    argv = benchlib.grpc_echo_argv(bench.grpc_port, GRPC_MESSAGE_BYTES)
+    system.proc = bench.procs.start("grpc-direct", argv, cpus=cpus)
+
+
+def _wait_h2c(bench: Bench, system: System, scenario_path: str = GRPC_PATH) -> str | None:
+    """A cleartext HTTP/2-only server (h2c by prior knowledge: nginx < 1.25 on an http2
+    listener, the gRPC upstream) is ready when one gRPC call over h2load succeeds."""
+    data = _data_file(bench, benchlib.grpc_frame(GRPC_MESSAGE_BYTES))
+    deadline = time.monotonic() + bench.args.ready_timeout
+    problem: str | None = "not tried"
+    while time.monotonic() < deadline:
+        if system.proc is not None and not benchlib.alive(system.proc.pid):
+            return "exited"
+        problem = benchlib.probe_h2(
+            system.url(scenario_path), data=data, headers=GRPC_HEADERS, limit=10
+        )
+        if problem is None:
+            return None
+        time.sleep(0.3)
+    return problem
+
+
+def _data_file(bench: Bench, data: bytes) -> Path:
+    """A file in the temp dir holding `data`, for h2load's -d."""
+    path = bench.work / f"body-{len(data)}-{hash(data) & 0xFFFFFFFF:08x}.bin"
+    if not path.exists():
+        path.write_bytes(data)
+    return path
+
+
+def grpc_call(url_port: int, timeout: float = 10) -> str | None:
+    """One unary call with grpcio's own client: None when it returned OK and the
+    upstream's message, else why not (h2load sees HTTP 200 even for a gRPC error)."""
+    import grpc
+
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{url_port}") as channel:
+            call = channel.unary_unary(GRPC_PATH)
+            answer = call(b"x" * GRPC_MESSAGE_BYTES, timeout=timeout)
+    except grpc.RpcError as exc:
+        return f"gRPC call failed: {exc.code()} {exc.details()}"[:200]
+    if len(answer) != GRPC_MESSAGE_BYTES:
+        return f"gRPC call answered {len(answer)} bytes, not {GRPC_MESSAGE_BYTES}"
+    return None
 
 
 def make_tls(bench: Bench, names: set[str]) -> None:
@@ -568,6 +695,7 @@ def start_gateway(bench: Bench, system: System, cpus: str | None) -> None:
 
     tls = bench.tls if system.scheme == "https" else None
     tracing = _tracing_block(bench, system.name)
+    grpc_port = bench.grpc_port if system.name == "gateway-grpc" else None
 
     def build(dropped: list[str]) -> dict[str, Any]:
         return benchlib.gateway_config(
@@ -578,6 +706,7 @@ def start_gateway(bench: Bench, system: System, cpus: str | None) -> None:
             dropped=dropped,
             tls=tls,
             tracing=tracing,
+            grpc_port=grpc_port,
         )
 
     dropped, problem = benchlib.check_gateway_config(yaml_path, build)
@@ -590,7 +719,7 @@ def start_gateway(bench: Bench, system: System, cpus: str | None) -> None:
             f"This gateway build refused {', '.join(dropped)}: the bench ran without "
             "those keys (see gateway.yaml in this folder)."
         )
-    if system.name in ("gateway", "gateway-tls", "gateway-trace-all"):
+    if system.name in ("gateway", "gateway-tls", "gateway-trace-all", "gateway-grpc"):
         shutil.copy(yaml_path, bench.out / f"{system.name}.yaml")
     access = Path("/dev/null") if args.access_log == "/dev/null" else None
     stdout = access or work / f"{system.name}.access.log"
@@ -612,7 +741,9 @@ def wait_ready(bench: Bench, system: System) -> None:
         )
         if problem:
             system.failure = f"not ready: {problem}"
-    if system.failure is None:
+    if system.failure is None and system.name in ("nginx-grpc", "grpc-direct"):
+        system.failure = _wait_h2c(bench, system)
+    elif system.failure is None:
         system.failure = benchlib.wait_http(
             system.url("/hello"), timeout, pid=pid, context=_context(bench, system)
         )
@@ -638,7 +769,12 @@ def verify(bench: Bench, plan: list[Scenario]) -> dict[tuple[str, str], str]:
             if scenario.tool == "h2load":
                 # One request over h2: a server that does not choose h2 by ALPN (or
                 # fails it) is reported with the reason, and its runs are skipped.
-                problem = benchlib.probe_h2(system.url(scenario.path))
+                data = _data_file(bench, scenario.data) if scenario.data else None
+                problem = benchlib.probe_h2(
+                    system.url(scenario.path), data=data, headers=scenario.headers
+                )
+                if problem is None and scenario.key == "grpc":
+                    problem = grpc_call(system.port)
                 if problem:
                     broken[(scenario.key, name)] = problem
                     bench.log(f"{name}: {problem}")
@@ -688,6 +824,8 @@ def prime(bench: Bench, plan: list[Scenario], broken: dict[tuple[str, str], str]
                     connections,
                     requests=connections * bench.args.h2_streams * 5,
                     streams=bench.args.h2_streams,
+                    data=_data_file(bench, scenario.data) if scenario.data else None,
+                    headers=scenario.headers,
                 )
             elif scenario.tool == "handshake":
                 argv = benchlib.handshake_argv(system.port, connections, 1)
@@ -791,7 +929,14 @@ def load(
     url = system.url(scenario.path)
     if scenario.tool == "h2load":
         return benchlib.run_h2load(
-            url, connections, seconds, cpus=cpus, streams=args.h2_streams, work=bench.work
+            url,
+            connections,
+            seconds,
+            cpus=cpus,
+            streams=args.h2_streams,
+            work=bench.work,
+            data=_data_file(bench, scenario.data) if scenario.data else None,
+            headers=scenario.headers,
         )
     if scenario.tool == "handshake":
         return benchlib.run_handshakes(system.port, connections, seconds, cpus=cpus)
@@ -1137,6 +1282,14 @@ def write_results(bench: Bench, facts: dict[str, Any], plan: list[Scenario]) -> 
                 "percentiles from its per-request --log-file); new connections: "
                 f"load/handshake.py, {args.connections} clients, each a full TLS handshake "
                 "(no session resumption) and one GET with Connection: close"
+            ),
+            "load_grpc": (
+                f"h2load -t1 -c{args.connections} -m{args.h2_streams} -D{args.seconds} over "
+                f"h2c (prior knowledge), POST {GRPC_PATH} with one {GRPC_MESSAGE_BYTES}-byte "
+                "gRPC message (-d), content-type: application/grpc, te: trailers; the "
+                f"upstream answers {GRPC_MESSAGE_BYTES} bytes (load/refs/grpc_echo.py, "
+                "grpcio, 8 threads, on the client CPU); each proxy first makes one call with "
+                "grpcio's client (status OK, the message back) before any load"
             ),
             "tls": (
                 {

@@ -72,6 +72,7 @@ LOAD_DIR = ROOT / "load"
 WRK_SCRIPT = LOAD_DIR / "wrk_stats.lua"
 HANDSHAKE_CLIENT = LOAD_DIR / "handshake.py"
 COLLECTOR = LOAD_DIR / "collector.py"
+GRPC_ECHO = LOAD_DIR / "refs" / "grpc_echo.py"
 
 # Payloads the upstream serves; the scenarios and the report share them.
 BLOB_BYTES = 1 << 20
@@ -504,12 +505,19 @@ def h2load_argv(
     requests: int | None = None,
     streams: int = H2_STREAMS,
     log_file: Path | None = None,
+    data: Path | None = None,
+    headers: Sequence[str] = (),
 ) -> list[str]:
     """h2load over TLS, HTTP/2 by ALPN (its default list offers h2 first, then
-    http/1.1: the output says which one the server chose). `seconds`: a timed run
-    (`-D`); else `requests` in all."""
+    http/1.1: the output says which one the server chose), or, for an http:// URL, h2c
+    by prior knowledge. `seconds`: a timed run (`-D`); else `requests` in all. `data`:
+    a file each request POSTs (`-d`); `headers`: extra request headers (`-H`)."""
     argv = ["h2load", "-t1", f"-c{connections}", f"-m{streams}"]
     argv += [f"-D{seconds}"] if seconds else [f"-n{requests or connections}"]
+    if data is not None:
+        argv.append(f"--data={data}")
+    for header in headers:
+        argv.append(f"--header={header}")
     if log_file is not None:
         argv.append(f"--log-file={log_file}")
     return [*argv, url]
@@ -538,7 +546,8 @@ def percentiles(values: Sequence[float]) -> dict[str, float]:
 def parse_h2load(output: str, log_file: Path | None = None) -> tuple[WrkResult, dict[str, Any]]:
     """h2load's summary (and latency percentiles from its per-request `--log-file`:
     its own summary has only min / max / mean / sd). A run where the server did not
-    choose h2, or where no request succeeded, is a failure with the reason."""
+    choose h2 (or h2c, cleartext by prior knowledge), or where no request succeeded, is
+    a failure with the reason."""
     tls = dict(_H2_TLS.findall(output))
     extras = {
         "tls": " ".join(
@@ -548,10 +557,11 @@ def parse_h2load(output: str, log_file: Path | None = None) -> tuple[WrkResult, 
     protocol = tls.get("Application protocol")
     requests = _H2_REQUESTS.search(output)
     finished = _H2_FINISHED.search(output)
-    if "TLS Protocol" not in tls:
+    if "TLS Protocol" not in tls and protocol != "h2c":
         counts = f" ({requests.group(0)[len('requests: ') :]})" if requests else ""
-        return WrkResult(failure=f"h2load: no TLS connection was made{counts}"), extras
-    if protocol != "h2":
+        why = f"h2load: no connection was made (neither TLS nor h2c){counts}"
+        return WrkResult(failure=why), extras
+    if protocol not in ("h2", "h2c"):
         chosen = f"the server chose {protocol}" if protocol else "no protocol was negotiated"
         return WrkResult(failure=f"h2load: {chosen} (ALPN), not h2"), extras
     if requests is None or finished is None:
@@ -582,7 +592,8 @@ def parse_h2load(output: str, log_file: Path | None = None) -> tuple[WrkResult, 
         bytes=int(traffic.group(1)) if traffic else 0,
         read=max(failed - timeout, 0),
         timeout=timeout,
-        non_2xx=done - (int(status.group(1)) if status else done),
+        # h2load's timed mode can count one more 2xx answer than requests done.
+        non_2xx=max(done - (int(status.group(1)) if status else done), 0),
         mean_ms=stats.get("mean"),
         max_ms=stats.get("max"),
         p50_ms=stats.get("p50"),
@@ -624,11 +635,21 @@ def run_h2load(
     cpus: str | None,
     streams: int = H2_STREAMS,
     work: Path,
+    data: Path | None = None,
+    headers: Sequence[str] = (),
 ) -> tuple[WrkResult, dict[str, Any], str]:
     """One bounded, timed h2load run; (figures, TLS facts, h2load's output)."""
     log_file = work / "h2load.log"
     log_file.unlink(missing_ok=True)
-    argv = h2load_argv(url, connections, seconds=seconds, streams=streams, log_file=log_file)
+    argv = h2load_argv(
+        url,
+        connections,
+        seconds=seconds,
+        streams=streams,
+        log_file=log_file,
+        data=data,
+        headers=headers,
+    )
     limit = seconds + 15
     output, code = _bounded(argv, limit, cpus)
     try:
@@ -645,11 +666,19 @@ def run_h2load(
     return result, extras, _drop_progress(output)
 
 
-def probe_h2(url: str, *, cpus: str | None = None) -> str | None:
+def probe_h2(
+    url: str,
+    *,
+    cpus: str | None = None,
+    data: Path | None = None,
+    headers: Sequence[str] = (),
+    limit: float = 30,
+) -> str | None:
     """One HTTP/2 request with h2load: None when it was h2 and succeeded, else why not."""
     if shutil.which("h2load") is None:
         return "h2load is not installed (Debian: apt-get install nghttp2-client)"
-    output, code = _bounded(h2load_argv(url, 1, requests=1, streams=1), 30, cpus)
+    argv = h2load_argv(url, 1, requests=1, streams=1, data=data, headers=headers)
+    output, code = _bounded(argv, limit, cpus)
     if code is None:
         return "h2load did not finish one request within 30 s"
     result, _ = parse_h2load(output)
@@ -891,6 +920,65 @@ def nginx_proxy_conf(
     )
 
 
+def grpc_frame(size: int) -> bytes:
+    """One gRPC length-prefixed message of `size` bytes (uncompressed)."""
+    return b"\0" + size.to_bytes(4, "big") + b"x" * size
+
+
+def grpc_echo_argv(port: int, size: int) -> list[str]:
+    """The bench's gRPC upstream (load/refs/grpc_echo.py): grpcio, 8 worker threads."""
+    return [sys.executable, str(GRPC_ECHO), "--port", str(port), "--size", str(size)]
+
+
+def nginx_grpc_conf(
+    work: Path,
+    port: int,
+    grpc_port: int,
+    upstream_port: int,
+    *,
+    version: tuple[int, ...] | None = None,
+) -> str:
+    """nginx in front of the gRPC upstream: a cleartext HTTP/2 (h2c, prior knowledge)
+    listener, `grpc_pass` with upstream keep-alive for `/test.Echo/`, and everything
+    else proxied to the nginx upstream as nginx-proxy does (the plain POST beside)."""
+    if version is not None and version >= (1, 25, 1):
+        listen = f"listen 127.0.0.1:{port} backlog=4096;\n        http2 on;"
+    else:
+        listen = f"listen 127.0.0.1:{port} http2 backlog=4096;"
+    return (
+        _nginx_main(work, "grpc")
+        + f"""http {{
+{_nginx_http(work, "grpc")}
+    upstream grpc_backend {{
+        server 127.0.0.1:{grpc_port};
+        keepalive 64;
+        keepalive_requests 1000000;
+        keepalive_timeout 300s;
+    }}
+    upstream backend {{
+        server 127.0.0.1:{upstream_port};
+        keepalive 256;
+        keepalive_requests 1000000;
+        keepalive_timeout 300s;
+    }}
+    server {{
+        {listen}
+        http2_max_concurrent_streams 128;
+        location /test.Echo/ {{
+            grpc_pass grpc://grpc_backend;
+        }}
+        location / {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_request_buffering off;
+        }}
+    }}
+}}
+"""
+    )
+
+
 # --- the gateway -----------------------------------------------------------------------
 
 # Policy keys the bench turns on; a gateway build that refuses one runs without it
@@ -908,13 +996,16 @@ def gateway_config(
     dropped: Sequence[str] = (),
     tls: TlsFiles | None = None,
     tracing: Mapping[str, Any] | None = None,
+    grpc_port: int | None = None,
 ) -> dict[str, Any]:
     """The bench's gateway config: every policy on (bulkhead, breaker, retries on connect
     errors, deadline), metrics and access log on, one plain route per scenario and an
     aggregate route over three upstreams for the fan-out. With `tls`, the data listener
     is TLS (`server.tls`), HTTP/2 by ALPN beside HTTP/1.1 (`server.http2`, on by
     default). With `tracing`, that block as the `tracing:` section (docs/tracing.md);
-    without it there is none, and tracing is off."""
+    without it there is none, and tracing is off. With `grpc_port`, an upstream `grpc`
+    (`protocol: http2`, h2c) there and a route `/test.Echo/{method}` to it (docs/grpc.md).
+    """
     target = f"http://127.0.0.1:{upstream_port}"
     policies: dict[str, Any] = {
         "max_connections": 512,
@@ -972,6 +1063,20 @@ def gateway_config(
     }
     if tracing is not None:
         config["tracing"] = dict(tracing)
+    if grpc_port is not None:
+        config["upstreams"]["grpc"] = {
+            **policies,
+            "targets": [f"http://127.0.0.1:{grpc_port}"],
+            "protocol": "http2",
+        }
+        config["routes"].append(
+            {
+                "name": "grpc",
+                "path": "/test.Echo/{method}",
+                "methods": ["POST"],
+                "upstream": "grpc",
+            }
+        )
     return config
 
 

@@ -23,8 +23,10 @@ __all__ = ["evaluate_goals", "main", "summarise", "write"]
 
 ORDER = (
     "nginx-direct",
+    "grpc-direct",
     "nginx-proxy",
     "nginx-proxy-tls",
+    "nginx-grpc",
     "fast-pipe",
     "aiohttp-pipe",
     "gateway",
@@ -32,6 +34,7 @@ ORDER = (
     "gateway-trace-1pct",
     "gateway-trace-all",
     "gateway-tls",
+    "gateway-grpc",
     "naive",
     "gateway-1w",
     "gateway-2w",
@@ -85,6 +88,9 @@ COLORS = {
     "gateway-trace-1pct": "#f4511e",
     "gateway-trace-all": "#ffab91",
     "nginx-proxy-tls": "#81c784",
+    "grpc-direct": "#bdbdbd",
+    "nginx-grpc": "#1b5e20",
+    "gateway-grpc": "#e64a19",
     "naive": "#795548",
     "gateway-1w": "#ef6c00",
     "gateway-2w": "#c62828",
@@ -339,6 +345,96 @@ def tls_goals(table: Table) -> list[dict[str, Any]]:
     return goals
 
 
+# The grpc scenario: (system, label); each with its plain h2c POST of the same bytes.
+GRPC_LINES = (
+    ("grpc-direct", "gRPC upstream, direct (no proxy)"),
+    ("nginx-grpc", "nginx grpc_pass"),
+    ("gateway-grpc", "gateway"),
+)
+
+
+def grpc_rows(table: Table) -> tuple[list[str], list[list[str]], list[str]]:
+    """Unary gRPC beside a plain POST of the same bytes, both h2c, per system:
+    (header, rows, why each n/a is one)."""
+    header = [
+        "system",
+        "gRPC req/s",
+        "gRPC p50",
+        "gRPC p99",
+        "gRPC CPU",
+        "plain POST req/s",
+        "plain POST p99",
+        "gRPC x plain POST",
+        "gRPC x nginx",
+    ]
+    rows, notes = [], []
+    nginx = table.get("grpc", "nginx-grpc")
+    for system, label in GRPC_LINES:
+        at = table.at("grpc", table.base).get(system)
+        if at is None:
+            continue
+        row, post = table.get("grpc", system), table.get("grpc-post", system)
+        cells = [label]
+        if row:
+            per = _cpu_per_request(row)
+            cells += [
+                _num(row["rps"]) + ("*" if _errors(row) else ""),
+                _ms(row.get("p50_ms")),
+                _ms(row.get("p99_ms")),
+                _cpu(row) + (f", {per:,.0f} us each" if per else ""),
+            ]
+            if _errors(row):
+                notes.append(f"{label}, gRPC: {_errors(row)[2:]} (* above)")
+        else:
+            cells += ["n/a", "-", "-", "-"]
+            notes.append(f"{label}, gRPC: {table.why('grpc', system) or 'no figures'}")
+        if system == "grpc-direct":
+            cells += ["-", "-", "-"]
+        elif post:
+            cells += [_num(post["rps"]), _ms(post.get("p99_ms")), _x(ratio(row, post))]
+        else:
+            cells += ["n/a", "-", "-"]
+            notes.append(f"{label}, plain POST: {table.why('grpc-post', system) or 'no figures'}")
+        cells.append("-" if system == "nginx-grpc" else _x(ratio(row, nginx)))
+        rows.append(cells)
+    return header, rows, notes
+
+
+def grpc_goals(table: Table) -> list[dict[str, Any]]:
+    """Issue 21: unary gRPC through the gateway against the gateway's own HTTP/2 rate
+    for a plain POST of the same bytes (both h2c, this run), nginx's grpc_pass beside."""
+    if "grpc" not in table.data["scenarios"]:
+        return []
+    measured, ok = _versus(table, "grpc", "gateway-grpc", "grpc-post", "gateway-grpc", 0.5)
+    nginx = _x(ratio(table.get("grpc", "nginx-grpc"), table.get("grpc-post", "nginx-grpc")))
+    goals = [
+        _goal(
+            "unary gRPC vs the gateway's HTTP/2 plain POST (same bytes, h2c)",
+            f"{measured}; nginx grpc_pass: {nginx}",
+            ">= 0.5x",
+            ok,
+        )
+    ]
+    parts = []
+    for system, label in GRPC_LINES:
+        row = table.get("grpc", system)
+        if row:
+            parts.append(f"{label} {row['rps']:,.0f} req/s, p99 {_ms(row.get('p99_ms'))}")
+        else:
+            parts.append(f"{label} n/a: {table.why('grpc', system) or 'no figures'}"[:120])
+    r = ratio(table.get("grpc", "gateway-grpc"), table.get("grpc", "nginx-grpc"))
+    goals.append(
+        _goal(
+            "unary gRPC req/s and p99",
+            "; ".join(parts) + (f"; gateway {r:.2f}x nginx" if r is not None else ""),
+            "(no goal: reported)",
+            None,
+            verdict="-",
+        )
+    )
+    return goals
+
+
 def tracing_costs(table: Table) -> dict[str, dict[str, Any]]:
     """Per tracing variant: its row, CPU per request, ratios to tracing off (req/s and by
     CPU per request), and the extra CPU per request over off per span exported."""
@@ -561,6 +657,7 @@ def evaluate_goals(table: Table) -> list[dict[str, Any]]:
         )
 
     goals += tls_goals(table)
+    goals += grpc_goals(table)
     goals += tracing_goals(table)
 
     mem = table.data.get("memory") or {}
@@ -1054,6 +1151,23 @@ def render_markdown(
                 "",
             ]
             lines += _md_table(*scenario_rows(table, key, c, bytes_col=True, rss=True))
+    if "grpc" in scen:
+        lines += [f"## gRPC (h2c), {c} connections x {_streams(table)} streams", ""]
+        lines += [
+            f"Unary gRPC: {meta.get('load_grpc', '')}. The plain POST is the same bytes to "
+            "`/upload` on the nginx upstream, over h2c to the same proxy: the gateway's own "
+            "HTTP/2 rate the gRPC goal is judged against. The gRPC upstream shares the "
+            "client CPU with h2load and the nginx upstream.",
+            "",
+        ]
+        header, rows, notes = grpc_rows(table)
+        lines += _md_table(header, rows)
+        if notes:
+            lines += [f"- {note}" for note in notes] + [""]
+        for key in ("grpc", "grpc-post"):
+            if key in scen:
+                lines += [f"### {scen[key]['title']}", ""]
+                lines += _md_table(*scenario_rows(table, key, c))
     points = table.sweep_points()
     if "sweep" in scen and points:
         lines += ["## Concurrency sweep (simple GET)", ""]
@@ -1194,6 +1308,10 @@ def render_summary(data: dict[str, Any], table: Table, goals: list[dict[str, Any
     if any(key in data["scenarios"] for key in TLS_KEYS):
         header, rows, notes = tls_rows(table)
         out += [f"TLS and HTTP/2, {c} connections", _text_table(header, rows)]
+        out += [f"  {note}" for note in notes] + [""]
+    if "grpc" in data["scenarios"]:
+        header, rows, notes = grpc_rows(table)
+        out += [f"unary gRPC and plain POST over h2c, {c} connections", _text_table(header, rows)]
         out += [f"  {note}" for note in notes] + [""]
     if "tracing" in data["scenarios"]:
         header, rows = tracing_rows(table)
