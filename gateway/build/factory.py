@@ -163,7 +163,9 @@ def build_runtime(
         if compression is not None and route.compression:
             compiled = dataclasses.replace(compiled, compression=compression)
         if cache is not None and route.cache is not None:
-            route_cache = RouteCache(cache, route.name, route.cache.default_ttl)
+            route_cache = RouteCache(
+                cache, route.name, route.cache.default_ttl, timeout=route.timeout
+            )
             compiled = dataclasses.replace(compiled, cache=route_cache)
         router.add(compiled, route.path, methods, route.host)
     return Runtime(settings, router, upstreams, edge, cache)

@@ -8,13 +8,16 @@ GET and HEAD share it), hits with `Age` and RFC 9211 `Cache-Status`, revalidatio
 stale entries, 304s to a client's own conditional request, coalescing of concurrent
 misses (one upstream request; the others wait for its stored answer, or, when it is not
 storable, go upstream at once and the key is remembered as not storable for
-`HIT_FOR_MISS` seconds), bodies teed into the store as they stream to the client, and
-purges.
+`HIT_FOR_MISS` seconds), bodies teed into the store as they stream to the client,
+RFC 5861's stale answers (`stale-while-revalidate`: served at once while one background
+refresh per key goes upstream; `stale-if-error`: served instead of an upstream failure),
+and purges.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import OrderedDict
@@ -29,9 +32,17 @@ from gateway.dataplane.cacherules import (
     vary_names,
     vary_values,
 )
-from gateway.errors import GatewayError, UpstreamTimeout
+from gateway.errors import GatewayError, UpstreamError, UpstreamTimeout
 from gateway.ops.metrics import Metrics
-from gateway.types import GatewayRequest, GatewayResponse, Handler, Headers, WholeBody, closed
+from gateway.types import (
+    Deadline,
+    GatewayRequest,
+    GatewayResponse,
+    Handler,
+    Headers,
+    WholeBody,
+    closed,
+)
 
 __all__ = ["HIT_FOR_MISS", "Cache", "Entry", "MemoryStore", "RouteCache"]
 
@@ -51,6 +62,8 @@ _IN_304 = frozenset(
     {b"cache-control", b"content-location", b"date", b"etag", b"expires", b"vary", b"last-modified"}
 )
 _CONDITIONAL = frozenset({b"if-none-match", b"if-modified-since", b"if-match", b"if-range"})
+# Upstream statuses a `stale-if-error` entry is served in place of (RFC 5861 4).
+_ERROR_STATUSES = frozenset({500, 502, 503, 504})
 
 Primary = tuple[str, str]  # (route, target as sent: path and query)
 Key = tuple[str, str, tuple[bytes, ...], tuple[bytes, ...]]  # + vary names, their values
@@ -71,6 +84,8 @@ class Entry:
         "no_cache",
         "shared_with_auth",
         "size",
+        "stale_if_error",
+        "stale_while_revalidate",
         "status",
         "stored_at",
     )
@@ -87,6 +102,8 @@ class Entry:
         self.initial_age = fresh.initial_age
         self.no_cache = fresh.no_cache
         self.shared_with_auth = fresh.shared_with_auth
+        self.stale_while_revalidate = fresh.stale_while_revalidate
+        self.stale_if_error = fresh.stale_if_error
         self.stored_at = now
         self.etag = _get(self.headers, b"etag")
         self.last_modified = _get(self.headers, b"last-modified")
@@ -101,6 +118,10 @@ class Entry:
     def usable(self, now: float) -> bool:
         """Fresh, and allowed to be served without revalidation."""
         return not self.no_cache and self.ttl(now) > 0
+
+    def within(self, window: float, now: float) -> bool:
+        """Stale for no more than `window` seconds (an RFC 5861 window; 0: never)."""
+        return window > 0 and not self.no_cache and -self.ttl(now) <= window
 
     def __repr__(self) -> str:
         return f"Entry({self.key[1]!r}, {self.status}, {self.size}B, lifetime={self.lifetime})"
@@ -172,6 +193,8 @@ class Cache:
         self.max_object_size = max_object_size
         self.inflight: dict[tuple[Primary, tuple[bytes, ...]], asyncio.Future[bool]] = {}
         self.not_storable: dict[Primary, float] = {}  # until when (monotonic)
+        self.refreshing: set[Key] = set()  # keys with a background refresh under way
+        self.tasks: set[asyncio.Task[None]] = set()  # those refreshes (kept referenced)
         self._metrics = metrics
         self._results: dict[tuple[str, str], Any] = {}
         self._bytes = metrics.cache_bytes if metrics is not None else None
@@ -218,14 +241,19 @@ class Cache:
 
 
 class RouteCache:
-    """One caching route: its name and `default_ttl`, over the shared `Cache`."""
+    """One caching route: its name and `default_ttl`, over the shared `Cache`, and its
+    `timeout`, which bounds a background refresh (None: the time the request that
+    started it had left)."""
 
-    __slots__ = ("cache", "default_ttl", "route")
+    __slots__ = ("cache", "default_ttl", "route", "timeout")
 
-    def __init__(self, cache: Cache, route: str, default_ttl: float) -> None:
+    def __init__(
+        self, cache: Cache, route: str, default_ttl: float, timeout: float | None = None
+    ) -> None:
         self.cache = cache
         self.route = route
         self.default_ttl = default_ttl
+        self.timeout = timeout
 
     def __repr__(self) -> str:
         return f"RouteCache({self.route!r}, default_ttl={self.default_ttl})"
@@ -272,11 +300,26 @@ class RouteCache:
                 cache.count(self.route, "hit")
                 ttl = int(entry.ttl(now))
                 return self._answer(entry, request, now), b"gateway; hit; ttl=%d" % ttl
-            if entry.etag is not None or entry.last_modified is not None:
-                return await self._revalidate(entry, request, handler, authorized)
-            cache.count(self.route, "stale")
-            response, stored = await self._forward(request, handler, primary, authorized)
-            return response, b"gateway; fwd=stale" + (b"; stored" if stored else b"")
+            if entry.within(entry.stale_while_revalidate, now):
+                # RFC 5861 3: served stale at once (a hit with a ttl of 0 or below, RFC
+                # 9211 2.2), one refresh per key going upstream off the request path.
+                cache.count(self.route, "stale")
+                self._refresh(entry, request, handler, authorized)
+                ttl = int(entry.ttl(now))
+                return self._answer(entry, request, now), b"gateway; hit; ttl=%d" % ttl
+            try:
+                if entry.etag is not None or entry.last_modified is not None:
+                    return await self._revalidate(entry, request, handler, authorized)
+                cache.count(self.route, "stale")
+                response = await self._upstream(request, handler, entry)
+                stored = self._store(request, response, primary, authorized, None)
+                return response, b"gateway; fwd=stale" + (b"; stored" if stored else b"")
+            except _ServeStale as failed:  # RFC 5861 4: stale-if-error
+                now = time.time()
+                left = b"; ttl=%d" % int(entry.ttl(now))
+                return self._answer(entry, request, now), b"gateway; fwd=stale" + (
+                    failed.status + left + failed.detail
+                )
         if method == "HEAD":  # HEAD is answered from a GET's entry; it never fills one
             cache.count(self.route, "miss")
             return await handler(request), b"gateway; fwd=miss"
@@ -427,7 +470,7 @@ class RouteCache:
         original = request.headers
         request.headers = conditional
         try:
-            response = await handler(request)
+            response = await self._upstream(request, handler, entry)
         finally:
             request.headers = original
         if response.status != 304:
@@ -436,14 +479,91 @@ class RouteCache:
             status = b"gateway; fwd=stale; fwd-status=%d" % response.status
             return response, status + (b"; stored" if stored else b"")
         await response.close()
-        merged = _updated(entry.headers, response.headers)
+        entry = self._not_modified(entry, response.headers, authorized)
         now = time.time()
-        fresh = freshness(entry.status, merged, self.default_ttl, authorized=authorized)
-        if fresh.lifetime is not None:
-            refreshed = Entry(entry.key, entry.status, merged, entry.body, fresh, now)
-            cache.put(refreshed)
-            entry = refreshed
         return self._answer(entry, request, now), b"gateway; fwd=stale; fwd-status=304"
+
+    def _not_modified(self, entry: Entry, headers: Headers, authorized: bool) -> Entry:
+        """`entry` refreshed by a 304's `headers` (stored in its place), or as it was
+        when the merged head says it may not be stored."""
+        merged = _updated(entry.headers, headers)
+        fresh = freshness(entry.status, merged, self.default_ttl, authorized=authorized)
+        if fresh.lifetime is None:
+            return entry
+        refreshed = Entry(entry.key, entry.status, merged, entry.body, fresh, time.time())
+        self.cache.put(refreshed)
+        return refreshed
+
+    async def _upstream(
+        self, request: GatewayRequest, handler: Handler, entry: Entry
+    ) -> GatewayResponse:
+        """`handler`'s answer for a stale `entry`; `_ServeStale` instead when it failed
+        (an upstream error, or 500, 502, 503, 504) while `entry` is within its
+        `stale-if-error` window."""
+        try:
+            response = await handler(request)
+        except UpstreamError as exc:
+            if not entry.within(entry.stale_if_error, time.time()):
+                raise
+            log.info("serving a stale answer for %s: %r", entry.key[1], exc)
+            raise _ServeStale(b"", b"; detail=%s" % exc.code.encode("ascii")) from None
+        if response.status in _ERROR_STATUSES and entry.within(entry.stale_if_error, time.time()):
+            await response.close()
+            raise _ServeStale(b"; fwd-status=%d" % response.status, b"")
+        return response
+
+    def _refresh(
+        self, entry: Entry, request: GatewayRequest, handler: Handler, authorized: bool
+    ) -> None:
+        """Start the background refresh of a stale `entry` unless one is under way: a
+        GET of its target (conditional when it has validators), bounded by the route's
+        timeout, whose storable answer (or 304) replaces the entry. A failure leaves
+        the entry as it is."""
+        cache = self.cache
+        if entry.key in cache.refreshing:
+            return
+        budget = self.timeout if self.timeout is not None else request.deadline.remaining()
+        budget = max(budget, 0.001)
+        headers = [(n, v) for n, v in request.headers if n.lower() not in _CONDITIONAL]
+        if entry.etag is not None:
+            headers.append((b"if-none-match", entry.etag))
+        if entry.last_modified is not None:
+            headers.append((b"if-modified-since", entry.last_modified))
+        background = dataclasses.replace(
+            request,
+            method="GET",
+            headers=headers,
+            deadline=Deadline.after(budget),
+            body=None,
+            stream=None,
+            source=None,
+            attempt=0,
+            exclude_targets=set(),
+        )
+        primary = (self.route, entry.key[1])
+
+        async def run() -> None:
+            try:
+                async with asyncio.timeout(budget):
+                    response = await handler(background)
+                    try:
+                        if response.status == 304 and (entry.etag or entry.last_modified):
+                            self._not_modified(entry, response.headers, authorized)
+                        elif response.status not in _ERROR_STATUSES:
+                            self._store(background, response, primary, authorized, None)
+                            async for _ in response.body:  # tees it into the store
+                                pass
+                    finally:
+                        await response.close()
+            except Exception as exc:  # the stale entry stays
+                log.info("background refresh of %s failed: %r", entry.key[1], exc)
+            finally:
+                cache.refreshing.discard(entry.key)
+
+        cache.refreshing.add(entry.key)
+        task = asyncio.get_running_loop().create_task(run())
+        cache.tasks.add(task)
+        task.add_done_callback(cache.tasks.discard)
 
     def _answer(self, entry: Entry, request: GatewayRequest, now: float) -> GatewayResponse:
         """A response made from `entry` (its own Date kept, `Age` added): a 304 when the
@@ -456,6 +576,16 @@ class RouteCache:
         headers = [*entry.headers, (b"content-length", b"%d" % len(entry.body)), (b"age", age)]
         body = b"" if request.method == "HEAD" else entry.body
         return GatewayResponse(entry.status, headers, WholeBody(body), closed, whole=body)
+
+
+class _ServeStale(Exception):
+    """The upstream failed and the stale entry is to be served: the `Cache-Status`
+    parameters saying how (`fwd-status`, or `detail` for the gateway's own error)."""
+
+    def __init__(self, status: bytes, detail: bytes) -> None:
+        super().__init__()
+        self.status = status
+        self.detail = detail
 
 
 class _Tee:

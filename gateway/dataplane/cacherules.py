@@ -68,10 +68,21 @@ def _field(headers: Headers, name: bytes) -> bytes | None:
 class Freshness:
     """What a response's headers say about storing it: `lifetime` in seconds (None:
     not storable), `initial_age`, whether it must be revalidated before every use
-    (`no-cache`), and whether it may be shared with requests that carry
-    `Authorization` (`public`, `s-maxage`, `must-revalidate`)."""
+    (`no-cache`), whether it may be shared with requests that carry
+    `Authorization` (`public`, `s-maxage`, `must-revalidate`), and for how many
+    seconds past its lifetime it may still be served while it is refreshed in the
+    background (`stale_while_revalidate`) or when the upstream fails
+    (`stale_if_error`), RFC 5861; 0 when not at all."""
 
-    __slots__ = ("initial_age", "lifetime", "no_cache", "reason", "shared_with_auth")
+    __slots__ = (
+        "initial_age",
+        "lifetime",
+        "no_cache",
+        "reason",
+        "shared_with_auth",
+        "stale_if_error",
+        "stale_while_revalidate",
+    )
 
     def __init__(
         self,
@@ -80,8 +91,12 @@ class Freshness:
         no_cache: bool = False,
         shared_with_auth: bool = False,
         reason: str = "",
+        stale_while_revalidate: float = 0.0,
+        stale_if_error: float = 0.0,
     ) -> None:
         self.lifetime = lifetime
+        self.stale_while_revalidate = stale_while_revalidate
+        self.stale_if_error = stale_if_error
         self.initial_age = initial_age
         self.no_cache = no_cache
         self.shared_with_auth = shared_with_auth
@@ -103,7 +118,10 @@ def freshness(
     `s-maxage` > `max-age` > `Expires` (against `Date`) > `default_ttl` (0: only
     explicitly fresh answers are stored). Never stored: `no-store`, `private`,
     `Set-Cookie`, `Vary: *`, statuses outside `HEURISTIC_STATUSES`, and answers to a
-    request with `Authorization` unless `public`, `s-maxage` or `must-revalidate`."""
+    request with `Authorization` unless `public`, `s-maxage` or `must-revalidate`.
+    `stale-while-revalidate` and `stale-if-error` (RFC 5861) give the stale windows,
+    unless `no-cache`, `must-revalidate` or `proxy-revalidate` forbid serving it stale
+    (RFC 9111 4.2.4)."""
     now = time.time() if now is None else now
     if status not in HEURISTIC_STATUSES:
         return Freshness(None, reason="status")
@@ -151,7 +169,18 @@ def freshness(
     if lifetime <= 0 and not no_cache and not _has_validator(headers):
         return Freshness(None, reason="stale-on-arrival")
     apparent = max(0.0, now - date) if date is not None else 0.0
-    return Freshness(lifetime, max(float(age_value), apparent), no_cache, shared_with_auth)
+    swr = sie = 0.0
+    if not (no_cache or b"must-revalidate" in cc or b"proxy-revalidate" in cc):
+        swr = float(_seconds(cc.get(b"stale-while-revalidate")) or 0)
+        sie = float(_seconds(cc.get(b"stale-if-error")) or 0)
+    return Freshness(
+        lifetime,
+        max(float(age_value), apparent),
+        no_cache,
+        shared_with_auth,
+        stale_while_revalidate=swr,
+        stale_if_error=sie,
+    )
 
 
 def _has_validator(headers: Headers) -> bool:

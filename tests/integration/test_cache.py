@@ -1,7 +1,8 @@
 """The response cache through the real gateway process, against a real upstream whose
 `Cache-Control`, `ETag`, `Vary` and the rest each test sets by query (`cc`, `etag`,
 `vary`, `cookie`, `delay`, `size`, `stream`), and which counts the requests it sees per
-path. Each test uses paths of its own, so they share one gateway."""
+path; `OVERRIDE` changes a path's query parameters from some point on (an upstream that
+turns slow or failing). Each test uses paths of its own, so they share one gateway."""
 
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ from tests.integration.harness import GatewayProcess, UpstreamServer
 
 HITS: Counter[str] = Counter()  # upstream requests by path
 CONDITIONAL: Counter[str] = Counter()  # of those, conditional ones answered 304
+OVERRIDE: dict[str, dict[str, str]] = {}  # query parameters replaced, by path
+FLAKY: list[UpstreamServer] = []  # the `flaky` route's upstream, which a test stops
 _LOCK = threading.Lock()
 
 
@@ -32,7 +35,7 @@ async def origin(request: Request) -> Response:
     with _LOCK:
         HITS[path] += 1
         n = HITS[path]
-    q = request.query_params
+    q = {**request.query_params, **OVERRIDE.get(path, {})}
     if "delay" in q:
         await asyncio.sleep(float(q["delay"]))
     headers: dict[str, str] = {}
@@ -66,9 +69,15 @@ async def origin(request: Request) -> Response:
 def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     app = Starlette(routes=[Route("/{rest:path}", origin, methods=["GET", "HEAD", "POST"])])
     up = UpstreamServer(app).start()
+    flaky = UpstreamServer(app).start()
+    FLAKY.append(flaky)
     config = {
         "server": {"access_log": False},
-        "upstreams": {"up": {"targets": [up.url], "retries": {"attempts": 0}}},
+        "upstreams": {
+            "up": {"targets": [up.url], "retries": {"attempts": 0}},
+            "failing": {"targets": [up.url], "retries": {"attempts": 0}},
+            "flaky": {"targets": [flaky.url], "retries": {"attempts": 0}},
+        },
         "cache": {"max_object_size": "64KiB"},
         "compression": {},
         "routes": [
@@ -80,6 +89,14 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
                 "cache": {"default_ttl": "60s"},
             },
             {"name": "plain", "path": "/p/{rest:path}", "upstream": "up"},
+            {
+                "name": "stale",
+                "path": "/s/{rest:path}",
+                "upstream": "failing",
+                "timeout": "1s",
+                "cache": {},
+            },
+            {"name": "flaky", "path": "/f/{rest:path}", "upstream": "flaky", "cache": {}},
         ],
     }
     gateway = GatewayProcess(config, tmp_path_factory.mktemp("cache")).start()
@@ -88,6 +105,7 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     finally:
         gateway.stop()
         up.stop()
+        flaky.stop()
     assert "Traceback" not in gateway.stderr, gateway.stderr
 
 
@@ -348,3 +366,126 @@ def test_conditional_miss_does_not_mark_the_key(client: httpx.Client) -> None:
     assert first.headers["cache-status"] == "gateway; fwd=miss"
     assert client.get(path, params=params).headers["cache-status"].endswith("stored")
     assert client.get(path, params=params).headers["cache-status"].startswith("gateway; hit")
+
+
+STALE_HIT = re.compile(r"gateway; hit; ttl=(0|-\d+)")
+
+
+def test_stale_while_revalidate_one_background_refresh(gw: GatewayProcess) -> None:
+    path = fresh()
+    params = {"cc": "max-age=4, stale-while-revalidate=30"}
+    with httpx.Client(base_url=gw.url, timeout=10) as c:
+        first = c.get(path, params=params)
+        assert first.headers["cache-status"] == "gateway; fwd=miss; stored"
+        time.sleep(4.1)  # stale (Date has whole seconds: the age may run 1s ahead)
+        OVERRIDE[path] = {"delay": "0.5"}
+
+        async def run() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=gw.url, timeout=10) as ac:
+                return await asyncio.gather(*(ac.get(path, params=params) for _ in range(10)))
+
+        started = time.monotonic()
+        answers = asyncio.run(run())
+        assert time.monotonic() - started < 0.45  # not waiting for the slow upstream
+        for answer in answers:
+            assert answer.status_code == 200
+            assert answer.text == first.text
+            assert STALE_HIT.fullmatch(answer.headers["cache-status"]), answer.headers
+            assert int(answer.headers["age"]) >= 4
+        deadline = time.monotonic() + 5
+        while hits(path) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.8)  # the refresh's answer arrives and is stored
+        assert hits(path) == 2  # exactly one refresh for the ten
+        after = c.get(path, params=params)
+        assert after.text.startswith("n=2 ")
+        assert re.fullmatch(r"gateway; hit; ttl=[1-4]", after.headers["cache-status"])
+        assert hits(path) == 2
+
+
+def test_stale_while_revalidate_failed_refresh_keeps_the_entry(client: httpx.Client) -> None:
+    path = fresh()
+    params = {"cc": "max-age=1, stale-while-revalidate=30"}
+    first = client.get(path, params=params)
+    time.sleep(2.1)
+    OVERRIDE[path] = {"status": "503"}
+    stale = client.get(path, params=params)
+    assert stale.text == first.text
+    assert STALE_HIT.fullmatch(stale.headers["cache-status"])
+    time.sleep(0.3)  # the refresh failed
+    again = client.get(path, params=params)
+    assert again.status_code == 200 and again.text == first.text
+    assert STALE_HIT.fullmatch(again.headers["cache-status"])
+
+
+def test_stale_while_revalidate_not_beyond_its_window(client: httpx.Client) -> None:
+    path = fresh()
+    params = {"cc": "max-age=1, stale-while-revalidate=1"}
+    client.get(path, params=params)
+    time.sleep(3.2)  # stale by more than 1s even with the age a second ahead
+    late = client.get(path, params=params)
+    assert late.headers["cache-status"] == "gateway; fwd=stale; stored"
+    assert late.text.startswith("n=2 ")
+
+
+def test_stale_if_error_on_an_upstream_503(client: httpx.Client) -> None:
+    path = fresh("/s")
+    params = {"cc": "max-age=1, stale-if-error=60", "etag": "v1"}
+    first = client.get(path, params=params)
+    time.sleep(2.1)
+    OVERRIDE[path] = {"status": "503", "etag": ""}
+    answer = client.get(path, params=params)
+    assert answer.status_code == 200
+    assert answer.text == first.text
+    assert re.fullmatch(
+        r"gateway; fwd=stale; fwd-status=503; ttl=(0|-\d+)", answer.headers["cache-status"]
+    )
+    assert hits(path) == 2
+    del OVERRIDE[path]  # the upstream recovers: revalidated as usual
+    assert client.get(path, params=params).headers["cache-status"] == (
+        "gateway; fwd=stale; fwd-status=304"
+    )
+
+
+def test_stale_if_error_on_a_timeout(client: httpx.Client) -> None:
+    path = fresh("/s")
+    params = {"cc": "max-age=1, stale-if-error=60"}
+    first = client.get(path, params=params)
+    time.sleep(2.1)
+    OVERRIDE[path] = {"delay": "3"}  # beyond the route's 1s timeout
+    started = time.monotonic()
+    answer = client.get(path, params=params)
+    assert time.monotonic() - started < 2.5
+    assert answer.status_code == 200
+    assert answer.text == first.text
+    assert re.fullmatch(
+        r"gateway; fwd=stale; ttl=(0|-\d+); detail=upstream_timeout",
+        answer.headers["cache-status"],
+    )
+
+
+def test_stale_if_error_not_beyond_its_window(client: httpx.Client) -> None:
+    path = fresh("/s")
+    params = {"cc": "max-age=1, stale-if-error=1"}
+    client.get(path, params=params)
+    time.sleep(3.2)  # stale by more than 1s even with the age a second ahead
+    OVERRIDE[path] = {"status": "503"}
+    answer = client.get(path, params=params)
+    assert answer.status_code == 503
+    assert answer.headers["cache-status"] == "gateway; fwd=stale"
+
+
+def test_stale_if_error_on_a_dead_upstream(client: httpx.Client) -> None:
+    path = fresh("/f")
+    params = {"cc": "max-age=1, stale-if-error=60"}
+    first = client.get(path, params=params)
+    assert first.headers["cache-status"] == "gateway; fwd=miss; stored"
+    FLAKY[0].stop()  # nothing listens there any more
+    time.sleep(2.1)
+    answer = client.get(path, params=params)
+    assert answer.status_code == 200
+    assert answer.text == first.text
+    assert re.fullmatch(
+        r"gateway; fwd=stale; ttl=(0|-\d+); detail=upstream_\w+",
+        answer.headers["cache-status"],
+    )

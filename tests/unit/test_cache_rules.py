@@ -152,3 +152,30 @@ def test_entry_age_and_ttl() -> None:
     assert stored.ttl(NOW + 5) == 45
     assert stored.usable(NOW + 49)
     assert not stored.usable(NOW + 50)
+
+
+def test_stale_windows_from_rfc_5861_directives() -> None:
+    both = freshness(200, cc("max-age=60, stale-while-revalidate=30, stale-if-error=600"), 0)
+    assert (both.stale_while_revalidate, both.stale_if_error) == (30, 600)
+    plain = freshness(200, cc("max-age=60"), 0, now=NOW)
+    assert (plain.stale_while_revalidate, plain.stale_if_error) == (0, 0)
+    bad = freshness(200, cc("max-age=60, stale-while-revalidate=-1, stale-if-error"), 0)
+    assert (bad.stale_while_revalidate, bad.stale_if_error) == (0, 0)
+
+
+@pytest.mark.parametrize("forbids", ["must-revalidate", "proxy-revalidate", "no-cache"])
+def test_stale_windows_yield_to_revalidation_directives(forbids: str) -> None:
+    value = f"max-age=60, {forbids}, stale-while-revalidate=30, stale-if-error=600"
+    fresh = freshness(200, cc(value, (b"etag", b'"v"')), 0, now=NOW)
+    assert (fresh.stale_while_revalidate, fresh.stale_if_error) == (0, 0)
+
+
+def test_entry_within_a_stale_window() -> None:
+    value = "max-age=60, stale-while-revalidate=30, stale-if-error=600"
+    fresh = freshness(200, cc(value), 0, now=NOW)
+    stored = Entry(("r", "/", (), ()), 200, [], b"", fresh, NOW)
+    assert stored.within(stored.stale_while_revalidate, NOW + 90)
+    assert not stored.within(stored.stale_while_revalidate, NOW + 91)
+    assert stored.within(stored.stale_if_error, NOW + 660)
+    assert not stored.within(stored.stale_if_error, NOW + 661)
+    assert not stored.within(0, NOW + 61)
