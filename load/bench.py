@@ -110,6 +110,7 @@ class Bench:
     collector_port: int | None = None  # load/collector.py, for the tracing scenario
     tracing: dict[str, Any] = field(default_factory=dict)  # profile, instruction counts
     grpc_port: int | None = None  # load/refs/grpc_echo.py, for the grpc scenario
+    cache: dict[str, Any] = field(default_factory=dict)  # load/cachebench.py (issue 22)
 
     def log(self, message: str) -> None:
         print(f"[{self.timer}] {message}", file=sys.stderr, flush=True)
@@ -147,6 +148,9 @@ ALL_SCENARIOS = (
     "upload",
     *TLS_SCENARIOS,
     "grpc",
+    "cache",
+    "cache-stampede",
+    "compression",
     "sweep",
     "workers",
     "memory",
@@ -1340,6 +1344,7 @@ def write_results(bench: Bench, facts: dict[str, Any], plan: list[Scenario]) -> 
         "runs": bench.runs,
         "memory": bench.memory,
         "tracing": bench.tracing or None,
+        "cachebench": bench.cache or None,
     }
     (bench.out / "wrk-output.md").write_text(
         "# Load generator output (wrk, h2load, load/handshake.py), every run\n\n"
@@ -1399,6 +1404,9 @@ def main(argv: list[str] | None = None) -> int:
         run_all(bench, plan, broken)
         profile_tracing(bench)
         count_instructions(bench)
+        import cachebench
+
+        bench.cache = cachebench.run(bench)
         if "memory" in args.scenarios:
             run_memory(bench)
     except KeyboardInterrupt as exc:
@@ -1408,7 +1416,7 @@ def main(argv: list[str] | None = None) -> int:
         bench.procs.stop_all()
         if own_work:
             shutil.rmtree(work, ignore_errors=True)
-    if not bench.runs and bench.memory is None:
+    if not bench.runs and bench.memory is None and not bench.cache.get("scenarios"):
         bench.log("nothing was measured")
         return code or 1
     report_path = write_results(bench, facts, plan)

@@ -1463,8 +1463,11 @@ def write(folder: Path, data: dict[str, Any]) -> Path:
     (folder / "results.json").write_text(json.dumps(data, indent=2) + "\n")
     plots, note = render_plots(folder, data, table)
     report = folder / "report.md"
-    report.write_text(render_markdown(data, table, goals, plots, note))
-    (folder / "summary.txt").write_text(render_summary(data, table, goals))
+    import cachebench  # the cache, cache-stampede and compression scenarios (issue 22)
+
+    extra = cachebench.render(data.get("cachebench") or {})
+    report.write_text(render_markdown(data, table, goals, plots, note) + extra)
+    (folder / "summary.txt").write_text(render_summary(data, table, goals) + extra)
     return report
 
 
