@@ -23,7 +23,7 @@ from gateway.config.models import (
     ServerSettings,
 )
 from gateway.dataplane.aggregate import Aggregation, Backend, BackendTemplate
-from gateway.dataplane.cache import Cache, RouteCache
+from gateway.dataplane.cache import REDIS_PREFIX, Cache, RedisStore, RouteCache
 from gateway.dataplane.compression import CompressionRules
 from gateway.dataplane.routes import Route
 from gateway.dataplane.routing import CompiledTemplate, Router
@@ -97,8 +97,6 @@ def unsupported(settings: GatewaySettings) -> list[str]:
     operator asked for. A `grpc_web` route needs gRPC behind it: an upstream with
     `protocol: http2` (gRPC is HTTP/2), and no aggregate."""
     problems = config_problems(settings)
-    if settings.cache is not None and settings.cache.store != "memory":
-        problems.append("cache.store: the Redis store is not supported yet; use memory")
     for i, route in enumerate(settings.routes):
         if not route.grpc_web:
             continue
@@ -175,7 +173,9 @@ def build_cache(
     settings: GatewaySettings, previous: Runtime | None, metrics: Metrics | None
 ) -> Cache | None:
     """The process's response cache, when a route caches; kept from `previous` (its
-    entries too) while the `cache` block is unchanged. None: no route caches."""
+    entries too) while the `cache` block is unchanged. None: no route caches. A
+    `store: {redis: URL}` block shares the entries through Redis (keys under its
+    `prefix` when set, `gateway:cache:` otherwise)."""
     if not any(route.cache is not None for route in settings.routes):
         return None
     block = settings.cache or CacheSettings()
@@ -185,7 +185,13 @@ def build_cache(
         and (previous.settings.cache or CacheSettings()) == block
     ):
         return previous.cache
-    return Cache(block.max_size, block.max_object_size, metrics)
+    store = None
+    if not isinstance(block.store, str):
+        spec = block.store
+        # The settings' prefix defaults to the rate limiter's; unset, the cache has its own.
+        prefix = spec.prefix if "prefix" in spec.model_fields_set else REDIS_PREFIX
+        store = RedisStore(spec.redis, prefix=prefix, timeout=spec.timeout)
+    return Cache(block.max_size, block.max_object_size, metrics, store=store)
 
 
 def build_compression(settings: CompressionSettings | None) -> CompressionRules | None:

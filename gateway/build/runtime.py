@@ -69,6 +69,8 @@ class Runtime:
             await upstream.aclose()
         if self.edge is not None:
             await self.edge.aclose()
+        if self.cache is not None:
+            await self.cache.aclose()
 
     async def retire(self, successor: Runtime, grace: float) -> None:
         """After a reload: wait for this runtime's requests to finish (up to `grace`
@@ -88,13 +90,15 @@ class Runtime:
             self._idle.set()
 
     async def _close_unshared(self, other: Runtime | None) -> None:
-        """Close the upstreams and edge resources `other` does not also hold."""
+        """Close the upstreams, edge resources and cache `other` does not also hold."""
         kept = {id(u) for u in other.upstreams.values()} if other is not None else set()
         for upstream in self.upstreams.values():
             if id(upstream) not in kept:
                 await upstream.aclose()
         if self.edge is not None:
             await self.edge.retire(other.edge if other is not None else None)
+        if self.cache is not None and (other is None or other.cache is not self.cache):
+            await self.cache.aclose()
 
     def __repr__(self) -> str:
         return (

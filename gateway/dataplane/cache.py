@@ -1,6 +1,8 @@
 """The response cache (docs/cache.md): an in-memory LRU store shared by every caching
-route of a process, and `RouteCache`, what one route's requests go through in place of
-calling its handler directly (`app.py`, one check per request when the route caches).
+route of a process, or a Redis store shared by replicas (`RedisStore`: a failing Redis
+is a miss, counted and logged, never an error), and `RouteCache`, what one route's
+requests go through in place of calling its handler directly (`app.py`, one check per
+request when the route caches).
 
 The rules (freshness, storability, `Vary`) are `cacherules.py`. Here: the key (the
 route, the target as the client sent it, the values of the `Vary`'d request headers;
@@ -18,11 +20,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import logging
+import struct
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
+from urllib.parse import quote
+
+import orjson
 
 from gateway.dataplane.cacherules import (
     Freshness,
@@ -44,11 +51,28 @@ from gateway.types import (
     closed,
 )
 
-__all__ = ["HIT_FOR_MISS", "Cache", "Entry", "MemoryStore", "RouteCache"]
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+__all__ = [
+    "HIT_FOR_MISS",
+    "REDIS_PREFIX",
+    "Cache",
+    "Entry",
+    "MemoryStore",
+    "RedisStore",
+    "RouteCache",
+    "StoreUnavailable",
+]
 
 log = logging.getLogger("gateway.cache")
 
 HIT_FOR_MISS = 10.0  # seconds a key whose answer was not storable is not waited for
+REDIS_PREFIX = "gateway:cache:"  # the Redis store's key prefix unless one is configured
+REDIS_MAX_CONNECTIONS = 64  # per process; a request waits at most `timeout` for one
+REDIS_BACKOFF = 1.0  # after a failure, seconds during which Redis is not asked at all
+REVALIDATE_MARGIN = 600.0  # seconds an entry with validators outlives its windows in Redis
+LOG_EVERY = 60.0  # while Redis stays unreachable, one log line per this many seconds
 CACHEABLE_METHODS = frozenset({"GET", "HEAD"})
 _UNSAFE_METHODS = frozenset({"POST", "PUT", "DELETE", "PATCH"})
 # Not kept with a stored answer: framing (recomputed), the age (recomputed per hit).
@@ -123,6 +147,58 @@ class Entry:
         """Stale for no more than `window` seconds (an RFC 5861 window; 0: never)."""
         return window > 0 and not self.no_cache and -self.ttl(now) <= window
 
+    def redis_ttl(self, now: float) -> float:
+        """Seconds the entry is worth keeping in a shared store: its freshness left, plus
+        its stale windows, plus `REVALIDATE_MARGIN` when it has validators (a stale
+        entry that can be revalidated with a 304 is still worth having)."""
+        ttl = self.ttl(now) + max(self.stale_while_revalidate, self.stale_if_error)
+        if self.etag is not None or self.last_modified is not None:
+            ttl += REVALIDATE_MARGIN
+        return ttl
+
+    def encode(self) -> bytes:
+        """The entry as bytes for a shared store: 4 bytes of metadata length, the
+        metadata (JSON), the body as it is."""
+        meta = orjson.dumps(
+            [
+                self.status,
+                [[n.decode("latin-1"), v.decode("latin-1")] for n, v in self.headers],
+                self.lifetime,
+                self.initial_age,
+                self.no_cache,
+                self.shared_with_auth,
+                self.stale_while_revalidate,
+                self.stale_if_error,
+                self.stored_at,
+            ]
+        )
+        return struct.pack(">I", len(meta)) + meta + self.body
+
+    @classmethod
+    def decode(cls, key: Key, data: bytes) -> Entry:
+        """An entry `encode` made (ValueError when `data` is not one)."""
+        if len(data) < 4:
+            raise ValueError("truncated cache entry")
+        (length,) = struct.unpack(">I", data[:4])
+        meta = orjson.loads(data[4 : 4 + length])
+        (status, headers, lifetime, initial_age, no_cache, shared, swr, sie, stored_at) = meta
+        entry = cls.__new__(cls)
+        entry.key = key
+        entry.status = int(status)
+        entry.headers = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in headers]
+        entry.body = data[4 + length :]
+        entry.lifetime = float(lifetime)
+        entry.initial_age = float(initial_age)
+        entry.no_cache = bool(no_cache)
+        entry.shared_with_auth = bool(shared)
+        entry.stale_while_revalidate = float(swr)
+        entry.stale_if_error = float(sie)
+        entry.stored_at = float(stored_at)
+        entry.etag = _get(entry.headers, b"etag")
+        entry.last_modified = _get(entry.headers, b"last-modified")
+        entry.size = len(entry.body) + sum(len(n) + len(v) for n, v in entry.headers) + 64
+        return entry
+
     def __repr__(self) -> str:
         return f"Entry({self.key[1]!r}, {self.status}, {self.size}B, lifetime={self.lifetime})"
 
@@ -183,13 +259,202 @@ class MemoryStore:
         return f"MemoryStore({len(self._entries)} entries, {self.size}/{self.max_size}B)"
 
 
+class StoreUnavailable(Exception):
+    """The shared store could not answer; the request is served as a miss."""
+
+
+def _glob(text: str) -> str:
+    """`text` matched literally in a Redis SCAN pattern."""
+    return "".join("\\" + c if c in "\\*?[]" else c for c in text)
+
+
+_TAG = 16  # hex digits of a variant's tag in its key
+_NAMES_TAG = "vary-names------"  # the tag of a target's Vary names key (same width)
+_ANY_TAG = "?" * _TAG
+
+
+class RedisStore:
+    """Entries in Redis, shared by every gateway pointing at it (docs/cache.md).
+
+    Keys: `<prefix><route>:<tag>:<target>`, the route percent-encoded (no `:` in it),
+    the tag 16 hex digits of the hash of the `Vary`'d names and values (one key per
+    variant), or `vary-names------` for the key holding the target's latest Vary names.
+    A value is `Entry.encode()`'s bytes; its Redis TTL is `Entry.redis_ttl`. Eviction
+    under `maxmemory` is Redis's own (`allkeys-lru`). Every call fails with
+    `StoreUnavailable` (fast: short timeouts, then `REDIS_BACKOFF` seconds without
+    asking) when Redis cannot be reached."""
+
+    def __init__(self, url: str, prefix: str = REDIS_PREFIX, timeout: float = 0.2) -> None:
+        self.url = url
+        self.prefix = prefix
+        self.timeout = timeout
+        self.size = 0  # not known here: Redis holds the bytes
+        # Imported only when a Redis store is configured (as the rate limiter does):
+        # redis-py loads OpenTelemetry's SDK whenever it is installed.
+        from redis.asyncio import BlockingConnectionPool, Redis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+        from redis.exceptions import RedisError
+
+        self._errors = (RedisError, OSError, TimeoutError, ValueError, IndexError, TypeError)
+        pool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=REDIS_MAX_CONNECTIONS,
+            timeout=timeout,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),  # a retry would double the stall; fail fast
+        )
+        self._client: Redis = Redis.from_pool(pool)
+        self._down_until = 0.0  # monotonic: skip Redis until then after a failure
+        self._failing_since: float | None = None
+        self._failures = 0  # calls answered without Redis since the last log line
+        self._logged_at = 0.0
+        self._closed = False
+
+    def __len__(self) -> int:
+        return 0  # not known here
+
+    def _key(self, route: str, tag: str, target: str) -> str:
+        return f"{self.prefix}{quote(route, safe='')}:{tag}:{target}"
+
+    @staticmethod
+    def _tag(names: tuple[bytes, ...], values: tuple[bytes, ...]) -> str:
+        raw = b"\0".join(names) + b"\1" + b"\0".join(values)
+        return hashlib.sha256(raw).hexdigest()[:_TAG]
+
+    async def _call(self, what: Callable[[], Any]) -> Any:
+        now = time.monotonic()
+        if now < self._down_until:
+            self._failed(now, None)
+        try:
+            async with asyncio.timeout(self.timeout * 2):
+                reply = await what()
+        except self._errors as exc:
+            self._down_until = time.monotonic() + REDIS_BACKOFF
+            self._failed(time.monotonic(), exc)
+        if self._failing_since is not None:
+            log.warning(
+                "cache store reachable again after %.1fs (%d requests served without it)",
+                time.monotonic() - self._failing_since,
+                self._failures,
+                extra={"store": "redis"},
+            )
+            self._failing_since = None
+            self._failures = 0
+        return reply
+
+    def _failed(self, now: float, exc: BaseException | None) -> NoReturn:
+        """Count the failure and log it, at most once per LOG_EVERY seconds."""
+        self._failures += 1
+        if self._failing_since is None:
+            self._failing_since = now
+            self._logged_at = now
+            log.error(
+                "cache store unreachable: %s; requests are served as misses until it answers",
+                f"{type(exc).__name__}: {exc}" if exc else "backing off",
+                extra={"store": "redis"},
+            )
+        elif now - self._logged_at >= LOG_EVERY:
+            self._logged_at = now
+            log.error(
+                "cache store still unreachable (%d requests served without it so far)",
+                self._failures,
+                extra={"store": "redis"},
+            )
+        raise StoreUnavailable("cache store unreachable") from exc
+
+    async def lookup(
+        self, route: str, target: str, headers: Headers
+    ) -> tuple[Key | None, Entry | None]:
+        """The key and entry of the variant `headers` select: one round trip (the Vary
+        names and the variant of a target without Vary in one MGET), two with Vary."""
+        names_key = self._key(route, _NAMES_TAG, target)
+        plain_key = self._key(route, self._tag((), ()), target)
+        client = self._client
+        raw_names, data = await self._call(lambda: client.mget(names_key, plain_key))
+        if raw_names is None:
+            return None, None
+        names = tuple(n for n in bytes(raw_names).split(b",") if n)
+        key: Key = (route, target, names, vary_values(headers, names))
+        if names:
+            variant = self._key(route, self._tag(names, key[3]), target)
+            data = await self._call(lambda: client.get(variant))
+        if data is None:
+            return key, None
+        try:
+            return key, Entry.decode(key, bytes(data))
+        except (ValueError, TypeError, struct.error) as exc:
+            log.warning("unreadable cache entry for %s: %r", target, exc)
+            return key, None
+
+    async def put(self, entry: Entry) -> None:
+        route, target, names, values = entry.key
+        ttl_ms = max(1, int(entry.redis_ttl(time.time()) * 1000))
+        pipe = self._client.pipeline(transaction=False)
+        pipe.set(self._key(route, _NAMES_TAG, target), b",".join(names), px=ttl_ms)
+        pipe.set(self._key(route, self._tag(names, values), target), entry.encode(), px=ttl_ms)
+        await self._call(pipe.execute)
+
+    async def purge(self, route: str | None, path: str | None, prefix: str | None) -> int:
+        """SCAN for the matching keys and UNLINK them: a walk over the whole keyspace
+        of the Redis database (docs/cache.md). Returns how many variants went."""
+        base = _glob(self.prefix) + (_glob(quote(route, safe="")) if route is not None else "*")
+        if path is not None:
+            pattern = f"{base}:{_ANY_TAG}:{_glob(path)}"
+        elif prefix is not None:
+            pattern = f"{base}:{_ANY_TAG}:{_glob(prefix)}*"
+        else:
+            pattern = f"{base}:*"
+        client = self._client
+
+        async def walk() -> int:
+            purged = 0
+            batch: list[bytes] = []
+            async for key in client.scan_iter(match=pattern, count=1000):
+                batch.append(key)
+                if len(batch) >= 500:
+                    await client.unlink(*batch)
+                    purged += sum(1 for k in batch if _NAMES_TAG.encode() not in k)
+                    batch = []
+            if batch:
+                await client.unlink(*batch)
+                purged += sum(1 for k in batch if _NAMES_TAG.encode() not in k)
+            return purged
+
+        now = time.monotonic()
+        if now < self._down_until:
+            self._failed(now, None)
+        try:
+            return await walk()
+        except self._errors as exc:
+            self._down_until = time.monotonic() + REDIS_BACKOFF
+            self._failed(time.monotonic(), exc)
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            await self._client.aclose()
+
+    def __repr__(self) -> str:
+        state = "down" if self._failing_since is not None else "up"
+        return f"RedisStore(prefix={self.prefix!r}, {state}, failures={self._failures})"
+
+
 class Cache:
-    """The process's cache: the store, the object size limit, the keys being fetched
-    (coalescing) and those recently found not storable (hit-for-miss), and the metrics.
+    """The process's cache: the store (in memory, or Redis shared by replicas), the
+    object size limit, the keys being fetched (coalescing, per process whatever the
+    store) and those recently found not storable (hit-for-miss), and the metrics.
     Shared by every caching route and kept across reloads while its settings hold."""
 
-    def __init__(self, max_size: int, max_object_size: int, metrics: Metrics | None = None) -> None:
-        self.store = MemoryStore(max_size)
+    def __init__(
+        self,
+        max_size: int,
+        max_object_size: int,
+        metrics: Metrics | None = None,
+        store: RedisStore | None = None,
+    ) -> None:
+        self.store: MemoryStore | RedisStore = store if store is not None else MemoryStore(max_size)
         self.max_object_size = max_object_size
         self.inflight: dict[tuple[Primary, tuple[bytes, ...]], asyncio.Future[bool]] = {}
         self.not_storable: dict[Primary, float] = {}  # until when (monotonic)
@@ -197,6 +462,7 @@ class Cache:
         self.tasks: set[asyncio.Task[None]] = set()  # those refreshes (kept referenced)
         self._metrics = metrics
         self._results: dict[tuple[str, str], Any] = {}
+        self._errors: dict[str, Any] = {}
         self._bytes = metrics.cache_bytes if metrics is not None else None
 
     def count(self, route: str, result: str) -> None:
@@ -209,16 +475,62 @@ class Cache:
             )
         child.inc()
 
-    def put(self, entry: Entry) -> None:
-        self.store.put(entry)
-        self._gauge()
+    def store_error(self, route: str) -> None:
+        """A request of `route` the shared store failed (served as a miss)."""
+        if self._metrics is None:
+            return
+        child = self._errors.get(route)
+        if child is None:
+            child = self._errors[route] = self._metrics.cache_store_errors.labels(route)
+        child.inc()
 
-    def purge(
-        self, route: str | None = None, path: str | None = None, prefix: str | None = None
-    ) -> int:
-        """Remove stored responses: a route's, one target of a route's, or every
-        route's under a path prefix. Returns how many variants went."""
+    async def lookup(
+        self, route: str, target: str, headers: Headers
+    ) -> tuple[Key | None, Entry | None]:
+        """The stored variant of (route, target) that `headers` select, with its key
+        (None: no Vary names known for the target). A failing store: (None, None)."""
+        store = self.store
+        if isinstance(store, MemoryStore):
+            names = store.names((route, target))
+            if names is None:
+                return None, None
+            key: Key = (route, target, names, vary_values(headers, names))
+            return key, store.get(key)
+        try:
+            return await store.lookup(route, target, headers)
+        except StoreUnavailable:
+            self.store_error(route)
+            return None, None
 
+    def put(self, entry: Entry, then: Callable[[bool], None] | None = None) -> None:
+        """Store `entry`; `then` hears whether it was (with Redis: once the write is
+        done, in a task of its own; a failed write is counted and logged)."""
+        store = self.store
+        if isinstance(store, MemoryStore):
+            store.put(entry)
+            self._gauge()
+            if then is not None:
+                then(True)
+            return
+
+        async def write() -> None:
+            stored = False
+            try:
+                await store.put(entry)
+                stored = True
+            except StoreUnavailable:
+                self.store_error(entry.key[0])
+            finally:
+                if then is not None:
+                    then(stored)
+
+        task = asyncio.get_running_loop().create_task(write())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def _match(
+        self, route: str | None, path: str | None, prefix: str | None
+    ) -> Callable[[Primary], bool]:
         def match(primary: Primary) -> bool:
             name, target = primary
             if route is not None and name != route:
@@ -227,14 +539,60 @@ class Cache:
                 return False
             return prefix is None or target.startswith(prefix)
 
-        purged = self.store.purge(match)
+        return match
+
+    def purge(
+        self, route: str | None = None, path: str | None = None, prefix: str | None = None
+    ) -> int:
+        """Remove stored responses: a route's, one target of a route's, or every
+        route's under a path prefix. Returns how many variants went. With Redis the
+        removal runs in a task of its own and 0 is returned: `apurge` waits for it
+        and counts."""
+        match = self._match(route, path, prefix)
         self.not_storable = {p: t for p, t in self.not_storable.items() if not match(p)}
-        self._gauge()
-        return purged
+        store = self.store
+        if isinstance(store, MemoryStore):
+            purged = store.purge(match)
+            self._gauge()
+            return purged
+
+        async def run() -> None:
+            await self._redis_purge(store, route, path, prefix)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return 0
+
+    async def apurge(
+        self, route: str | None = None, path: str | None = None, prefix: str | None = None
+    ) -> int:
+        """`purge`, waiting for a Redis store's removal and counting it (0 when Redis
+        failed: counted in the store errors, logged)."""
+        store = self.store
+        if isinstance(store, MemoryStore):
+            return self.purge(route, path, prefix)
+        match = self._match(route, path, prefix)
+        self.not_storable = {p: t for p, t in self.not_storable.items() if not match(p)}
+        return await self._redis_purge(store, route, path, prefix)
+
+    async def _redis_purge(
+        self, store: RedisStore, route: str | None, path: str | None, prefix: str | None
+    ) -> int:
+        try:
+            return await store.purge(route, path, prefix)
+        except StoreUnavailable:
+            self.store_error(route or "")
+            return 0
 
     def _gauge(self) -> None:
         if self._bytes is not None:
             self._bytes.set(self.store.size)
+
+    async def aclose(self) -> None:
+        """Close the Redis store's connections (nothing to do for memory)."""
+        if isinstance(self.store, RedisStore):
+            await self.store.aclose()
 
     def __repr__(self) -> str:
         return f"Cache({self.store!r}, max_object_size={self.max_object_size})"
@@ -281,20 +639,15 @@ class RouteCache:
         if method not in CACHEABLE_METHODS:
             response = await handler(request)
             if method in _UNSAFE_METHODS and response.status < 400:
-                cache.purge(route=self.route, path=target)  # RFC 9111 4.4
+                await cache.apurge(route=self.route, path=target)  # RFC 9111 4.4
             cache.count(self.route, "bypass")
             return response, b"gateway; fwd=method"
         headers = request.headers
         authorized = any(n == b"authorization" for n, _ in headers)
         now = time.time()
-        names = cache.store.names(primary)
-        entry: Entry | None = None
-        key: Key | None = None
-        if names is not None:
-            key = (self.route, target, names, vary_values(headers, names))
-            entry = cache.store.get(key)
-            if entry is not None and authorized and not entry.shared_with_auth:
-                entry = None
+        key, entry = await cache.lookup(self.route, target, headers)
+        if entry is not None and authorized and not entry.shared_with_auth:
+            entry = None
         if entry is not None:
             if entry.usable(now):
                 cache.count(self.route, "hit")
@@ -339,11 +692,7 @@ class RouteCache:
         if waiting is not None:
             stored = await self._wait(waiting, request)
             if stored:
-                names = cache.store.names(primary)
-                if names is not None:
-                    entry = cache.store.get(
-                        (self.route, target, names, vary_values(headers, names))
-                    )
+                _, entry = await cache.lookup(self.route, target, headers)
                 now = time.time()
                 if (
                     entry is not None
@@ -433,16 +782,14 @@ class RouteCache:
             if len(response.whole) > cache.max_object_size:
                 done(False)
                 return False
-            cache.put(Entry(key, status, headers, response.whole, fresh, now))
-            done(True)
+            cache.put(Entry(key, status, headers, response.whole, fresh, now), done)
             return True
 
         def complete(body: bytes | None) -> None:
             if body is None:
                 done(False)
                 return
-            cache.put(Entry(key, status, headers, body, fresh, now))
-            done(True)
+            cache.put(Entry(key, status, headers, body, fresh, now), done)
 
         response.body = _Tee(response.body, cache.max_object_size, complete)
         original_close = response.close

@@ -112,7 +112,7 @@ def build_admin_app(
         cache = getattr(runtime, "cache", None) if runtime is not None else None
         if cache is None:
             return JSONResponse({"purged": 0})
-        purged = cache.purge(spec.get("route"), spec.get("path"), spec.get("prefix"))
+        purged = await cache.apurge(spec.get("route"), spec.get("path"), spec.get("prefix"))
         return JSONResponse({"purged": purged})
 
     async def status_page(request: Request) -> Response:

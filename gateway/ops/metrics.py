@@ -158,6 +158,13 @@ class Metrics:
             ("route", "result"),
             registry=r,
         )
+        self.cache_store_errors = Counter(
+            "gateway_cache_store_errors_total",
+            "Cache lookups, writes and purges the shared (Redis) store failed, by route; "
+            "the request was served as a miss.",
+            ("route",),
+            registry=r,
+        )
         self.cache_bytes = Gauge(
             "gateway_cache_bytes",
             "Bytes held by the response cache (this process's memory store).",

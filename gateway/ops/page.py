@@ -156,6 +156,7 @@ def _route(route: RouteSettings, snapshots: list[dict[str, Any]], now: int) -> d
         if limit is None
         else {"rate_per_s": limit.rate, "burst": limit.burst, "key": limit.key},
         "auth": route.auth,
+        "cache": None if route.cache is None else _cache(route.name, snapshots),
         "requests": count,
         "errors": sum(errors),
         "rate_per_s": round(count / WINDOW, 3),
@@ -169,6 +170,27 @@ def _route(route: RouteSettings, snapshots: list[dict[str, Any]], now: int) -> d
             "errors": errors,
             "p99_ms": [_ms(quantile(h, 0.99)) if h is not None else None for h in bins],
         },
+    }
+
+
+def _cache(name: str, snapshots: list[dict[str, Any]]) -> dict[str, Any]:
+    """A caching route's results since the processes started, summed: hits (served
+    from the store, collapsed misses included), misses, stale (served stale or
+    revalidated) and the hit ratio among them (None before any); bypasses (methods
+    other than GET and HEAD) left out."""
+    results: dict[str, int] = {}
+    for snap in snapshots:
+        for result, n in (snap.get("cache") or {}).get(name, {}).items():
+            results[result] = results.get(result, 0) + n
+    hits = results.get("hit", 0) + results.get("collapsed", 0)
+    misses = results.get("miss", 0)
+    stale = results.get("stale", 0)
+    looked = hits + misses + stale
+    return {
+        "hits": hits,
+        "misses": misses,
+        "stale": stale,
+        "hit_ratio": round(hits / looked, 4) if looked else None,
     }
 
 

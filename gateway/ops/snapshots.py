@@ -2,8 +2,8 @@
 
 `snapshot(state)`: this process's figures, JSON-able, in O(routes + targets): the
 board, plus the live state of the runtime's upstreams (bulkhead, breaker, retry budget,
-targets and their health checks) and the upstream outcome counters of the metrics
-registry. With `--workers N` every worker writes its snapshot to a file once a second
+targets and their health checks), and the upstream outcome and cache result counters
+of the metrics registry. With `--workers N` every worker writes its snapshot to a file once a second
 (`publish`) and the supervisor's admin listener merges them (`read_snapshots`), as
 `/metrics` sums the workers' metric files.
 """
@@ -52,6 +52,7 @@ def snapshot(state: GatewayState[Runtime]) -> dict[str, Any]:
         "draining": state.draining,
         "routes": {name: w.dump(int(now)) for name, w in board.routes.items()},
         "upstreams": upstreams,
+        "cache": _cache_results(state),
         "errors": [
             [e.at, e.request_id, e.route, e.method, e.path, e.status, e.code, e.detail]
             for e in board.errors
@@ -68,6 +69,18 @@ def _upstream_outcomes(state: GatewayState[Runtime]) -> dict[str, dict[str, int]
                 upstream = counts.setdefault(sample.labels["upstream"], {})
                 outcome = sample.labels["outcome"]
                 upstream[outcome] = upstream.get(outcome, 0) + int(sample.value)
+    return counts
+
+
+def _cache_results(state: GatewayState[Runtime]) -> dict[str, dict[str, int]]:
+    """`gateway_cache_requests_total` of this process, by route and result."""
+    counts: dict[str, dict[str, int]] = {}
+    for metric in state.metrics.cache_requests.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_total"):
+                route = counts.setdefault(sample.labels["route"], {})
+                result = sample.labels["result"]
+                route[result] = route.get(result, 0) + int(sample.value)
     return counts
 
 

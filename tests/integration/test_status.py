@@ -41,6 +41,7 @@ ROUTE = {
     "timeout_s",
     "rate_limit",
     "auth",
+    "cache",
     "requests",
     "errors",
     "rate_per_s",
@@ -189,6 +190,7 @@ def test_status_json_has_the_documented_fields_after_known_traffic(
     assert ok["timeout_s"] == 2.0
     assert ok["rate_limit"] == {"rate_per_s": 100.0, "burst": 50, "key": "client_ip"}
     assert ok["auth"] == "none"
+    assert ok["cache"] is None  # not a caching route
     assert (ok["requests"], ok["errors"], ok["requests_total"]) == (10, 0, 10)
     assert ok["rate_per_s"] == round(10 / 60, 3)
     assert ok["error_rate"] == 0.0

@@ -1,0 +1,177 @@
+"""The Redis cache store through two real gateway processes sharing the Redis on
+127.0.0.1:6379 (keys under a prefix of the test's own, deleted afterwards): a miss on
+one is a hit on the other, a purge on one empties both, and a Redis that cannot be
+reached is a miss, never an error, counted and logged."""
+
+from __future__ import annotations
+
+import copy
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from tests.integration.edge_support import metric
+from tests.integration.harness import GatewayProcess, UpstreamServer, free_port
+
+SHARED_REDIS = "redis://127.0.0.1:6379/0"
+
+
+class Origin:
+    """Answers every GET with `Cache-Control: max-age=60` and counts them per path."""
+
+    def __init__(self) -> None:
+        self.hits: Counter[str] = Counter()
+        self.app = Starlette(routes=[Route("/{rest:path}", self.answer)])
+
+    async def answer(self, request: Request) -> Response:
+        self.hits[request.url.path] += 1
+        n = self.hits[request.url.path]
+        headers = {"cache-control": "max-age=60", "etag": f'"v{n}"'}
+        return Response(f"n={n}", headers=headers, media_type="text/plain")
+
+
+@pytest.fixture
+def redis_prefix() -> Iterator[str]:
+    """A key prefix of this test's own in the shared Redis, deleted afterwards."""
+    prefix = f"gateway-test:{uuid.uuid4().hex}:"
+    yield prefix
+    client = redis.Redis.from_url(SHARED_REDIS, socket_timeout=2)
+    try:
+        keys = list(client.scan_iter(match=prefix + "*"))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
+def config(up: UpstreamServer, store: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "server": {"access_log": False},
+        "upstreams": {"up": {"targets": [up.url], "retries": {"attempts": 0}}},
+        "cache": {"store": store},
+        "routes": [
+            {"name": "cached", "path": "/c/{rest:path}", "upstream": "up", "cache": {}},
+            {"name": "other", "path": "/o/{rest:path}", "upstream": "up", "cache": {}},
+        ],
+    }
+
+
+def wait_for(check: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_two_gateways_share_entries_and_purges_through_redis(
+    upstream: Callable[..., UpstreamServer],
+    gateway: Callable[..., GatewayProcess],
+    redis_prefix: str,
+) -> None:
+    origin = Origin()
+    cfg = config(upstream(origin.app), {"redis": SHARED_REDIS, "prefix": redis_prefix})
+    a, b = (gateway(copy.deepcopy(cfg)) for _ in range(2))
+    path = "/c/shared?q=1"
+    first = httpx.get(a.url + path, timeout=5)
+    assert first.status_code == 200
+    assert first.headers["cache-status"] == "gateway; fwd=miss; stored"
+    # The write is a task of its own: wait until it is in Redis.
+    client = redis.Redis.from_url(SHARED_REDIS, socket_timeout=2)
+    try:
+        wait_for(lambda: len(list(client.scan_iter(match=redis_prefix + "*"))) >= 2)
+        second = httpx.get(b.url + path, timeout=5)
+        assert second.status_code == 200
+        assert second.text == "n=1"
+        assert second.headers["cache-status"].startswith("gateway; hit; ttl=")
+        assert "age" in second.headers
+        assert origin.hits["/c/shared"] == 1
+        # Keys are per route, under the prefix, and expire (TTL = freshness + margin).
+        keys = [k.decode() for k in client.scan_iter(match=redis_prefix + "*")]
+        assert all(k.startswith(redis_prefix + "cached:") for k in keys), keys
+        assert all(client.pttl(k) > 0 for k in keys)
+
+        other = "/o/kept"
+        assert httpx.get(a.url + other, timeout=5).status_code == 200
+        wait_for(lambda: len(list(client.scan_iter(match=redis_prefix + "other:*"))) >= 2)
+
+        # A purge on A removes the entry for B too; the other route's stays.
+        purged = httpx.post(a.admin_url + "/cache/purge", json={"route": "cached"}, timeout=5)
+        assert purged.status_code == 200
+        assert purged.json()["purged"] >= 1  # the answer waits for the removal
+        assert not list(client.scan_iter(match=redis_prefix + "cached:*"))
+        third = httpx.get(b.url + path, timeout=5)
+        assert third.text == "n=2"
+        assert third.headers["cache-status"].startswith("gateway; fwd=miss")
+        assert origin.hits["/c/shared"] == 2
+        assert (
+            httpx.get(b.url + other, timeout=5).headers["cache-status"].startswith("gateway; hit")
+        )
+        assert origin.hits["/o/kept"] == 1
+    finally:
+        client.close()
+    assert metric(a, "gateway_cache_store_errors_total", route="cached") == 0.0
+    assert metric(b, "gateway_cache_store_errors_total", route="cached") == 0.0
+
+
+def test_unreachable_redis_is_a_miss_never_an_error(
+    upstream: Callable[..., UpstreamServer], gateway: Callable[..., GatewayProcess]
+) -> None:
+    origin = Origin()
+    closed = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    gw = gateway(config(upstream(origin.app), {"redis": closed, "timeout": "100ms"}))
+    with httpx.Client(base_url=gw.url, timeout=5) as client:
+        answers = [client.get("/c/down") for _ in range(3)]
+    assert [r.status_code for r in answers] == [200, 200, 200]
+    assert all(r.headers["cache-status"].startswith("gateway; fwd=miss") for r in answers)
+    assert origin.hits["/c/down"] == 3
+    assert metric(gw, "gateway_cache_store_errors_total", route="cached") >= 3.0
+    wait_for(lambda: "cache store unreachable" in gw.stderr)
+    assert gw.stderr.count("cache store unreachable") == 1  # once per minute, not per request
+    assert "Traceback" not in gw.stderr
+
+
+def test_status_page_shows_the_hit_ratio_per_route_summed_over_workers(
+    upstream: Callable[..., UpstreamServer],
+    gateway: Callable[..., GatewayProcess],
+    redis_prefix: str,
+) -> None:
+    origin = Origin()
+    cfg = config(upstream(origin.app), {"redis": SHARED_REDIS, "prefix": redis_prefix})
+    cfg["routes"].append({"name": "plain", "path": "/p", "upstream": "up"})
+    gw = gateway(cfg, args=["--workers", "2"])
+    first = httpx.get(gw.url + "/c/ratio", timeout=5)
+    assert first.headers["cache-status"].startswith("gateway; fwd=miss")
+    client = redis.Redis.from_url(SHARED_REDIS, socket_timeout=2)
+    try:
+        wait_for(lambda: len(list(client.scan_iter(match=redis_prefix + "cached:*"))) >= 2)
+    finally:
+        client.close()
+    for _ in range(9):  # a new connection each time, so both workers get a share
+        r = httpx.get(gw.url + "/c/ratio", timeout=5)
+        assert r.headers["cache-status"].startswith("gateway; hit")
+    assert httpx.get(gw.url + "/p", timeout=5).status_code == 200
+    assert origin.hits["/c/ratio"] == 1
+
+    def document() -> dict[str, Any]:
+        doc: dict[str, Any] = httpx.get(gw.admin_url + "/status.json", timeout=5).json()
+        return doc
+
+    deadline = time.monotonic() + 5
+    while True:
+        routes = {r["name"]: r for r in document()["routes"]}
+        if routes["cached"]["cache"]["hits"] == 9 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert routes["cached"]["cache"] == {"hits": 9, "misses": 1, "stale": 0, "hit_ratio": 0.9}
+    assert routes["other"]["cache"] == {"hits": 0, "misses": 0, "stale": 0, "hit_ratio": None}
+    assert routes["plain"]["cache"] is None
