@@ -25,8 +25,8 @@ import logging
 import struct
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any, NoReturn
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import orjson
@@ -39,6 +39,7 @@ from gateway.dataplane.cacherules import (
     vary_names,
     vary_values,
 )
+from gateway.edge.shared_redis import SharedRedis, StoreUnavailable
 from gateway.errors import GatewayError, UpstreamError, UpstreamTimeout
 from gateway.ops.metrics import Metrics
 from gateway.types import (
@@ -52,7 +53,7 @@ from gateway.types import (
 )
 
 if TYPE_CHECKING:
-    from redis.asyncio import Redis
+    pass
 
 __all__ = [
     "HIT_FOR_MISS",
@@ -69,8 +70,6 @@ log = logging.getLogger("gateway.cache")
 
 HIT_FOR_MISS = 10.0  # seconds a key whose answer was not storable is not waited for
 REDIS_PREFIX = "gateway:cache:"  # the Redis store's key prefix unless one is configured
-REDIS_MAX_CONNECTIONS = 64  # per process; a request waits at most `timeout` for one
-REDIS_BACKOFF = 1.0  # after a failure, seconds during which Redis is not asked at all
 REVALIDATE_MARGIN = 600.0  # seconds an entry with validators outlives its windows in Redis
 LOG_EVERY = 60.0  # while Redis stays unreachable, one log line per this many seconds
 CACHEABLE_METHODS = frozenset({"GET", "HEAD"})
@@ -259,10 +258,6 @@ class MemoryStore:
         return f"MemoryStore({len(self._entries)} entries, {self.size}/{self.max_size}B)"
 
 
-class StoreUnavailable(Exception):
-    """The shared store could not answer; the request is served as a miss."""
-
-
 def _glob(text: str) -> str:
     """`text` matched literally in a Redis SCAN pattern."""
     return "".join("\\" + c if c in "\\*?[]" else c for c in text)
@@ -280,40 +275,31 @@ class RedisStore:
     the tag 16 hex digits of the hash of the `Vary`'d names and values (one key per
     variant), or `vary-names------` for the key holding the target's latest Vary names.
     A value is `Entry.encode()`'s bytes; its Redis TTL is `Entry.redis_ttl`. Eviction
-    under `maxmemory` is Redis's own (`allkeys-lru`). Every call fails with
-    `StoreUnavailable` (fast: short timeouts, then `REDIS_BACKOFF` seconds without
-    asking) when Redis cannot be reached."""
+    under `maxmemory` is Redis's own (`allkeys-lru`). Every call goes through
+    `SharedRedis` (the rate limiter's client too): `StoreUnavailable`, fast, when Redis
+    cannot be reached."""
 
     def __init__(self, url: str, prefix: str = REDIS_PREFIX, timeout: float = 0.2) -> None:
         self.url = url
         self.prefix = prefix
         self.timeout = timeout
         self.size = 0  # not known here: Redis holds the bytes
-        # Imported only when a Redis store is configured (as the rate limiter does):
-        # redis-py loads OpenTelemetry's SDK whenever it is installed.
-        from redis.asyncio import BlockingConnectionPool, Redis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
-        from redis.exceptions import RedisError
-
-        self._errors = (RedisError, OSError, TimeoutError, ValueError, IndexError, TypeError)
-        pool = BlockingConnectionPool.from_url(
+        self._redis = SharedRedis(
             url,
-            max_connections=REDIS_MAX_CONNECTIONS,
-            timeout=timeout,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),  # a retry would double the stall; fail fast
+            timeout,
+            log=log,
+            log_every=LOG_EVERY,
+            name="cache store",
+            meanwhile="requests are served as misses",
+            counted="requests served",
         )
-        self._client: Redis = Redis.from_pool(pool)
-        self._down_until = 0.0  # monotonic: skip Redis until then after a failure
-        self._failing_since: float | None = None
-        self._failures = 0  # calls answered without Redis since the last log line
-        self._logged_at = 0.0
-        self._closed = False
+        self._client = self._redis.client
 
     def __len__(self) -> int:
         return 0  # not known here
+
+    async def _call(self, what: Callable[[], Awaitable[Any]], *, bounded: bool = True) -> Any:
+        return await self._redis.call(what, bounded=bounded)
 
     def _key(self, route: str, tag: str, target: str) -> str:
         return f"{self.prefix}{quote(route, safe='')}:{tag}:{target}"
@@ -322,47 +308,6 @@ class RedisStore:
     def _tag(names: tuple[bytes, ...], values: tuple[bytes, ...]) -> str:
         raw = b"\0".join(names) + b"\1" + b"\0".join(values)
         return hashlib.sha256(raw).hexdigest()[:_TAG]
-
-    async def _call(self, what: Callable[[], Any]) -> Any:
-        now = time.monotonic()
-        if now < self._down_until:
-            self._failed(now, None)
-        try:
-            async with asyncio.timeout(self.timeout * 2):
-                reply = await what()
-        except self._errors as exc:
-            self._down_until = time.monotonic() + REDIS_BACKOFF
-            self._failed(time.monotonic(), exc)
-        if self._failing_since is not None:
-            log.warning(
-                "cache store reachable again after %.1fs (%d requests served without it)",
-                time.monotonic() - self._failing_since,
-                self._failures,
-                extra={"store": "redis"},
-            )
-            self._failing_since = None
-            self._failures = 0
-        return reply
-
-    def _failed(self, now: float, exc: BaseException | None) -> NoReturn:
-        """Count the failure and log it, at most once per LOG_EVERY seconds."""
-        self._failures += 1
-        if self._failing_since is None:
-            self._failing_since = now
-            self._logged_at = now
-            log.error(
-                "cache store unreachable: %s; requests are served as misses until it answers",
-                f"{type(exc).__name__}: {exc}" if exc else "backing off",
-                extra={"store": "redis"},
-            )
-        elif now - self._logged_at >= LOG_EVERY:
-            self._logged_at = now
-            log.error(
-                "cache store still unreachable (%d requests served without it so far)",
-                self._failures,
-                extra={"store": "redis"},
-            )
-        raise StoreUnavailable("cache store unreachable") from exc
 
     async def lookup(
         self, route: str, target: str, headers: Headers
@@ -422,23 +367,13 @@ class RedisStore:
                 purged += sum(1 for k in batch if _NAMES_TAG.encode() not in k)
             return purged
 
-        now = time.monotonic()
-        if now < self._down_until:
-            self._failed(now, None)
-        try:
-            return await walk()
-        except self._errors as exc:
-            self._down_until = time.monotonic() + REDIS_BACKOFF
-            self._failed(time.monotonic(), exc)
+        return await self._redis.call(walk, bounded=False)  # each command is bounded
 
     async def aclose(self) -> None:
-        if not self._closed:
-            self._closed = True
-            await self._client.aclose()
+        await self._redis.aclose()
 
     def __repr__(self) -> str:
-        state = "down" if self._failing_since is not None else "up"
-        return f"RedisStore(prefix={self.prefix!r}, {state}, failures={self._failures})"
+        return f"RedisStore(prefix={self.prefix!r}, {self._redis!r})"
 
 
 class Cache:

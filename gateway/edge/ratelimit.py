@@ -17,7 +17,6 @@ Two stores answer the same question, "take one token from this bucket":
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import math
@@ -25,14 +24,15 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NoReturn, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.edge import EdgeContext, RequestFilter
+from gateway.edge.shared_redis import SharedRedis, StoreUnavailable
 from gateway.errors import RateLimited, RateLimitUnavailable
 from gateway.ops.metrics import Metrics
 
 if TYPE_CHECKING:
-    from redis.asyncio import Redis
+    pass
 
 __all__ = [
     "Decision",
@@ -53,8 +53,6 @@ MEMORY_MAX_BUCKETS = 100_000
 idle for burst/rate seconds is full again, the same as one never seen, so dropping the
 oldest loses nothing unless 100k other clients were seen more recently."""
 
-REDIS_MAX_CONNECTIONS = 64  # per process; a request waits at most `timeout` for one
-REDIS_BACKOFF = 1.0  # after a failure, seconds during which Redis is not asked at all
 LOG_EVERY = 10.0  # while Redis stays unreachable, one log line per this many seconds
 _MAX_KEY_PART = 64  # longer header values are hashed so a key stays small
 
@@ -100,10 +98,6 @@ class Decision:
             (b"ratelimit-remaining", str(self.remaining).encode()),
             (b"ratelimit-reset", str(math.ceil(self.reset)).encode()),
         ]
-
-
-class StoreUnavailable(Exception):
-    """The shared store could not answer; the caller decides open or closed."""
 
 
 class RateLimitStore(Protocol):
@@ -203,86 +197,36 @@ class RedisBucketStore:
         settings = _spec(settings)  # plain values, compared by `same_settings`
         self.settings = settings
         self._prefix = settings.prefix
-        self._timeout = settings.timeout
-        # redis-py is imported only when a Redis store is configured: it loads
-        # OpenTelemetry's SDK whenever that is installed, which a gateway without
-        # `tracing` must never do (docs/tracing.md).
-        from redis.asyncio import BlockingConnectionPool, Redis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
-        from redis.exceptions import RedisError
-
-        self._errors = (RedisError, OSError, TimeoutError, ValueError, IndexError, TypeError)
-        pool = BlockingConnectionPool.from_url(
+        self._redis = SharedRedis(
             settings.redis,
-            max_connections=REDIS_MAX_CONNECTIONS,
-            timeout=settings.timeout,
-            socket_timeout=settings.timeout,
-            socket_connect_timeout=settings.timeout,
-            retry=Retry(NoBackoff(), 0),  # a retry would double the stall; fail fast
+            settings.timeout,
+            log=log,
+            log_every=LOG_EVERY,
+            name="rate-limit store",
+            meanwhile="rate limits are decided without it "
+            "(allowed, or refused on fail_closed routes)",
+            counted="checks decided",
         )
-        self._client: Redis = Redis.from_pool(pool)
-        self._script = self._client.register_script(_TAKE)
-        self._down_until = 0.0  # monotonic: skip Redis until then after a failure
-        self._failing_since: float | None = None
-        self._failures = 0  # checks decided without Redis since the last log line
-        self._logged_at = 0.0
-        self._closed = False
+        self._script = self._redis.client.register_script(_TAKE)
 
     async def take(self, key: str, rate: float, burst: int) -> Decision:
-        now = time.monotonic()
-        if now < self._down_until:
-            self._failed(now, None)
-        try:
-            async with asyncio.timeout(self._timeout * 2):
-                reply: Any = await self._script(keys=[self._prefix + key], args=[rate, burst])
-            allowed, tokens = int(reply[0]), float(reply[1])
-        except self._errors as exc:
-            self._down_until = time.monotonic() + REDIS_BACKOFF
-            self._failed(time.monotonic(), exc)
-        if self._failing_since is not None:
-            log.warning(
-                "rate-limit store reachable again after %.1fs (%d checks decided without it)",
-                time.monotonic() - self._failing_since,
-                self._failures,
-                extra={"store": "redis"},
-            )
-            self._failing_since = None
-            self._failures = 0
+        keys = [self._prefix + key]
+
+        async def run() -> tuple[int, float]:
+            reply: Any = await self._script(keys=keys, args=[rate, burst])
+            return int(reply[0]), float(reply[1])
+
+        allowed, tokens = await self._redis.call(run)
         return _decide(tokens, rate, burst, bool(allowed))
 
-    def _failed(self, now: float, exc: BaseException | None) -> NoReturn:
-        """Count the failure and log it, at most once per LOG_EVERY seconds."""
-        self._failures += 1
-        if self._failing_since is None:
-            self._failing_since = now
-            self._logged_at = now
-            log.error(
-                "rate-limit store unreachable: %s; rate limits are decided without it "
-                "(allowed, or refused on fail_closed routes) until it answers",
-                f"{type(exc).__name__}: {exc}" if exc else "backing off",
-                extra={"store": "redis"},
-            )
-        elif now - self._logged_at >= LOG_EVERY:
-            self._logged_at = now
-            log.error(
-                "rate-limit store still unreachable (%d checks decided without it so far)",
-                self._failures,
-                extra={"store": "redis"},
-            )
-        raise StoreUnavailable("rate-limit store unreachable") from exc
-
     async def aclose(self) -> None:
-        if not self._closed:
-            self._closed = True
-            await self._client.aclose()
+        await self._redis.aclose()
 
     def same_settings(self, settings: str | RedisStoreSpec) -> bool:
         return not isinstance(settings, str) and _spec(settings) == self.settings
 
     def __repr__(self) -> str:
-        state = "down" if self._failing_since is not None else "up"
-        return f"RedisBucketStore(prefix={self._prefix!r}, {state}, failures={self._failures})"
+        return f"RedisBucketStore(prefix={self._prefix!r}, {self._redis!r})"
 
 
 def make_store(
