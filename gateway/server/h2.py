@@ -44,7 +44,8 @@ import collections
 import logging
 import re
 import urllib.parse
-from typing import Any, cast
+from dataclasses import dataclass
+from typing import Any, Protocol, cast
 
 from h2.config import H2Configuration
 from h2.connection import H2Connection
@@ -114,35 +115,14 @@ _LINGER = 1.0  # seconds a connection closed for an error keeps reading (and dro
 _FLUSH_NOW = 64 * 1024  # pending output larger than this is written at once
 
 
+@dataclass(frozen=True, slots=True)
 class H2Options:
-    """What the HTTP/2 protocol needs from the `server:` block, read once at start
-    (`from_settings`)."""
+    """What `server.http2` sets, read once at start (`from_settings`). The limits it
+    shares with HTTP/1.1 (header size and count, header and keep-alive timeouts) come
+    from the connection's `ClientLimits` (`protocol.py`)."""
 
-    __slots__ = (
-        "header_timeout",
-        "initial_window_size",
-        "keepalive_timeout",
-        "max_concurrent_streams",
-        "max_header_count",
-        "max_header_size",
-    )
-
-    def __init__(
-        self,
-        *,
-        max_concurrent_streams: int = 128,
-        initial_window_size: int = 1024 * 1024,
-        max_header_size: int = 32 * 1024,
-        max_header_count: int = 100,
-        header_timeout: float = 10.0,
-        keepalive_timeout: float = 5.0,
-    ) -> None:
-        self.max_concurrent_streams = max_concurrent_streams
-        self.initial_window_size = initial_window_size
-        self.max_header_size = max_header_size
-        self.max_header_count = max_header_count
-        self.header_timeout = header_timeout
-        self.keepalive_timeout = keepalive_timeout
+    max_concurrent_streams: int = 128  # SETTINGS_MAX_CONCURRENT_STREAMS, enforced
+    initial_window_size: int = 1024 * 1024  # SETTINGS_INITIAL_WINDOW_SIZE, bytes
 
     @classmethod
     def from_settings(cls, server: ServerSettings) -> H2Options | None:
@@ -150,14 +130,20 @@ class H2Options:
         http2 = server.http2
         if not http2.enabled:
             return None
-        return cls(
-            max_concurrent_streams=http2.max_concurrent_streams,
-            initial_window_size=http2.initial_window_size,
-            max_header_size=server.max_header_size,
-            max_header_count=server.max_header_count,
-            header_timeout=server.header_timeout,
-            keepalive_timeout=server.keepalive_timeout,
-        )
+        return cls(http2.max_concurrent_streams, http2.initial_window_size)
+
+
+class Limits(Protocol):
+    """The client limits HTTP/2 shares with HTTP/1.1 (`protocol.ClientLimits`)."""
+
+    @property
+    def max_header_size(self) -> int: ...
+    @property
+    def max_header_count(self) -> int: ...
+    @property
+    def header_timeout(self) -> float: ...
+    @property
+    def keepalive_timeout(self) -> float: ...
 
 
 class _Encoder(Encoder):
@@ -336,6 +322,7 @@ class H2Protocol(asyncio.Protocol):
         *,
         app: Any,
         options: H2Options,
+        limits: Limits,
         connections: set[Any],
         tasks: set[asyncio.Task[None]],
         app_state: dict[str, Any],
@@ -345,7 +332,7 @@ class H2Protocol(asyncio.Protocol):
     ) -> None:
         self.app = app
         self.over_limit = over_limit  # past max_client_connections: every stream gets 503
-        self.options = options
+        self.limits = limits
         self.connections = connections
         self.tasks = tasks
         self.app_state = app_state
@@ -369,7 +356,7 @@ class H2Protocol(asyncio.Protocol):
             },
         )
         decoder: Decoder = conn.decoder
-        decoder.max_header_list_size = max(_HARD_HEADER_CAP, 2 * options.max_header_size)
+        decoder.max_header_list_size = max(_HARD_HEADER_CAP, 2 * limits.max_header_size)
         self.conn = conn
         self.streams: dict[int, _Stream] = {}
         self.transport: asyncio.Transport | None = None
@@ -408,7 +395,7 @@ class H2Protocol(asyncio.Protocol):
         conn.initiate_connection()
         conn.increment_flow_control_window(_CONNECTION_WINDOW - 65_535)
         self._flush()
-        self._arm(self.options.header_timeout)
+        self._arm(self.limits.header_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.connections.discard(self)
@@ -470,7 +457,7 @@ class H2Protocol(asyncio.Protocol):
         if self._streams_opened == 0 or not self.streams:
             pending = getattr(self.conn.incoming_buffer, "_headers_buffer", None)
             if pending and self._timer is None:
-                self._arm(self.options.header_timeout)
+                self._arm(self.limits.header_timeout)
         self._flush()
 
     def shutdown(self) -> None:
@@ -488,7 +475,7 @@ class H2Protocol(asyncio.Protocol):
         self._streams_opened += 1
         self._disarm()
         headers = event.headers or []
-        options = self.options
+        limits = self.limits
         pseudo: dict[bytes, bytes] = {}
         fields: list[tuple[bytes, bytes]] = []
         size = 0
@@ -526,18 +513,18 @@ class H2Protocol(asyncio.Protocol):
             self._goaway(ErrorCodes.NO_ERROR)
             self._close()
             return
-        if len(fields) > options.max_header_count:
+        if len(fields) > limits.max_header_count:
             self._refuse(
                 stream_id,
-                HeadersTooLarge(f"more than {options.max_header_count} header fields"),
+                HeadersTooLarge(f"more than {limits.max_header_count} header fields"),
                 method_text,
                 path,
             )
             return
-        if size > options.max_header_size:
+        if size > limits.max_header_size:
             self._refuse(
                 stream_id,
-                HeadersTooLarge(f"header fields exceed {options.max_header_size} bytes"),
+                HeadersTooLarge(f"header fields exceed {limits.max_header_size} bytes"),
                 method_text,
                 path,
             )
@@ -632,7 +619,7 @@ class H2Protocol(asyncio.Protocol):
             if self._closing:
                 self._close()
             elif self.transport is not None and not self.transport.is_closing():
-                self._arm(self.options.keepalive_timeout)
+                self._arm(self.limits.keepalive_timeout)
 
     def _client_reset(self, event: StreamReset) -> None:
         stream = self.streams.get(event.stream_id)

@@ -324,6 +324,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         protocol = H2Protocol(
             app=self.app,
             options=self.h2,
+            limits=self.limits,
             connections=self.connections,
             tasks=self.tasks,
             app_state=self.app_state,
