@@ -26,6 +26,7 @@ __all__ = [
     "RawTransport",
     "TransportSettings",
     "default_tls_context",
+    "host_port",
     "map_httpx_errors",
 ]
 
@@ -159,3 +160,21 @@ def _certificate_failure(exc: BaseException) -> str | None:
             return str(seen.verify_message or "certificate verify failed")
         seen = seen.__cause__ or seen.__context__
     return "certificate verify failed" if "CERTIFICATE_VERIFY_FAILED" in str(exc) else None
+
+
+def host_port(authority: str, default: int) -> tuple[str, int, bytes]:
+    """A URL authority split for connecting: (host, port, the authority as the Host
+    header or `:authority` sends it, without a default port, IDNA-encoded)."""
+    if authority.startswith("["):
+        end = authority.index("]")
+        host, rest = authority[1:end], authority[end + 1 :]
+        port = int(rest[1:]) if rest.startswith(":") else default
+    else:
+        host, sep, port_text = authority.rpartition(":")
+        if not sep:
+            host, port = authority, default
+        else:
+            port = int(port_text)
+    suffix = f":{default}"
+    header = authority[: -len(suffix)] if authority.endswith(suffix) else authority
+    return host, port, header.encode("idna" if not header.isascii() else "ascii")

@@ -40,6 +40,7 @@ from gateway.upstream.transports.base import (
     RawTransport,
     TransportSettings,
     default_tls_context,
+    host_port,
 )
 
 __all__ = ["H1Response", "H1Transport"]
@@ -603,22 +604,6 @@ def _split(url: str) -> tuple[str, str] | None:
     return scheme + authority, target
 
 
-def _host_port(authority: str, default: int = 80) -> tuple[str, int, bytes]:
-    if authority.startswith("["):
-        end = authority.index("]")
-        host, rest = authority[1:end], authority[end + 1 :]
-        port = int(rest[1:]) if rest.startswith(":") else default
-    else:
-        host, sep, port_text = authority.rpartition(":")
-        if not sep:
-            host, port = authority, default
-        else:
-            port = int(port_text)
-    suffix = f":{default}"
-    header = authority[: -len(suffix)] if authority.endswith(suffix) else authority
-    return host, port, header.encode("idna" if not header.isascii() else "ascii")
-
-
 class H1Transport(RawTransport):
     """`open` on the native client for plain-http targets; the rest goes to the
     aiohttp transport it holds (`fallback`)."""
@@ -637,10 +622,10 @@ class H1Transport(RawTransport):
         pool = self._pools.get(authority)
         if pool is None:
             if authority.startswith("https://"):
-                host, port, header = _host_port(authority[8:], 443)
+                host, port, header = host_port(authority[8:], 443)
                 pool = _Pool(host, port, header, self._settings, self._tls())
             else:
-                host, port, header = _host_port(authority)
+                host, port, header = host_port(authority, 80)
                 pool = _Pool(host, port, header, self._settings)
             self._pools[authority] = pool
         return pool

@@ -62,6 +62,7 @@ from gateway.upstream.transports.base import (
     RawTransport,
     TransportSettings,
     default_tls_context,
+    host_port,
 )
 
 __all__ = ["H2Response", "H2Transport", "RequestTrailers"]
@@ -1214,23 +1215,6 @@ def _split(url: str) -> tuple[bool, str, str, bytes | None]:
     return tls, authority, target, credentials
 
 
-def _host_port(authority: str, default: int) -> tuple[str, int, bytes]:
-    """(host to connect to, port, `:authority` without a default port)."""
-    if authority.startswith("["):
-        end = authority.index("]")
-        host, rest = authority[1:end], authority[end + 1 :]
-        port = int(rest[1:]) if rest.startswith(":") else default
-    else:
-        host, sep, port_text = authority.rpartition(":")
-        if not sep:
-            host, port = authority, default
-        else:
-            port = int(port_text)
-    suffix = f":{default}"
-    header = authority[: -len(suffix)] if authority.endswith(suffix) else authority
-    return host, port, header.encode("idna" if not header.isascii() else "ascii")
-
-
 def _request_headers(
     method: str,
     scheme: bytes,
@@ -1316,7 +1300,7 @@ class H2Transport(RawTransport):
         key = (tls, authority)
         pool = self._pools.get(key)
         if pool is None:
-            host, port, header = _host_port(authority, 443 if tls else 80)
+            host, port, header = host_port(authority, 443 if tls else 80)
             pool = _Pool(host, port, header, self._settings, self._tls_context() if tls else None)
             self._pools[key] = pool
         return pool
