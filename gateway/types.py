@@ -105,6 +105,9 @@ class GatewayRequest:
     attempt: int = 0
     exclude_targets: set[str] = field(default_factory=set)
     grpc: bool = False  # a gRPC call: each try carries grpc-timeout, statuses may retry
+    # An Idempotency-Key the gateway holds for this request (routes with `idempotency`):
+    # such a request may be retried, hedged and sent to a fallback like an idempotent one.
+    keyed: bool = False
 
     @property
     def replayable(self) -> bool:

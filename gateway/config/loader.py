@@ -257,6 +257,11 @@ def cross_check(data: Mapping[str, Any]) -> list[Problem]:
             else:
                 first_index[name] = i
         check_upstream(route.get("upstream"), ("routes", i, "upstream"))
+        fallback = route.get("fallback")
+        check_upstream(fallback, ("routes", i, "fallback"))
+        if isinstance(fallback, str) and fallback == route.get("upstream"):
+            message = "the fallback must be another upstream than the route's own"
+            problems.append(Problem(("routes", i, "fallback"), message))
         aggregate = route.get("aggregate")
         backends = aggregate.get("backends") if isinstance(aggregate, Mapping) else None
         if isinstance(backends, list | tuple):

@@ -511,6 +511,94 @@ class CacheSettings(Model):
         return self
 
 
+# Headers a transform may never set, add or remove: the gateway's own (the contract).
+PROTECTED_HEADERS = ("x-request-id", "x-request-timeout-ms")
+PROTECTED_PREFIXES = ("x-forwarded-",)
+TRANSFORM_VARIABLES = frozenset({"client_ip", "request_id", "route", "upstream"})
+_HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_VARIABLE = re.compile(r"\{([^{}]*)\}")
+
+
+def _transform_name(name: str) -> str:
+    if not _HEADER_NAME.match(name):
+        raise ValueError(f"{name!r} is not a valid header name")
+    lower = name.lower()
+    if lower in PROTECTED_HEADERS or lower.startswith(PROTECTED_PREFIXES):
+        raise ValueError(
+            f"{name} is the gateway's own header: a transform cannot change "
+            "X-Forwarded-*, X-Request-ID or X-Request-Timeout-Ms"
+        )
+    return name
+
+
+def _transform_value(name: str, value: str) -> str:
+    if "\r" in value or "\n" in value or "\x00" in value:
+        raise ValueError(f"the value of {name} holds a control character")
+    unknown = [v for v in _VARIABLE.findall(value) if v not in TRANSFORM_VARIABLES]
+    if unknown:
+        known = ", ".join("{" + v + "}" for v in sorted(TRANSFORM_VARIABLES))
+        raise ValueError(f"unknown variable {{{unknown[0]}}} in {name} (known: {known})")
+    return value
+
+
+class HeaderOps(Model):
+    """One direction of `routes[].headers`: fields set, added and removed."""
+
+    # fields replaced (or created) with these values; {client_ip} {request_id} {route}
+    # {upstream} are filled in per request; default none
+    set: dict[str, str] = Field(default_factory=dict)
+    # fields appended (kept beside any already there), same variables; default none
+    add: dict[str, str] = Field(default_factory=dict)
+    remove: tuple[str, ...] = ()  # field names removed; default none
+
+    @model_validator(mode="after")
+    def _entries(self) -> HeaderOps:
+        for name in (*self.set, *self.add, *self.remove):
+            _transform_name(name)
+        for name, value in (*self.set.items(), *self.add.items()):
+            _transform_value(name, value)
+        return self
+
+
+class HeaderTransforms(Model):
+    """The `routes[].headers:` block: transforms applied after the gateway's own headers."""
+
+    request: HeaderOps | None = None  # applied to what goes upstream; default none
+    response: HeaderOps | None = None  # applied to what goes to the client; default none
+
+
+class HedgeSettings(Model):
+    """The `routes[].hedge:` block: a second try when the first is slow."""
+
+    # seconds without response headers before another try, or p95 / p99 of the
+    # upstream's recent latency (no hedge with fewer than 20 recent answers); required
+    after: Literal["p95", "p99"] | Duration
+    max: int = Field(default=1, ge=1, le=3)  # hedges per request; default 1
+
+    @field_validator("after")
+    @classmethod
+    def _after(cls, value: str | float) -> str | float:
+        if isinstance(value, float | int) and value <= 0:
+            raise ValueError("after must be positive, or p95 / p99")
+        return value
+
+
+class IdempotencySettings(Model):
+    """The `idempotency:` block: where Idempotency-Key answers are kept (docs/policies.md)."""
+
+    # memory (per process) or {redis: URL} shared by replicas; default memory
+    store: Literal["memory"] | RedisStore = "memory"
+    ttl: Duration = 24 * 3600.0  # seconds a stored answer is replayed; default 24h
+    # larger answers are passed through and not stored; default 1MiB
+    max_response_size: Size = 1 * MiB
+
+    @model_validator(mode="after")
+    def _positive(self) -> IdempotencySettings:
+        if self.ttl <= 0 or self.max_response_size <= 0:
+            raise ValueError("ttl and max_response_size must be positive")
+        return self
+
+
 class RouteSettings(Model):
     """One `routes[]` entry: what it matches and where it sends the request."""
 
@@ -546,6 +634,14 @@ class RouteSettings(Model):
     grpc_web: bool = False
     # cache this route's GET/HEAD answers (the global `cache` store); default none (off)
     cache: RouteCacheSettings | None = None
+    # upstream tried once when this route's upstream cannot answer; default none
+    fallback: str | None = None
+    # a second try to another target when the first is slow; default none (no hedging)
+    hedge: HedgeSettings | None = None
+    # Idempotency-Key handling: optional | required (POST and PATCH); default none (off)
+    idempotency: Literal["optional", "required"] | None = None
+    # request and response header transforms; default none
+    headers: HeaderTransforms | None = None
 
     @field_validator("path")
     @classmethod
@@ -594,6 +690,8 @@ class RouteSettings(Model):
             raise ValueError("a route needs an upstream (or an aggregate)")
         if self.aggregate is not None and self.rewrite is not None:
             raise ValueError("rewrite does not apply to an aggregate route")
+        if self.aggregate is not None and (self.fallback or self.hedge):
+            raise ValueError("fallback and hedge apply to proxied routes, not aggregates")
         params = set(_template_params(self.path))
         for template in [self.rewrite] + [
             b.path for b in (self.aggregate.backends if self.aggregate else ())
@@ -726,6 +824,8 @@ class GatewaySettings(BaseSettings):
     compression: CompressionSettings | None = None
     # the response cache's store and sizes, for routes with `cache:`; default memory, 256MiB
     cache: CacheSettings | None = None
+    # the Idempotency-Key store, for routes with `idempotency:`; default memory, 24h, 1MiB
+    idempotency: IdempotencySettings | None = None
 
     @classmethod
     def settings_customise_sources(

@@ -1,6 +1,7 @@
 """Retries: another try, on another target, when it is safe, useful and affordable.
 
-Safe: the method is idempotent (or the route opted in with `retry_non_idempotent`) and
+Safe: the method is idempotent (or the route opted in with `retry_non_idempotent`, or the
+request carries an Idempotency-Key the gateway holds: `request.keyed`) and
 the request body can be replayed (a streamed body is sent once). Useful: the failure's
 outcome (`connect_error`, `timeout`) or the response status is listed in `on`. A gRPC
 call's trailers-only answer is retried when its status is listed by name (`unavailable`,
@@ -94,7 +95,7 @@ def retry(
         async def handle(request: GatewayRequest) -> GatewayResponse:
             budget.record_request()
             may_retry = attempts > 0 and (
-                retry_non_idempotent or request.method in IDEMPOTENT_METHODS
+                retry_non_idempotent or request.keyed or request.method in IDEMPOTENT_METHODS
             )
             retries = 0
             while True:
