@@ -44,6 +44,7 @@ __all__ = [
     "HeadersTooLarge",
     "InternalError",
     "MethodNotAllowed",
+    "NotCached",
     "RateLimitUnavailable",
     "RateLimited",
     "RequestTimeout",
@@ -102,6 +103,13 @@ class Unauthorized(GatewayError):
 
 class RequestTimeout(GatewayError):
     status, code, title = 408, "request_timeout", "Request body not received in time"
+
+
+class NotCached(GatewayError):
+    """A request with `Cache-Control: only-if-cached` that the cache cannot answer
+    (RFC 9111 5.2.1.7: a 504, without going upstream)."""
+
+    status, code, title = 504, "not_cached", "Not in the cache"
 
 
 class RouteNotFound(GatewayError):

@@ -33,14 +33,16 @@ import orjson
 
 from gateway.dataplane.cacherules import (
     Freshness,
+    RequestDirectives,
     current_age,
     freshness,
     http_time,
+    request_directives,
     vary_names,
     vary_values,
 )
 from gateway.edge.shared_redis import SharedRedis, StoreUnavailable
-from gateway.errors import GatewayError, UpstreamError, UpstreamTimeout
+from gateway.errors import GatewayError, NotCached, UpstreamError, UpstreamTimeout
 from gateway.ops.metrics import Metrics
 from gateway.types import (
     Deadline,
@@ -85,6 +87,7 @@ _IN_304 = frozenset(
     {b"cache-control", b"content-location", b"date", b"etag", b"expires", b"vary", b"last-modified"}
 )
 _CONDITIONAL = frozenset({b"if-none-match", b"if-modified-since", b"if-match", b"if-range"})
+_NOT_REFRESHED = _CONDITIONAL | {b"cache-control"}
 # Upstream statuses a `stale-if-error` entry is served in place of (RFC 5861 4).
 _ERROR_STATUSES = frozenset({500, 502, 503, 504})
 
@@ -579,10 +582,15 @@ class RouteCache:
             return response, b"gateway; fwd=method"
         headers = request.headers
         authorized = any(n == b"authorization" for n, _ in headers)
+        directives = request_directives(headers)
         now = time.time()
         key, entry = await cache.lookup(self.route, target, headers)
         if entry is not None and authorized and not entry.shared_with_auth:
             entry = None
+        if directives is not None:
+            return await self._directed(
+                request, handler, target, entry, key, directives, authorized
+            )
         if entry is not None:
             if entry.usable(now):
                 cache.count(self.route, "hit")
@@ -611,6 +619,19 @@ class RouteCache:
         if method == "HEAD":  # HEAD is answered from a GET's entry; it never fills one
             cache.count(self.route, "miss")
             return await handler(request), b"gateway; fwd=miss"
+        return await self._miss(request, handler, target, key, authorized)
+
+    async def _miss(
+        self,
+        request: GatewayRequest,
+        handler: Handler,
+        target: str,
+        key: Key | None,
+        authorized: bool,
+    ) -> tuple[GatewayResponse, bytes]:
+        cache = self.cache
+        headers = request.headers
+        primary = (self.route, target)
         # A miss: coalesce with a fetch of the same key already under way. A client's
         # conditional request goes upstream as it is: its 304 says nothing of the key.
         flight = (primary, key[3] if key is not None else ())
@@ -660,6 +681,73 @@ class RouteCache:
                 future.set_result(False)
             raise
         return response, b"gateway; fwd=miss" + (b"; stored" if stored else b"")
+
+    async def _directed(
+        self,
+        request: GatewayRequest,
+        handler: Handler,
+        target: str,
+        entry: Entry | None,
+        key: Key | None,
+        directives: RequestDirectives,
+        authorized: bool,
+    ) -> tuple[GatewayResponse, bytes]:
+        """`_fetch` for a request with its own `Cache-Control` (RFC 9111 5.2.1): a
+        stored answer it accepts (`max-age`, `min-fresh`, `max-stale`) is a hit; a fresh
+        one it refuses (`no-cache`, or too old for it) is revalidated upstream
+        (`fwd=request`); `no-store` stores nothing and joins no shared fetch;
+        `only-if-cached` never goes upstream (504 `not_cached` instead)."""
+        cache = self.cache
+        now = time.time()
+        if entry is not None:
+            age = entry.age(now)
+            if directives.accepts(age, entry.lifetime, entry.no_cache, entry.headers):
+                cache.count(self.route, "hit")
+                ttl = int(entry.ttl(now))
+                return self._answer(entry, request, now), b"gateway; hit; ttl=%d" % ttl
+            if directives.only_if_cached:
+                cache.count(self.route, "miss")
+                raise NotCached("no stored answer satisfies the request", route=self.route)
+            if not directives.strict and entry.within(entry.stale_while_revalidate, now):
+                cache.count(self.route, "stale")
+                self._refresh(entry, request, handler, authorized)
+                ttl = int(entry.ttl(now))
+                return self._answer(entry, request, now), b"gateway; hit; ttl=%d" % ttl
+            fresh = entry.usable(now)
+            reason = b"request" if fresh else b"stale"
+            stale_ok = not directives.strict  # RFC 5861 4, unless the request forbids it
+            try:
+                if entry.etag is not None or entry.last_modified is not None:
+                    return await self._revalidate(
+                        entry,
+                        request,
+                        handler,
+                        authorized,
+                        reason,
+                        store=not directives.no_store,
+                        stale_ok=stale_ok,
+                    )
+                cache.count(self.route, "miss" if fresh else "stale")
+                response = await self._upstream(request, handler, entry, stale_ok)
+            except _ServeStale as failed:
+                now = time.time()
+                left = b"; ttl=%d" % int(entry.ttl(now))
+                return self._answer(entry, request, now), b"gateway; fwd=stale" + (
+                    failed.status + left + failed.detail
+                )
+            stored = False
+            if not directives.no_store:
+                stored = self._store(request, response, (self.route, target), authorized, None)
+            return response, b"gateway; fwd=" + reason + (b"; stored" if stored else b"")
+        if directives.only_if_cached:
+            cache.count(self.route, "miss")
+            raise NotCached("no stored answer for this request", route=self.route)
+        if directives.no_store or request.method == "HEAD":
+            cache.count(self.route, "miss")
+            return await handler(request), b"gateway; fwd=miss"
+        # `no-cache`, `max-age` and the rest ask nothing more of a miss: the usual path,
+        # coalescing included (a shared fetch is a fresh answer from the upstream).
+        return await self._miss(request, handler, target, key, authorized)
 
     async def _wait(self, future: asyncio.Future[bool], request: GatewayRequest) -> bool:
         remaining = request.deadline.remaining()
@@ -739,11 +827,20 @@ class RouteCache:
         return True
 
     async def _revalidate(
-        self, entry: Entry, request: GatewayRequest, handler: Handler, authorized: bool
+        self,
+        entry: Entry,
+        request: GatewayRequest,
+        handler: Handler,
+        authorized: bool,
+        reason: bytes = b"stale",
+        store: bool = True,
+        stale_ok: bool = True,
     ) -> tuple[GatewayResponse, bytes]:
-        """A stale entry with validators: ask upstream whether it still holds."""
+        """An entry with validators, stale (or fresh, but refused by the request's own
+        `Cache-Control`: `reason` b"request"): ask upstream whether it still holds.
+        `store` False: the answer replaces nothing (a `no-store` request)."""
         cache = self.cache
-        cache.count(self.route, "stale")
+        cache.count(self.route, "stale" if reason == b"stale" else "miss")
         conditional = [(n, v) for n, v in request.headers if n.lower() not in _CONDITIONAL]
         if entry.etag is not None:
             conditional.append((b"if-none-match", entry.etag))
@@ -752,18 +849,20 @@ class RouteCache:
         original = request.headers
         request.headers = conditional
         try:
-            response = await self._upstream(request, handler, entry)
+            response = await self._upstream(request, handler, entry, stale_ok)
         finally:
             request.headers = original
+        fwd = b"gateway; fwd=" + reason
         if response.status != 304:
             primary = (self.route, entry.key[1])
-            stored = self._store(request, response, primary, authorized, None)
-            status = b"gateway; fwd=stale; fwd-status=%d" % response.status
+            stored = store and self._store(request, response, primary, authorized, None)
+            status = fwd + b"; fwd-status=%d" % response.status
             return response, status + (b"; stored" if stored else b"")
         await response.close()
-        entry = self._not_modified(entry, response.headers, authorized)
+        if store:
+            entry = self._not_modified(entry, response.headers, authorized)
         now = time.time()
-        return self._answer(entry, request, now), b"gateway; fwd=stale; fwd-status=304"
+        return self._answer(entry, request, now), fwd + b"; fwd-status=304"
 
     def _not_modified(self, entry: Entry, headers: Headers, authorized: bool) -> Entry:
         """`entry` refreshed by a 304's `headers` (stored in its place), or as it was
@@ -777,11 +876,13 @@ class RouteCache:
         return refreshed
 
     async def _upstream(
-        self, request: GatewayRequest, handler: Handler, entry: Entry
+        self, request: GatewayRequest, handler: Handler, entry: Entry, stale_ok: bool = True
     ) -> GatewayResponse:
         """`handler`'s answer for a stale `entry`; `_ServeStale` instead when it failed
         (an upstream error, or 500, 502, 503, 504) while `entry` is within its
-        `stale-if-error` window."""
+        `stale-if-error` window (and `stale_ok`: the request does not forbid it)."""
+        if not stale_ok:
+            return await handler(request)
         try:
             response = await handler(request)
         except UpstreamError as exc:
@@ -806,7 +907,9 @@ class RouteCache:
             return
         budget = self.timeout if self.timeout is not None else request.deadline.remaining()
         budget = max(budget, 0.001)
-        headers = [(n, v) for n, v in request.headers if n.lower() not in _CONDITIONAL]
+        # The refresh is the gateway's own: none of the client's validators or
+        # Cache-Control directives (a `no-store` would keep it from storing anything).
+        headers = [(n, v) for n, v in request.headers if n.lower() not in _NOT_REFRESHED]
         if entry.etag is not None:
             headers.append((b"if-none-match", entry.etag))
         if entry.last_modified is not None:

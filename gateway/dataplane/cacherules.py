@@ -14,10 +14,12 @@ from gateway.types import Headers
 __all__ = [
     "HEURISTIC_STATUSES",
     "Freshness",
+    "RequestDirectives",
     "current_age",
     "freshness",
     "http_time",
     "parse_cache_control",
+    "request_directives",
     "vary_names",
     "vary_values",
 ]
@@ -185,6 +187,70 @@ def freshness(
 
 def _has_validator(headers: Headers) -> bool:
     return _field(headers, b"etag") is not None or _field(headers, b"last-modified") is not None
+
+
+class RequestDirectives:
+    """A request's own `Cache-Control` (RFC 9111 5.2.1), as far as a shared cache acts
+    on it: `max_age` / `min_fresh` / `max_stale` in seconds (None: not sent;
+    `max_stale` -1: `max-stale` without a value, any staleness), `no_cache` (use no
+    stored answer without validating it upstream), `no_store` (store nothing of this
+    exchange) and `only_if_cached` (a stored answer, or 504 without going upstream)."""
+
+    __slots__ = ("max_age", "max_stale", "min_fresh", "no_cache", "no_store", "only_if_cached")
+
+    def __init__(self, cc: dict[bytes, bytes | None]) -> None:
+        self.no_cache = b"no-cache" in cc
+        self.no_store = b"no-store" in cc
+        self.only_if_cached = b"only-if-cached" in cc
+        self.max_age = _seconds(cc.get(b"max-age"))
+        self.min_fresh = _seconds(cc.get(b"min-fresh"))
+        if b"max-stale" in cc:
+            value = cc[b"max-stale"]
+            stale = -1 if value is None else _seconds(value)
+            self.max_stale: int | None = 0 if stale is None else stale  # invalid: none
+        else:
+            self.max_stale = None
+
+    @property
+    def strict(self) -> bool:
+        """Whether the request narrows what counts as fresh (then it gets no stale
+        answer by `stale-while-revalidate` either)."""
+        return self.no_cache or self.max_age is not None or self.min_fresh is not None
+
+    def accepts(self, age: float, lifetime: float, no_cache: bool, headers: Headers) -> bool:
+        """Whether a stored answer of this `age` and `lifetime` (and `no_cache`, its
+        head `headers`) may answer the request without going upstream."""
+        if self.no_cache or no_cache:
+            return False
+        if self.max_age is not None and age > self.max_age:
+            return False
+        left = lifetime - age
+        if self.min_fresh is not None and left < self.min_fresh:
+            return False
+        if left > 0:
+            return True
+        if self.max_stale is None:
+            return False
+        # RFC 9111 4.2.4 / 5.2.2.2, 5.2.2.8, 5.2.2.10: never served stale, whatever
+        # the request accepts.
+        cc = parse_cache_control(headers)
+        if b"must-revalidate" in cc or b"proxy-revalidate" in cc or b"s-maxage" in cc:
+            return False
+        return self.max_stale < 0 or -left <= self.max_stale
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{n}={getattr(self, n)}" for n in self.__slots__)
+        return f"RequestDirectives({fields})"
+
+
+def request_directives(headers: Headers) -> RequestDirectives | None:
+    """The request's `Cache-Control` directives, or None when it sent none (the common
+    case, which then costs one scan of the names). `Pragma` is not read: RFC 9111 5.4
+    deprecates it."""
+    for name, _ in headers:
+        if name.lower() == b"cache-control":
+            return RequestDirectives(parse_cache_control(headers))
+    return None
 
 
 def current_age(initial_age: float, stored_at: float, now: float | None = None) -> float:

@@ -489,3 +489,110 @@ def test_stale_if_error_on_a_dead_upstream(client: httpx.Client) -> None:
         r"gateway; fwd=stale; ttl=(0|-\d+); detail=upstream_\w+",
         answer.headers["cache-status"],
     )
+
+
+# The request's own Cache-Control (RFC 9111 5.2.1).
+
+
+def test_request_no_cache_revalidates_a_fresh_entry(client: httpx.Client) -> None:
+    path = fresh()
+    params = {"cc": "max-age=60", "etag": "r1"}
+    first = client.get(path, params=params)
+    answer = client.get(path, params=params, headers={"cache-control": "no-cache"})
+    assert answer.headers["cache-status"] == "gateway; fwd=request; fwd-status=304"
+    assert answer.text == first.text
+    assert CONDITIONAL[path] == 1
+    # Without validators the entry is fetched again, and replaced.
+    other = fresh()
+    client.get(other, params={"cc": "max-age=60"})
+    again = client.get(other, params={"cc": "max-age=60"}, headers={"cache-control": "no-cache"})
+    assert again.headers["cache-status"] == "gateway; fwd=request; stored"
+    assert again.text.startswith("n=2 ")
+    assert client.get(other, params={"cc": "max-age=60"}).text.startswith("n=2 ")
+
+
+def test_request_max_age_refuses_an_older_entry(client: httpx.Client) -> None:
+    path = fresh()
+    params = {"cc": "max-age=60"}
+    client.get(path, params=params, headers={"cache-control": "max-age=0"})  # a miss
+    time.sleep(2.1)  # the entry is at least 1 s old
+    young = client.get(path, params=params, headers={"cache-control": "max-age=30"})
+    assert young.headers["cache-status"].startswith("gateway; hit")
+    old = client.get(path, params=params, headers={"cache-control": "max-age=0"})
+    assert old.headers["cache-status"] == "gateway; fwd=request; stored"
+    assert old.text.startswith("n=2 ")
+    assert hits(path) == 2
+
+
+def test_request_min_fresh(client: httpx.Client) -> None:
+    path = fresh()
+    params = {"cc": "max-age=60"}
+    client.get(path, params=params)
+    ok = client.get(path, params=params, headers={"cache-control": "min-fresh=30"})
+    assert ok.headers["cache-status"].startswith("gateway; hit")
+    refused = client.get(path, params=params, headers={"cache-control": "min-fresh=120"})
+    assert refused.headers["cache-status"] == "gateway; fwd=request; stored"
+    assert hits(path) == 2
+
+
+def test_request_max_stale_accepts_a_stale_entry(client: httpx.Client) -> None:
+    path = fresh()
+    params = {"cc": "max-age=1"}
+    first = client.get(path, params=params)
+    time.sleep(2.2)
+    stale = client.get(path, params=params, headers={"cache-control": "max-stale=60"})
+    assert stale.text == first.text
+    assert re.fullmatch(r"gateway; hit; ttl=(0|-\d+)", stale.headers["cache-status"])
+    unbounded = client.get(path, params=params, headers={"cache-control": "max-stale"})
+    assert unbounded.text == first.text
+    too_stale = client.get(path, params=params, headers={"cache-control": "max-stale=0"})
+    assert too_stale.headers["cache-status"] == "gateway; fwd=stale; stored"
+    assert hits(path) == 2
+
+
+def test_request_max_stale_never_overrides_must_revalidate(client: httpx.Client) -> None:
+    path = fresh()
+    params = {"cc": "max-age=1, must-revalidate"}
+    client.get(path, params=params)
+    time.sleep(2.2)
+    answer = client.get(path, params=params, headers={"cache-control": "max-stale=600"})
+    assert answer.headers["cache-status"] == "gateway; fwd=stale; stored"
+    assert hits(path) == 2
+
+
+def test_request_no_store_stores_nothing(client: httpx.Client) -> None:
+    path = fresh()
+    params = {"cc": "max-age=60"}
+    first = client.get(path, params=params, headers={"cache-control": "no-store"})
+    assert first.headers["cache-status"] == "gateway; fwd=miss"
+    second = client.get(path, params=params)
+    assert second.headers["cache-status"] == "gateway; fwd=miss; stored"
+    # A stored answer may still serve a no-store request (RFC 9111 5.2.1.5).
+    third = client.get(path, params=params, headers={"cache-control": "no-store"})
+    assert third.headers["cache-status"].startswith("gateway; hit")
+    assert hits(path) == 2
+
+
+def test_request_only_if_cached(client: httpx.Client) -> None:
+    path = fresh()
+    params = {"cc": "max-age=60"}
+    miss = client.get(path, params=params, headers={"cache-control": "only-if-cached"})
+    assert miss.status_code == 504
+    assert miss.headers["content-type"] == "application/problem+json"
+    assert miss.json()["code"] == "not_cached"
+    assert hits(path) == 0
+    client.get(path, params=params)
+    hit = client.get(path, params=params, headers={"cache-control": "only-if-cached"})
+    assert hit.status_code == 200
+    assert hit.headers["cache-status"].startswith("gateway; hit")
+    assert hits(path) == 1
+
+
+def test_request_directives_skip_stale_while_revalidate(client: httpx.Client) -> None:
+    path = fresh()
+    params = {"cc": "max-age=1, stale-while-revalidate=60"}
+    client.get(path, params=params)
+    time.sleep(2.2)
+    answer = client.get(path, params=params, headers={"cache-control": "max-age=600"})
+    assert answer.headers["cache-status"] == "gateway; fwd=stale; stored"  # not served stale
+    assert answer.text.startswith("n=2 ")

@@ -12,6 +12,7 @@ from gateway.dataplane.cacherules import (
     current_age,
     freshness,
     parse_cache_control,
+    request_directives,
     vary_names,
     vary_values,
 )
@@ -179,3 +180,51 @@ def test_entry_within_a_stale_window() -> None:
     assert stored.within(stored.stale_if_error, NOW + 660)
     assert not stored.within(stored.stale_if_error, NOW + 661)
     assert not stored.within(0, NOW + 61)
+
+
+def _directives(value: bytes):  # type: ignore[no-untyped-def]
+    found = request_directives([(b"accept", b"*/*"), (b"Cache-Control", value)])
+    assert found is not None
+    return found
+
+
+def test_no_request_directives_is_none() -> None:
+    assert request_directives([(b"accept", b"*/*")]) is None
+
+
+@pytest.mark.parametrize(
+    ("value", "age", "lifetime", "accepted"),
+    [
+        (b"max-age=10", 5, 60, True),
+        (b"max-age=10", 11, 60, False),
+        (b"min-fresh=30", 20, 60, True),  # 40 s left
+        (b"min-fresh=30", 40, 60, False),  # 20 s left
+        (b"no-cache", 0, 60, False),
+        (b"max-stale=10", 65, 60, True),  # 5 s stale
+        (b"max-stale=10", 75, 60, False),
+        (b"max-stale", 10_000, 60, True),
+        (b"max-stale=bogus", 61, 60, False),  # an invalid value accepts nothing stale
+        (b"no-store", 61, 60, False),  # stale, and nothing accepts it
+        (b'max-age="10"', 11, 60, False),  # quoted-string argument
+    ],
+)
+def test_request_directives_accept(value: bytes, age: int, lifetime: int, accepted: bool) -> None:
+    assert _directives(value).accepts(age, lifetime, False, []) is accepted
+
+
+@pytest.mark.parametrize("cc", [b"must-revalidate", b"proxy-revalidate", b"s-maxage=1"])
+def test_max_stale_never_overrides_revalidation(cc: bytes) -> None:
+    stored: Headers = [(b"cache-control", b"max-age=1, " + cc)]
+    assert not _directives(b"max-stale").accepts(5, 1, False, stored)
+
+
+def test_stored_no_cache_is_never_accepted() -> None:
+    assert not _directives(b"max-stale").accepts(0, 60, True, [])
+
+
+def test_strict_and_flags() -> None:
+    d = _directives(b"no-store, only-if-cached")
+    assert d.no_store and d.only_if_cached and not d.strict
+    assert _directives(b"max-age=0").strict
+    assert _directives(b"min-fresh=1").strict
+    assert not _directives(b"max-stale=5").strict
