@@ -22,6 +22,7 @@ import asyncio
 import dataclasses
 import hashlib
 import logging
+import secrets
 import struct
 import time
 from collections import OrderedDict
@@ -269,6 +270,14 @@ def _glob(text: str) -> str:
 _TAG = 16  # hex digits of a variant's tag in its key
 _NAMES_TAG = "vary-names------"  # the tag of a target's Vary names key (same width)
 _ANY_TAG = "?" * _TAG
+# Drop a fetch lock only if it is still the caller's (compare-and-delete).
+_RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('del', KEYS[1])
+end
+return 0
+"""
+REMOTE_POLL = 0.02  # seconds between looks at another gateway's fetch of a key
 
 
 class RedisStore:
@@ -335,6 +344,34 @@ class RedisStore:
         except (ValueError, TypeError, struct.error) as exc:
             log.warning("unreadable cache entry for %s: %r", target, exc)
             return key, None
+
+    def _lock_key(self, route: str, tag: str, target: str) -> str:
+        # Outside the entries' `<prefix><route>:` space, so a purge never counts it.
+        return f"{self.prefix.rstrip(':')}-fetching:{quote(route, safe='')}:{tag}:{target}"
+
+    def lock_tag(self, key: Key | None) -> str:
+        """The fetch lock's tag for `key`: its variant's, or one for the whole target
+        while its Vary names are not known."""
+        return self._tag(key[2], key[3]) if key is not None else "any"
+
+    async def claim(self, route: str, tag: str, target: str, ttl: float) -> str | None:
+        """Take the fetch lock of a key for `ttl` seconds (`SET NX PX`): a token to
+        release it with, or None when another gateway holds it."""
+        token = secrets.token_hex(8)
+        ms = max(1, int(ttl * 1000))
+        lock = self._lock_key(route, tag, target)
+        got = await self._call(lambda: self._client.set(lock, token, nx=True, px=ms))
+        return token if got else None
+
+    async def release(self, route: str, tag: str, target: str, token: str) -> None:
+        """Drop the fetch lock if it is still `token`'s (it may have expired and been
+        taken by another gateway since)."""
+        lock = self._lock_key(route, tag, target)
+        await self._call(lambda: self._client.eval(_RELEASE, 1, lock, token))
+
+    async def held(self, route: str, tag: str, target: str) -> bool:
+        lock = self._lock_key(route, tag, target)
+        return bool(await self._call(lambda: self._client.exists(lock)))
 
     async def put(self, entry: Entry) -> None:
         route, target, names, values = entry.key
@@ -663,6 +700,39 @@ class RouteCache:
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         cache.inflight[flight] = future
 
+        def give_up() -> None:  # a failed fetch: let the waiters try for themselves
+            if not future.done():
+                if cache.inflight.get(flight) is future:
+                    del cache.inflight[flight]
+                future.set_result(False)
+
+        # With the Redis store, gateways sharing it coalesce too: the first takes the
+        # key's fetch lock, the others watch the store for its answer.
+        store = cache.store
+        lock: tuple[RedisStore, str, str] | None = None
+        if isinstance(store, RedisStore):
+            tag = store.lock_tag(key)
+            try:
+                token = await store.claim(self.route, tag, target, request.deadline.remaining())
+            except StoreUnavailable:
+                cache.store_error(self.route)
+            else:
+                if token is not None:
+                    lock = (store, tag, token)
+                else:
+                    try:
+                        entry = await self._remote(store, tag, target, request, authorized)
+                    except BaseException:
+                        give_up()
+                        raise
+                    if entry is not None:
+                        if cache.inflight.get(flight) is future:
+                            del cache.inflight[flight]
+                        future.set_result(True)  # local waiters find it in the store
+                        cache.count(self.route, "collapsed")
+                        now = time.time()
+                        return self._answer(entry, request, now), b"gateway; fwd=miss; collapsed"
+
         def settle(stored: bool) -> None:
             if cache.inflight.get(flight) is future:
                 del cache.inflight[flight]
@@ -670,17 +740,67 @@ class RouteCache:
                 future.set_result(stored)
             if not stored:
                 cache.not_storable[primary] = time.monotonic() + HIT_FOR_MISS
+            if lock is not None:
+                self._release(lock, target)
 
         cache.count(self.route, "miss")
         try:
             response, stored = await self._forward(request, handler, primary, authorized, settle)
         except BaseException:
-            if not future.done():  # a failed fetch: let the waiters try for themselves
-                if cache.inflight.get(flight) is future:
-                    del cache.inflight[flight]
-                future.set_result(False)
+            give_up()
+            if lock is not None:
+                self._release(lock, target)
             raise
         return response, b"gateway; fwd=miss" + (b"; stored" if stored else b"")
+
+    async def _remote(
+        self,
+        store: RedisStore,
+        tag: str,
+        target: str,
+        request: GatewayRequest,
+        authorized: bool,
+    ) -> Entry | None:
+        """Another gateway is fetching the key: its stored answer once it is there, or
+        None when its lock went without one (not storable, or its fetch failed) or the
+        store failed. Bounded by the request's deadline (then `upstream_timeout`)."""
+        while True:
+            remaining = request.deadline.remaining()
+            if remaining <= 0:
+                raise UpstreamTimeout(
+                    "the route deadline passed while waiting for another gateway's "
+                    "upstream request",
+                    route=self.route,
+                )
+            await asyncio.sleep(min(REMOTE_POLL, remaining))
+            try:
+                # The lock first: an answer is stored before its lock goes.
+                held = await store.held(self.route, tag, target)
+                _, entry = await store.lookup(self.route, target, request.headers)
+            except StoreUnavailable:
+                self.cache.store_error(self.route)
+                return None
+            if (
+                entry is not None
+                and entry.usable(time.time())
+                and (entry.shared_with_auth or not authorized)
+            ):
+                return entry
+            if not held:
+                return None
+
+    def _release(self, lock: tuple[RedisStore, str, str], target: str) -> None:
+        store, tag, token = lock
+
+        async def release() -> None:
+            try:
+                await store.release(self.route, tag, target, token)
+            except StoreUnavailable:
+                pass  # it expires with the deadline it was taken for
+
+        task = asyncio.get_running_loop().create_task(release())
+        self.cache.tasks.add(task)
+        task.add_done_callback(self.cache.tasks.discard)
 
     async def _directed(
         self,

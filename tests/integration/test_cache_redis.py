@@ -5,11 +5,14 @@ reached is a miss, never an error, counted and logged."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -121,6 +124,62 @@ def test_two_gateways_share_entries_and_purges_through_redis(
         client.close()
     assert metric(a, "gateway_cache_store_errors_total", route="cached") == 0.0
     assert metric(b, "gateway_cache_store_errors_total", route="cached") == 0.0
+
+
+class SlowOrigin(Origin):
+    """Answers after `delay` seconds; `started` is set as soon as a request arrives."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+        self.started = threading.Event()
+
+    async def answer(self, request: Request) -> Response:
+        self.started.set()
+        await asyncio.sleep(self.delay)
+        return await super().answer(request)
+
+
+def test_two_gateways_coalesce_concurrent_misses_into_one_upstream_request(
+    upstream: Callable[..., UpstreamServer],
+    gateway: Callable[..., GatewayProcess],
+    redis_prefix: str,
+) -> None:
+    origin = SlowOrigin(delay=3.0)
+    cfg = config(upstream(origin.app), {"redis": SHARED_REDIS, "prefix": redis_prefix})
+    a, b = (gateway(copy.deepcopy(cfg)) for _ in range(2))
+    path = "/c/stampede"
+    origin.delay = 0.0
+    for g in (a, b):  # warm up: each gateway's upstream and Redis connections are open
+        assert httpx.get(g.url + "/o/warm", timeout=10).status_code == 200
+    origin.delay = 3.0
+    origin.started.clear()
+
+    def get(url: str) -> httpx.Response:
+        return httpx.get(url + path, timeout=10)
+
+    with ThreadPoolExecutor(max_workers=21) as pool:
+        first = pool.submit(get, a.url)
+        # A's fetch is under way (it holds the key's lock) when the others are sent.
+        assert origin.started.wait(timeout=5), "the first request never reached upstream"
+        rest = [pool.submit(get, g.url) for g in (b, a) for _ in range(10)]
+        answers = [first.result(), *(f.result() for f in rest)]
+    statuses = [r.headers["cache-status"] for r in answers]
+    assert [r.status_code for r in answers] == [200] * 21
+    assert {r.text for r in answers} == {"n=1"}, statuses
+    assert origin.hits[path] == 1
+    assert statuses[0] == "gateway; fwd=miss; stored"
+    # B's requests waited for A's fetch (unless the machine was so slow that they
+    # arrived after its answer was stored: then they are plain hits, still no fetch).
+    assert all(s == "gateway; fwd=miss; collapsed" or "hit" in s for s in statuses[1:])
+    assert statuses[1:11].count("gateway; fwd=miss; collapsed") >= 1, statuses
+    # The fetch lock is gone once the answer is stored.
+    client = redis.Redis.from_url(SHARED_REDIS, socket_timeout=2)
+    try:
+        lock = redis_prefix.rstrip(":") + "-fetching:*"
+        wait_for(lambda: not list(client.scan_iter(match=lock)))
+    finally:
+        client.close()
 
 
 def test_unreachable_redis_is_a_miss_never_an_error(
