@@ -13,6 +13,11 @@ Two stores answer the same question, "take one token from this bucket":
   `StoreUnavailable`; the filter then lets the request through (fail-open) or refuses
   it with 503 (`fail_closed`), and counts it. The client's timeouts are short and a
   failure opens a short back-off window, so a dead Redis never stalls requests.
+
+Every answer of a rate-limited route, allowed or refused, carries the bucket's state
+twice over, from the same `Decision`: the `RateLimit-Limit/-Remaining/-Reset` triple
+and the IETF draft-10 structured fields (RFC 9651) `RateLimit-Policy: "<route>";q=;w=`
+(constant per route, serialised once at build time) and `RateLimit: "<route>";r=;t=`.
 """
 
 from __future__ import annotations
@@ -24,26 +29,26 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from gateway.edge import EdgeContext, RequestFilter
 from gateway.edge.shared_redis import SharedRedis, StoreUnavailable
 from gateway.errors import RateLimited, RateLimitUnavailable
 from gateway.ops.metrics import Metrics
 
-if TYPE_CHECKING:
-    pass
-
 __all__ = [
     "Decision",
     "MemoryStore",
     "RateLimit",
+    "RateLimitFields",
     "RateLimitStore",
     "RedisBucketStore",
     "RedisStoreSpec",
     "StoreUnavailable",
     "make_store",
+    "policy_name",
     "rate_limit",
+    "whole_seconds",
 ]
 
 log = logging.getLogger("gateway.ratelimit")
@@ -55,6 +60,37 @@ oldest loses nothing unless 100k other clients were seen more recently."""
 
 LOG_EVERY = 10.0  # while Redis stays unreachable, one log line per this many seconds
 _MAX_KEY_PART = 64  # longer header values are hashed so a key stays small
+_SF_INTEGER_MAX = 999_999_999_999_999  # RFC 9651: an sf-integer has at most 15 digits
+# Float noise (3 / 0.1 == 30.000000000000004; Redis returns tokens with 14 digits) must
+# not turn a whole number of seconds into the next one up. A nanosecond is far below
+# anything a client can act on and far above the noise for any realistic window.
+_NOISE = 1e-9
+
+
+def whole_seconds(seconds: float) -> int:
+    """`seconds` rounded up to a whole second, at least 1, at most an sf-integer's
+    largest. Every duration the headers carry goes through here, so a shorter duration
+    never gives a larger number (Retry-After <= t)."""
+    whole = math.ceil(seconds - _NOISE)
+    if whole < 1:
+        return 1  # after a take the bucket is never full: t is at least one second
+    return whole if whole <= _SF_INTEGER_MAX else _SF_INTEGER_MAX
+
+
+def policy_name(route: str) -> bytes:
+    """The route's name as an RFC 9651 sf-string: quoted, `"` and `\\` escaped. An
+    sf-string holds printable ASCII only, so any other character (non-ASCII, controls)
+    is written as its UTF-8 bytes percent-encoded (`%C3%A9`); `%` itself is left alone,
+    so a printable-ASCII name is never changed beyond the escapes."""
+    chars = []
+    for char in route:
+        if char in '"\\':
+            chars.append("\\" + char)
+        elif " " <= char <= "~":
+            chars.append(char)
+        else:
+            chars.extend(f"%{byte:02X}" for byte in char.encode("utf-8", "surrogatepass"))
+    return ('"' + "".join(chars) + '"').encode("ascii")
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,12 +128,45 @@ class Decision:
     reset: float  # seconds until the bucket is full again
     retry_after: float  # seconds until the next token (0 when allowed)
 
-    def headers(self) -> list[tuple[bytes, bytes]]:
+
+class RateLimitFields:
+    """One route's IETF RateLimit fields. The policy (`q` = burst, `w` = seconds to
+    refill the whole burst) is constant, so its bytes are made here, once; per request
+    only `RateLimit`'s `r` and `t` are formatted."""
+
+    __slots__ = ("_limit", "_state", "policy")
+
+    def __init__(self, route: str, rate: float, burst: int) -> None:
+        name = policy_name(route)
+        quota = min(burst, _SF_INTEGER_MAX)
+        self.policy: bytes = b"%s;q=%d;w=%d" % (name, quota, whole_seconds(burst / rate))
+        self._limit = b"%d" % burst
+        # Escaped so that one `%` formatting fills in r and t (a `%` in the name stays).
+        self._state = name.replace(b"%", b"%%") + b";r=%d;t=%d"
+
+    def headers(self, decision: Decision) -> list[tuple[bytes, bytes]]:
+        """All five headers for one decision: the triple, then the two fields. `t` and
+        `RateLimit-Reset` are the same number, as are `r` and `RateLimit-Remaining`."""
+        reset = whole_seconds(decision.reset)
+        remaining = decision.remaining
+        if remaining > _SF_INTEGER_MAX:  # only for a burst beyond any sf-integer
+            remaining = _SF_INTEGER_MAX
         return [
-            (b"ratelimit-limit", str(self.limit).encode()),
-            (b"ratelimit-remaining", str(self.remaining).encode()),
-            (b"ratelimit-reset", str(math.ceil(self.reset)).encode()),
+            (b"ratelimit-limit", self._limit),
+            (b"ratelimit-remaining", b"%d" % decision.remaining),
+            (b"ratelimit-reset", b"%d" % reset),
+            (b"ratelimit-policy", self.policy),
+            (b"ratelimit", self._state % (remaining, reset)),
         ]
+
+    def retry_after(self, decision: Decision) -> int:
+        """Whole seconds until the next token, never more than `t`: one token comes no
+        later than the whole bucket (burst >= 1), and `whole_seconds` is monotonic;
+        the `min` holds the contract even so."""
+        return min(whole_seconds(decision.retry_after), whole_seconds(decision.reset))
+
+    def __repr__(self) -> str:
+        return f"RateLimitFields(policy={self.policy.decode()!r})"
 
 
 class RateLimitStore(Protocol):
@@ -269,6 +338,7 @@ def rate_limit(
     """The route's rate-limit filter: take a token or refuse with 429."""
     rate, burst, fail_closed = settings.rate, settings.burst, settings.fail_closed
     bucket_of = _bucket_key(settings.key, route)
+    fields = RateLimitFields(route, rate, burst)
     store_errors = metrics.rate_limit_store_errors.labels(route) if metrics else None
 
     async def check(ctx: EdgeContext) -> None:
@@ -282,14 +352,15 @@ def rate_limit(
                     "the rate-limit store is unreachable and this route fails closed"
                 ) from None
             return None
+        headers = fields.headers(decision)
         if decision.allowed:
-            ctx.response_headers.extend(decision.headers())
+            ctx.response_headers.extend(headers)
             return None
-        retry_after = max(1, math.ceil(decision.retry_after))
+        retry_after = fields.retry_after(decision)
         raise RateLimited(
             f"rate limit of {burst} requests (refilling at {rate:g}/s) spent; "
             f"retry in {retry_after}s",
-            headers=[(b"retry-after", str(retry_after).encode()), *decision.headers()],
+            headers=[(b"retry-after", str(retry_after).encode()), *headers],
         )
 
     return check

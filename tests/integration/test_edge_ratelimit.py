@@ -9,7 +9,6 @@ import copy
 import shutil
 import subprocess
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -17,10 +16,8 @@ import httpx
 import pytest
 import redis
 
-from tests.integration.edge_support import EchoApp, metric
+from tests.integration.edge_support import SHARED_REDIS, EchoApp, metric, redis_prefix_of_its_own
 from tests.integration.harness import GatewayProcess, UpstreamServer, free_port
-
-SHARED_REDIS = "redis://127.0.0.1:6379/0"
 
 
 def config(up: UpstreamServer, routes: list[dict[str, Any]], **top: Any) -> dict[str, Any]:
@@ -94,15 +91,7 @@ def test_a_spent_bucket_is_429_with_retry_after_and_ratelimit_headers(
 @pytest.fixture
 def redis_prefix() -> Iterator[str]:
     """A key prefix of this test's own in the shared Redis, deleted afterwards."""
-    prefix = f"gateway-test:{uuid.uuid4().hex}:"
-    yield prefix
-    client = redis.Redis.from_url(SHARED_REDIS, socket_timeout=2)
-    try:
-        keys = list(client.scan_iter(match=prefix + "*"))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
+    yield from redis_prefix_of_its_own("gateway-test")
 
 
 async def test_two_gateways_share_one_budget_through_redis_exactly(
