@@ -266,7 +266,11 @@ class DataPlane:
         async with _CancelOnDisconnect(reader, exchange):
             try:
                 try:
-                    if route.cache is None:  # off: this one check per request
+                    if route.idempotency is not None:  # off: this one check per request
+                        response = await route.idempotency.fetch(
+                            request, scope, incoming.forwarded_for, exchange, route.handler
+                        )
+                    elif route.cache is None:  # off: this one check per request
                         response = await route.handler(request)
                     else:  # the key is the target as the client sent it
                         target = exchange.path + _query(request.query)
