@@ -99,9 +99,12 @@ def unsupported(settings: GatewaySettings) -> list[str]:
     auth without the global block, an empty key variable, an unreadable JWKS file):
     refusing to start beats silently serving a route without the auth or limits its
     operator asked for. A `grpc_web` route needs gRPC behind it: an upstream with
-    `protocol: http2` (gRPC is HTTP/2), and no aggregate."""
+    `protocol: http2` (gRPC is HTTP/2), and no aggregate. Nor does `idempotency` (an
+    aggregate reads no request body)."""
     problems = config_problems(settings)
     for i, route in enumerate(settings.routes):
+        if route.idempotency is not None and route.aggregate is not None:
+            problems.append(f"routes.{i}.idempotency: does not apply to an aggregate route")
         if not route.grpc_web:
             continue
         if route.aggregate is not None:

@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 import redis
 
+from gateway.build.factory import build_runtime, unsupported
+from gateway.config.loader import load_config_text
 from gateway.dataplane.idempotency import Idempotency, RouteIdempotency, parse_key
 from gateway.dataplane.state import Exchange
 from gateway.edge.idempotency import (
@@ -426,3 +428,49 @@ async def test_store_down_refuses_keyed_requests_with_503() -> None:
         assert up.calls == 1 and results(metrics) == {"store_error": 1}
     finally:
         await dead.aclose()
+
+
+# -- the build --------------------------------------------------------------------------
+
+CONFIG = """
+upstreams: {up: {targets: ["http://127.0.0.1:1"]}}
+idempotency: {ttl: 1h, max_response_size: 2KiB}
+routes:
+  - {name: a, path: /a, upstream: up, idempotency: optional, timeout: 3s}
+  - {name: b, path: /b, upstream: up, idempotency: required}
+  - {name: c, path: /c, upstream: up}
+"""
+
+
+async def test_one_store_for_every_route_kept_across_a_reload() -> None:
+    settings = load_config_text(CONFIG, "x.yaml")
+    runtime = build_runtime(settings)
+    again = build_runtime(settings, runtime)
+    changed = build_runtime(
+        load_config_text(CONFIG.replace("ttl: 1h", "ttl: 2h"), "x.yaml"), runtime
+    )
+    try:
+        routes = {r.name: r for r in runtime.router}
+        a, b = routes["a"].idempotency, routes["b"].idempotency
+        assert a is not None and b is not None and routes["c"].idempotency is None
+        assert a.shared is b.shared is runtime.idempotency
+        assert isinstance(a.shared.store, MemoryStore)
+        assert (a.shared.ttl, a.shared.max_response_size) == (3600.0, 2048)
+        assert (a.required, b.required, a.lease) == (False, True, 63.0)
+        assert again.idempotency is runtime.idempotency  # same block: keys kept
+        assert changed.idempotency is not runtime.idempotency
+        unused = build_runtime(load_config_text(CONFIG.split("routes:")[0] + "routes: []", "x"))
+        assert unused.idempotency is None
+    finally:
+        await changed.aclose()
+        await runtime.aclose()
+
+
+def test_an_aggregate_route_cannot_take_idempotency() -> None:
+    settings = load_config_text(
+        CONFIG
+        + "  - {name: agg, path: /agg, idempotency: optional,"
+        + " aggregate: {backends: [{upstream: up, path: /x, key: x}]}}\n",
+        "x.yaml",
+    )
+    assert unsupported(settings) == ["routes.3.idempotency: does not apply to an aggregate route"]
