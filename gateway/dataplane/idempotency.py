@@ -192,13 +192,8 @@ class RouteIdempotency:
         digest = hashlib.sha256(f"{request.method} {exchange.path}?".encode("latin-1"))
         digest.update(request.query + b"\0" + body)
         fingerprint = digest.hexdigest()
-        caller = exchange.caller
-        if caller is None:
-            client = scope.get("client")
-            peer = client[0] if client else ""
-            caller = real_client_ip(peer, forwarded_for, self.trusted_proxies)
-        scoped = hashlib.sha256(f"{caller}\0{key}".encode()).hexdigest()
-        slot = f"{quote(self.name, safe='')}:{scoped}"
+        scoped = hashlib.sha256(f"{self._caller(exchange, scope, forwarded_for)}\0{key}".encode())
+        slot = f"{quote(self.name, safe='')}:{scoped.hexdigest()}"
         try:
             claim = await shared.store.claim(slot, fingerprint, self.lease)
         except StoreUnavailable:
@@ -229,6 +224,17 @@ class RouteIdempotency:
             await record.release("not_stored")
             raise
         return await record.watch(response)
+
+    def _caller(self, exchange: Exchange, scope: Scope, forwarded_for: bytes | None) -> str:
+        """`key:<sha256 hex>` of the API key, `sub:<sub>` of the JWT, else `ip:<client>`."""
+        caller = exchange.caller
+        if isinstance(caller, bytes):
+            return "key:" + caller.hex()
+        if isinstance(caller, str):
+            return "sub:" + caller
+        client = scope.get("client")
+        peer = client[0] if client else ""
+        return "ip:" + real_client_ip(peer, forwarded_for, self.trusted_proxies)
 
 
 async def _closed() -> None:

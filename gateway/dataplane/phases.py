@@ -36,7 +36,7 @@ async def request_filter(
     )
     exchange.extra_headers = ctx.response_headers
     early = await run_filters(route.filters, ctx)
-    exchange.caller = ctx.caller or ctx.client_ip
+    exchange.caller = ctx.caller
     return early
 
 

@@ -440,8 +440,8 @@ def jwt_auth(settings: JwtRules, verifier: JwtVerifier) -> RequestFilter:
             if value is not None:
                 ctx.upstream_headers.append((name, value))
         sub = claims.get("sub")
-        if isinstance(sub, str):
-            ctx.caller = "sub:" + sub
+        if sub is not None:
+            ctx.caller = str(sub)
         return None
 
     return check

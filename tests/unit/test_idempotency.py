@@ -5,6 +5,7 @@ handlers (ok, failing, streaming, oversized)."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -16,6 +17,8 @@ from gateway.build.factory import build_runtime, unsupported
 from gateway.config.loader import load_config_text
 from gateway.dataplane.idempotency import Idempotency, RouteIdempotency, parse_key
 from gateway.dataplane.state import Exchange
+from gateway.edge import EdgeContext
+from gateway.edge.apikey import ApiKeys, api_key
 from gateway.edge.idempotency import (
     IdempotencyStore,
     MemoryStore,
@@ -233,7 +236,7 @@ async def send(
     key: bytes | None = b'"k1"',
     method: str = "POST",
     body: bytes = b'{"a":1}',
-    caller: str | None = None,
+    caller: bytes | str | None = None,
 ) -> tuple[GatewayResponse, bytes, Exchange]:
     exchange = Exchange(0.0, method, "/orders", "rid", caller=caller)
     response = await route.fetch(request(method, body), scope(key), None, exchange, handler)
@@ -333,10 +336,17 @@ async def test_malformed_or_repeated_keys_are_400_bad_request() -> None:
 async def test_scoped_by_caller() -> None:
     route, _ = keyed_route()
     up = Upstream()
-    await send(route, up, caller="key:aaaa")
-    await send(route, up, caller="key:bbbb")
-    _, _, exchange = await send(route, up, caller="key:aaaa")
-    assert up.calls == 2 and exchange.idempotency == "replayed"
+    for caller in (b"\1" * 32, b"\2" * 32, "alice", None):  # two API keys, a sub, an IP
+        await send(route, up, caller=caller)
+    _, _, exchange = await send(route, up, caller=b"\1" * 32)
+    assert up.calls == 4 and exchange.idempotency == "replayed"
+
+
+async def test_auth_filters_name_the_caller_by_a_hash_or_the_sub() -> None:
+    check = api_key(ApiKeys(keys=("secret-key",)))
+    ctx = EdgeContext({}, "POST", "r", "10.0.0.1", [(b"x-api-key", b"secret-key")], [])
+    await check(ctx)
+    assert ctx.caller == hashlib.sha256(b"secret-key").digest()
 
 
 async def test_gateway_errors_release_the_key_and_are_not_stored() -> None:
