@@ -14,6 +14,7 @@ import pytest
 import redis
 
 from gateway.build.factory import build_runtime, unsupported
+from gateway.build.values import plain
 from gateway.config.loader import load_config_text
 from gateway.dataplane.idempotency import Idempotency, RouteIdempotency, parse_key
 from gateway.dataplane.state import Exchange
@@ -26,6 +27,7 @@ from gateway.edge.idempotency import (
     StoredAnswer,
     StoreUnavailable,
 )
+from gateway.edge.jwt import JwtRules, jwt_auth
 from gateway.errors import (
     BadRequest,
     IdempotencyInFlight,
@@ -37,6 +39,8 @@ from gateway.errors import (
 from gateway.ops.metrics import Metrics
 from gateway.types import Deadline, GatewayRequest, GatewayResponse, WholeBody, closed
 from tests.integration.harness import free_port
+from tests.unit.jwtkit import rsa_key, sign
+from tests.unit.test_jwt import bearer, jwt_settings, verifier
 
 SHARED_REDIS = "redis://127.0.0.1:6379/0"
 FP_A, FP_B = "a" * 64, "b" * 64
@@ -347,6 +351,11 @@ async def test_auth_filters_name_the_caller_by_a_hash_or_the_sub() -> None:
     ctx = EdgeContext({}, "POST", "r", "10.0.0.1", [(b"x-api-key", b"secret-key")], [])
     await check(ctx)
     assert ctx.caller == hashlib.sha256(b"secret-key").digest()
+    settings = jwt_settings()
+    jwt_check = jwt_auth(plain(JwtRules, settings), await verifier(settings))
+    jwt_ctx = EdgeContext({}, "POST", "r", "10.0.0.1", [bearer(sign(rsa_key()))], [])
+    await jwt_check(jwt_ctx)
+    assert jwt_ctx.caller == "user-42"
 
 
 async def test_gateway_errors_release_the_key_and_are_not_stored() -> None:
