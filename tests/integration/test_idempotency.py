@@ -11,7 +11,6 @@ import copy
 import json
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,8 +22,8 @@ import redis
 
 from tests.integration.edge_support import metric
 from tests.integration.harness import GatewayProcess, UpstreamServer
+from tests.integration.redis_keys import SHARED_REDIS, scratch_prefix
 
-SHARED_REDIS = "redis://127.0.0.1:6379/0"
 Scope = dict[str, Any]
 
 
@@ -226,16 +225,8 @@ def test_required_keys_scoping_by_caller_and_retries(
 
 @pytest.fixture
 def redis_prefix() -> Iterator[str]:
-    """A key prefix of this test's own in the shared Redis, deleted afterwards."""
-    prefix = f"gateway-test:idem:{uuid.uuid4().hex}:"
-    yield prefix
-    client = redis.Redis.from_url(SHARED_REDIS, socket_timeout=2)
-    try:
-        keys = list(client.scan_iter(match=prefix + "*"))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
+    with scratch_prefix("idem") as prefix:
+        yield prefix
 
 
 def test_two_gateways_sharing_redis_forward_one_request_per_key(

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -39,10 +38,10 @@ from gateway.errors import (
 from gateway.ops.metrics import Metrics
 from gateway.types import Deadline, GatewayRequest, GatewayResponse, WholeBody, closed
 from tests.integration.harness import free_port
+from tests.integration.redis_keys import SHARED_REDIS, scratch_prefix
 from tests.unit.jwtkit import rsa_key, sign
 from tests.unit.test_jwt import bearer, jwt_settings, verifier
 
-SHARED_REDIS = "redis://127.0.0.1:6379/0"
 FP_A, FP_B = "a" * 64, "b" * 64
 ANSWER = StoredAnswer(201, ((b"content-type", b"text/plain"), (b"x-n", b"1")), b"made\n1")
 
@@ -89,15 +88,8 @@ class Clock:
 
 @pytest.fixture
 def redis_prefix() -> Iterator[str]:
-    prefix = f"gateway-test:idem-unit:{uuid.uuid4().hex}:"
-    yield prefix
-    client = redis.Redis.from_url(SHARED_REDIS, socket_timeout=2)
-    try:
-        keys = list(client.scan_iter(match=prefix + "*"))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
+    with scratch_prefix("idem-unit") as prefix:
+        yield prefix
 
 
 @pytest.fixture(params=["memory", "redis"])
