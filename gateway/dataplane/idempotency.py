@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote
@@ -54,6 +55,7 @@ LEASE_GRACE = 60.0
 REPLAYED = (b"idempotent-replayed", b"true")
 _HEADER = b"idempotency-key"
 # sf-token characters (RFC 9651 3.3.4: tchar, ":" and "/"); a bare key may start with any
+_SIMPLE = re.compile(rb'"([\x20\x21\x23-\x5b\x5d-\x7e]*)"|([!#$%&\'*+\-.^_`|~:/0-9A-Za-z]+)')
 _TOKEN = frozenset(
     b"!#$%&'*+-.^_`|~:/0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 )
@@ -64,7 +66,10 @@ def parse_key(value: bytes) -> str:
     ASCII, `\\"` and `\\\\` escapes) or a bare token read as the same key. Raises
     `BadRequest` for anything else, an empty key or one over `MAX_KEY_LENGTH`."""
     text = value.strip(b" \t")
-    if text[:1] == b'"':
+    simple = _SIMPLE.fullmatch(text)  # the common case: no escapes
+    if simple is not None:
+        key = simple.group(1) or simple.group(2)
+    elif text[:1] == b'"':
         chars: list[int] = []
         i, end = 1, len(text)
         while True:
@@ -144,7 +149,7 @@ class Idempotency:
 class RouteIdempotency:
     """One route's Idempotency-Key handling around its handler chain."""
 
-    __slots__ = ("lease", "name", "required", "shared", "trusted_proxies")
+    __slots__ = ("_prefix", "lease", "name", "required", "shared", "trusted_proxies")
 
     def __init__(
         self,
@@ -160,6 +165,7 @@ class RouteIdempotency:
         self.required = required
         self.lease = lease
         self.trusted_proxies = trusted_proxies
+        self._prefix = quote(name, safe="") + ":"  # the route's part of its store keys
 
     async def fetch(
         self,
@@ -193,7 +199,7 @@ class RouteIdempotency:
         digest.update(request.query + b"\0" + body)
         fingerprint = digest.hexdigest()
         scoped = hashlib.sha256(f"{self._caller(exchange, scope, forwarded_for)}\0{key}".encode())
-        slot = f"{quote(self.name, safe='')}:{scoped.hexdigest()}"
+        slot = self._prefix + scoped.hexdigest()
         try:
             claim = await shared.store.claim(slot, fingerprint, self.lease)
         except StoreUnavailable:
