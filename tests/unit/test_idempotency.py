@@ -156,7 +156,7 @@ async def test_redis_keys_carry_the_prefix_and_the_ttl(redis_prefix: str) -> Non
         assert await store.complete("r:k", claim.owner, FP_A, ANSWER, ttl=3600)
         assert 3_500_000 < client.pttl(redis_prefix + "r:k") <= 3_600_000
         raw = client.get(redis_prefix + "r:k")
-        assert raw is not None and raw.startswith(b"S" + FP_A.encode())
+        assert isinstance(raw, bytes) and raw.startswith(b"S" + FP_A.encode())
     finally:
         client.close()
         await store.aclose()
