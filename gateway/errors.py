@@ -8,12 +8,16 @@
     ├── RequestTimeout                408 request_timeout
     ├── BodyTooLarge                  413 body_too_large
     ├── UriTooLong                    414 uri_too_long           (max_request_line)
+    ├── IdempotencyKeyMissing         400 idempotency_key_missing (a `required` route)
+    ├── IdempotencyInFlight           409 idempotency_in_flight   (its first is still running)
+    ├── IdempotencyKeyReused          422 idempotency_key_reused  (same key, another body)
     ├── RateLimited                   429 rate_limited
     ├── HeadersTooLarge               431 headers_too_large      (max_header_size / _count)
     ├── ClientClosedRequest           499 client_disconnected    (never sent: the client left)
     ├── InternalError                 500 internal_error
     ├── TooManyConnections            503 too_many_connections   (max_client_connections)
     ├── RateLimitUnavailable          503 rate_limit_unavailable (fail_closed, store down)
+    ├── IdempotencyUnavailable        503 idempotency_unavailable (the key store is down)
     ├── UpstreamError
     │   ├── UpstreamUnavailable       502 upstream_unavailable   (refused, reset, bad HTTP)
     │   ├── UpstreamTimeout           504 upstream_timeout       (the deadline passed)
@@ -42,6 +46,10 @@ __all__ = [
     "ClientClosedRequest",
     "GatewayError",
     "HeadersTooLarge",
+    "IdempotencyInFlight",
+    "IdempotencyKeyMissing",
+    "IdempotencyKeyReused",
+    "IdempotencyUnavailable",
     "InternalError",
     "MethodNotAllowed",
     "NotCached",
@@ -164,6 +172,39 @@ class RateLimitUnavailable(GatewayError):
     refused."""
 
     status, code, title = 503, "rate_limit_unavailable", "Rate limit store unavailable"
+
+    def __init__(self, detail: str = "", **kw: str | None) -> None:
+        super().__init__(detail, **kw)  # type: ignore[arg-type]
+        self.headers.append((b"retry-after", b"1"))
+
+
+class IdempotencyKeyMissing(GatewayError):
+    """A POST or PATCH without an Idempotency-Key on a route where it is `required`."""
+
+    status, code, title = 400, "idempotency_key_missing", "Idempotency-Key required"
+
+
+class IdempotencyInFlight(GatewayError):
+    """The first request with this Idempotency-Key has not been answered yet."""
+
+    status, code, title = 409, "idempotency_in_flight", "Request with this key in flight"
+
+    def __init__(self, detail: str = "", **kw: str | None) -> None:
+        super().__init__(detail, **kw)  # type: ignore[arg-type]
+        self.headers.append((b"retry-after", b"1"))
+
+
+class IdempotencyKeyReused(GatewayError):
+    """The Idempotency-Key was used before with another request body."""
+
+    status, code, title = 422, "idempotency_key_reused", "Idempotency-Key reused"
+
+
+class IdempotencyUnavailable(GatewayError):
+    """The Idempotency-Key store cannot be reached: a keyed request is refused rather
+    than risk being carried out twice."""
+
+    status, code, title = 503, "idempotency_unavailable", "Idempotency store unavailable"
 
     def __init__(self, detail: str = "", **kw: str | None) -> None:
         super().__init__(detail, **kw)  # type: ignore[arg-type]

@@ -19,15 +19,18 @@ from gateway.config.models import (
     CacheSettings,
     CompressionSettings,
     GatewaySettings,
+    IdempotencySettings,
     RouteSettings,
     ServerSettings,
 )
 from gateway.dataplane.aggregate import Aggregation, Backend, BackendTemplate
 from gateway.dataplane.cache import REDIS_PREFIX, Cache, RedisStore, RouteCache
 from gateway.dataplane.compression import CompressionRules
+from gateway.dataplane.idempotency import LEASE_GRACE, Idempotency, RouteIdempotency
 from gateway.dataplane.routes import Route
 from gateway.dataplane.routing import CompiledTemplate, Router
 from gateway.edge import RequestFilter
+from gateway.edge import idempotency as idem_store
 from gateway.ops.metrics import Metrics
 from gateway.policies.breaker import breaker
 from gateway.policies.bulkhead import bulkhead
@@ -41,6 +44,7 @@ __all__ = [
     "build_aggregate_route",
     "build_cache",
     "build_compression",
+    "build_idempotency",
     "build_route_handler",
     "build_runtime",
     "unsupported",
@@ -95,9 +99,12 @@ def unsupported(settings: GatewaySettings) -> list[str]:
     auth without the global block, an empty key variable, an unreadable JWKS file):
     refusing to start beats silently serving a route without the auth or limits its
     operator asked for. A `grpc_web` route needs gRPC behind it: an upstream with
-    `protocol: http2` (gRPC is HTTP/2), and no aggregate."""
+    `protocol: http2` (gRPC is HTTP/2), and no aggregate. Nor does `idempotency` (an
+    aggregate reads no request body)."""
     problems = config_problems(settings)
     for i, route in enumerate(settings.routes):
+        if route.idempotency is not None and route.aggregate is not None:
+            problems.append(f"routes.{i}.idempotency: does not apply to an aggregate route")
         if not route.grpc_web:
             continue
         if route.aggregate is not None:
@@ -136,6 +143,7 @@ def build_runtime(
     server = settings.server
     compression = build_compression(settings.compression)
     cache = build_cache(settings, previous, metrics)
+    idempotency = build_idempotency(settings, previous, metrics)
     for route in settings.routes:
         methods = router_methods(route, settings)
         filters = build_filters(route, settings, edge.store, metrics, jwt=edge.jwt)
@@ -165,8 +173,44 @@ def build_runtime(
                 cache, route.name, route.cache.default_ttl, timeout=route.timeout
             )
             compiled = dataclasses.replace(compiled, cache=route_cache)
+        if idempotency is not None and route.idempotency is not None and compiled.reads_body:
+            keys = RouteIdempotency(
+                idempotency,
+                route.name,
+                required=route.idempotency == "required",
+                lease=route.timeout + LEASE_GRACE,
+                trusted_proxies=server.trusted_proxies,
+            )
+            compiled = dataclasses.replace(compiled, idempotency=keys)
         router.add(compiled, route.path, methods, route.host)
-    return Runtime(settings, router, upstreams, edge, cache)
+    return Runtime(settings, router, upstreams, edge, cache, idempotency=idempotency)
+
+
+def build_idempotency(
+    settings: GatewaySettings, previous: Runtime | None, metrics: Metrics | None
+) -> Idempotency | None:
+    """The Idempotency-Key store every route with `idempotency:` shares, kept from
+    `previous` (its keys too) while the `idempotency` block is unchanged. None: no
+    route uses it. `store: {redis: URL}` shares the keys through Redis (under its
+    `prefix` when set, `gateway:idem:` otherwise)."""
+    if not any(route.idempotency is not None for route in settings.routes):
+        return None
+    block = settings.idempotency or IdempotencySettings()
+    if (
+        previous is not None
+        and previous.idempotency is not None
+        and (previous.settings.idempotency or IdempotencySettings()) == block
+    ):
+        return previous.idempotency
+    store: idem_store.IdempotencyStore
+    if isinstance(block.store, str):
+        store = idem_store.MemoryStore()
+    else:
+        spec = block.store
+        # The settings' prefix defaults to the rate limiter's; unset, keys get their own.
+        prefix = spec.prefix if "prefix" in spec.model_fields_set else idem_store.REDIS_PREFIX
+        store = idem_store.RedisStore(spec.redis, prefix=prefix, timeout=spec.timeout)
+    return Idempotency(store, block.ttl, block.max_response_size, metrics)
 
 
 def build_cache(

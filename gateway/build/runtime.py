@@ -15,6 +15,7 @@ from gateway.build.edge import EdgeResources
 from gateway.build.upstreams import Upstream
 from gateway.config.models import GatewaySettings
 from gateway.dataplane.cache import Cache
+from gateway.dataplane.idempotency import Idempotency
 from gateway.dataplane.routes import Route
 from gateway.dataplane.routing import Router
 
@@ -34,8 +35,11 @@ class Runtime:
         upstreams: dict[str, Upstream],
         edge: EdgeResources | None = None,
         cache: Cache | None = None,
+        *,
+        idempotency: Idempotency | None = None,
     ) -> None:
         self.settings = settings
+        self.idempotency = idempotency  # the Idempotency-Key store (`dataplane/idempotency.py`)
         self.cache = cache  # the response cache, when a route caches (`dataplane/cache.py`)
         self.router = router
         self.upstreams = upstreams
@@ -71,6 +75,8 @@ class Runtime:
             await self.edge.aclose()
         if self.cache is not None:
             await self.cache.aclose()
+        if self.idempotency is not None:
+            await self.idempotency.aclose()
 
     async def retire(self, successor: Runtime, grace: float) -> None:
         """After a reload: wait for this runtime's requests to finish (up to `grace`
@@ -99,6 +105,9 @@ class Runtime:
             await self.edge.retire(other.edge if other is not None else None)
         if self.cache is not None and (other is None or other.cache is not self.cache):
             await self.cache.aclose()
+        keys = self.idempotency
+        if keys is not None and (other is None or other.idempotency is not keys):
+            await keys.aclose()
 
     def __repr__(self) -> str:
         return (

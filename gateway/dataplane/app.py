@@ -19,6 +19,7 @@ from gateway.dataplane.compression import CompressionRules, accept_encoding
 from gateway.dataplane.grpc import RESET, grpc_status_of, send_grpc_error
 from gateway.dataplane.grpcweb import grpc_web
 from gateway.dataplane.headers import IncomingHeaders, add_forwarded, http_date, parse_incoming
+from gateway.dataplane.idempotency import KEYED_METHODS
 from gateway.dataplane.logphase import LoggingPhase
 from gateway.dataplane.phases import deadline_for, enrich, request_filter
 from gateway.dataplane.routes import Route
@@ -266,7 +267,12 @@ class DataPlane:
         async with _CancelOnDisconnect(reader, exchange):
             try:
                 try:
-                    if route.cache is None:  # off: this one check per request
+                    if route.idempotency is not None and request.method in KEYED_METHODS:
+                        # POST and PATCH, which the cache never stores (off: one check)
+                        response = await route.idempotency.fetch(
+                            request, scope, incoming.forwarded_for, exchange, route.handler
+                        )
+                    elif route.cache is None:  # off: this one check per request
                         response = await route.handler(request)
                     else:  # the key is the target as the client sent it
                         target = exchange.path + _query(request.query)

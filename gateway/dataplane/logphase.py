@@ -124,6 +124,8 @@ class LoggingPhase:
             }
             if exchange.grpc:  # a gRPC call's status (the HTTP one is 200 either way)
                 record["grpc_status"] = exchange.grpc_status
+            if exchange.idempotency is not None:  # an Idempotency-Key route's result
+                record["idempotency"] = exchange.idempotency
             access_log.write(record)
 
     def refusal(

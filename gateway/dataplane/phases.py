@@ -35,7 +35,9 @@ async def request_filter(
         upstream_headers=incoming.upstream,
     )
     exchange.extra_headers = ctx.response_headers
-    return await run_filters(route.filters, ctx)
+    early = await run_filters(route.filters, ctx)
+    exchange.caller = ctx.caller
+    return early
 
 
 def deadline_for(route_timeout: float, incoming: IncomingHeaders) -> Deadline:

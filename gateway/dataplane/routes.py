@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from gateway.dataplane.cache import RouteCache
 from gateway.dataplane.compression import CompressionRules
+from gateway.dataplane.idempotency import RouteIdempotency
 from gateway.dataplane.routing import CompiledTemplate
 from gateway.edge import RequestFilter
 from gateway.types import Handler, IPNetwork
@@ -37,3 +38,5 @@ class Route:
     grpc_web: bool = False  # translate gRPC-Web calls to gRPC (`dataplane/grpcweb.py`)
     # the response cache of a route with `cache:`; None: never consulted (`dataplane/cache.py`)
     cache: RouteCache | None = None
+    # Idempotency-Key handling of a route with `idempotency:` (`dataplane/idempotency.py`)
+    idempotency: RouteIdempotency | None = None

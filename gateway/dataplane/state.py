@@ -63,3 +63,5 @@ class Exchange:
     tls: str | None = None  # the connection's TLS version ("TLSv1.3"), None in cleartext
     grpc: bool = False  # a gRPC call: the gateway's own errors are gRPC answers
     grpc_status: int | None = None  # a gRPC call's status, once known
+    caller: bytes | str | None = None  # who auth says is calling (API key hash, JWT sub)
+    idempotency: str | None = None  # what Idempotency-Key handling did (`stored`, ...)

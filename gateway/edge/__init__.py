@@ -29,6 +29,9 @@ class EdgeContext:
     request_headers: list[tuple[bytes, bytes]]  # as the client sent them (lower-case names)
     upstream_headers: Headers  # what goes upstream; filters may remove or add
     response_headers: Headers = field(default_factory=list)  # added to the final answer
+    # Who is calling, once auth has said so (Idempotency-Key scopes): the SHA-256 of the
+    # API key (bytes), or the JWT `sub` (str); None: only the client IP is known.
+    caller: bytes | str | None = None
 
     def header(self, name: bytes) -> bytes | None:
         for key, value in self.request_headers:

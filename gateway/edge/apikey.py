@@ -69,6 +69,7 @@ def api_key(
             ok |= hmac.compare_digest(candidate, digest)
         if not ok:
             raise Unauthorized(f"invalid API key in {settings.header}", headers=list(challenge))
+        ctx.caller = candidate  # a hash: the key itself is never kept
         if not forward:
             ctx.upstream_headers[:] = [(k, v) for k, v in ctx.upstream_headers if k != name]
         return None

@@ -439,6 +439,9 @@ def jwt_auth(settings: JwtRules, verifier: JwtVerifier) -> RequestFilter:
             value = claim_header_value(claims.get(claim))
             if value is not None:
                 ctx.upstream_headers.append((name, value))
+        sub = claims.get("sub")
+        if sub is not None:
+            ctx.caller = str(sub)
         return None
 
     return check

@@ -171,6 +171,13 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.idempotency_requests = Counter(
+            "gateway_idempotency_requests_total",
+            "POST/PATCH requests of idempotency routes by result (stored, replayed, "
+            "in_flight, reused, missing, invalid, not_stored, store_error).",
+            ("route", "result"),
+            registry=r,
+        )
 
     def __repr__(self) -> str:
         return f"Metrics(multiprocess={multiprocess_dir() is not None})"
