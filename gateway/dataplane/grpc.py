@@ -49,6 +49,12 @@ GRPC_STATUS: dict[str, int] = {
     "too_many_connections": 14,
     "rate_limit_unavailable": 14,
     "client_disconnected": 1,  # CANCELLED
+    "not_cached": 14,  # gRPC's table for 504 (gRPC calls are POSTs, never cached)
+    # Idempotency-Key (gRPC calls ignore the header; by meaning, should one get here)
+    "idempotency_key_missing": 3,  # INVALID_ARGUMENT
+    "idempotency_key_reused": 3,
+    "idempotency_in_flight": 10,  # ABORTED: a concurrency conflict, retry later
+    "idempotency_unavailable": 14,
     "internal_error": 13,
 }
 UNKNOWN = 2
