@@ -5,19 +5,16 @@ from __future__ import annotations
 
 import json
 import threading
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
-import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.harness import GatewayProcess
+from tests.integration.redis_keys import SHARED_REDIS, scratch_prefix
 
 __all__ = ["SHARED_REDIS", "EchoApp", "metric", "redis_prefix_of_its_own"]
-
-SHARED_REDIS = "redis://127.0.0.1:6379/0"
 
 
 class EchoApp:
@@ -74,12 +71,5 @@ def metric(gw: GatewayProcess, name: str, **labels: str) -> float:
 def redis_prefix_of_its_own(tag: str) -> Iterator[str]:
     """A key prefix of one test's own in the shared Redis, its keys deleted afterwards:
     what a fixture yields from."""
-    prefix = f"{tag}:{uuid.uuid4().hex}:"
-    yield prefix
-    client = redis.Redis.from_url(SHARED_REDIS, socket_timeout=2)
-    try:
-        keys = list(client.scan_iter(match=prefix + "*"))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
+    with scratch_prefix(tag) as prefix:
+        yield prefix

@@ -9,7 +9,6 @@ import asyncio
 import copy
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -25,8 +24,7 @@ from starlette.routing import Route
 
 from tests.integration.edge_support import metric
 from tests.integration.harness import GatewayProcess, UpstreamServer, free_port
-
-SHARED_REDIS = "redis://127.0.0.1:6379/0"
+from tests.integration.redis_keys import SHARED_REDIS, scratch_prefix
 
 
 class Origin:
@@ -46,15 +44,8 @@ class Origin:
 @pytest.fixture
 def redis_prefix() -> Iterator[str]:
     """A key prefix of this test's own in the shared Redis, deleted afterwards."""
-    prefix = f"gateway-test:{uuid.uuid4().hex}:"
-    yield prefix
-    client = redis.Redis.from_url(SHARED_REDIS, socket_timeout=2)
-    try:
-        keys = list(client.scan_iter(match=prefix + "*"))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
+    with scratch_prefix("cache") as prefix:
+        yield prefix
 
 
 def config(up: UpstreamServer, store: dict[str, Any]) -> dict[str, Any]:
