@@ -19,6 +19,7 @@ from gateway.config.models import (
     CacheSettings,
     CompressionSettings,
     GatewaySettings,
+    HeaderOps,
     RouteSettings,
     ServerSettings,
 )
@@ -27,6 +28,7 @@ from gateway.dataplane.cache import REDIS_PREFIX, Cache, RedisStore, RouteCache
 from gateway.dataplane.compression import CompressionRules
 from gateway.dataplane.routes import Route
 from gateway.dataplane.routing import CompiledTemplate, Router
+from gateway.dataplane.transforms import HeaderTransform, refused_name
 from gateway.edge import RequestFilter
 from gateway.ops.metrics import Metrics
 from gateway.policies.breaker import breaker
@@ -43,6 +45,7 @@ __all__ = [
     "build_compression",
     "build_route_handler",
     "build_runtime",
+    "build_transform",
     "unsupported",
 ]
 
@@ -97,6 +100,7 @@ def unsupported(settings: GatewaySettings) -> list[str]:
     operator asked for. A `grpc_web` route needs gRPC behind it: an upstream with
     `protocol: http2` (gRPC is HTTP/2), and no aggregate."""
     problems = config_problems(settings)
+    problems.extend(_transform_problems(settings))
     for i, route in enumerate(settings.routes):
         if not route.grpc_web:
             continue
@@ -160,6 +164,16 @@ def build_runtime(
             )
         if compression is not None and route.compression:
             compiled = dataclasses.replace(compiled, compression=compression)
+        if route.headers is not None:  # an aggregate's backends have theirs already
+            compiled = dataclasses.replace(
+                compiled,
+                request_transform=None
+                if route.aggregate is not None
+                else build_transform(route.headers.request, route.name, compiled.upstream),
+                response_transform=build_transform(
+                    route.headers.response, route.name, compiled.upstream
+                ),
+            )
         if cache is not None and route.cache is not None:
             route_cache = RouteCache(
                 cache, route.name, route.cache.default_ttl, timeout=route.timeout
@@ -213,9 +227,11 @@ def build_aggregate_route(
     traced: bool = False,
 ) -> Route:
     """An aggregate route: its fan-out `Aggregation` as the handler, each backend with
-    its own upstream's chain."""
+    its own upstream's chain and the route's request transform (`{upstream}` being the
+    backend's)."""
     aggregate = route.aggregate
     assert aggregate is not None
+    request_ops = route.headers.request if route.headers is not None else None
     path_params = frozenset(
         name for name, kind in PARAM_REGEX.findall(route.path) if kind == ":path"
     )
@@ -232,6 +248,7 @@ def build_aggregate_route(
             timeout=b.timeout,
             fields=frozenset(b.fields) if b.fields is not None else None,
             rename=dict(b.rename),
+            transform=build_transform(request_ops, route.name, b.upstream),
         )
         for i, b in enumerate(aggregate.backends)
     ]
@@ -245,6 +262,7 @@ def build_aggregate_route(
             timeout=route.timeout,
             max_response_size=aggregate.max_response_size,
             forward_authorization=route.forward_authorization,
+            trusted_proxies=server.trusted_proxies,
         ),
         rewrite=None,
         timeout=route.timeout,
@@ -255,3 +273,36 @@ def build_aggregate_route(
         reads_body=False,
         path=route.path,
     )
+
+
+def build_transform(
+    ops: HeaderOps | None, route: str, upstream: str | None
+) -> HeaderTransform | None:
+    """One direction of `routes[].headers`, compiled; None when it changes nothing.
+    `{upstream}` is the configured upstream's name (empty on an aggregate's answer)."""
+    if ops is None or not (ops.set or ops.add or ops.remove):
+        return None
+    return HeaderTransform(
+        remove=ops.remove, set=ops.set, add=ops.add, route=route, upstream=upstream or ""
+    )
+
+
+def _transform_problems(settings: GatewaySettings) -> list[str]:
+    """Transform entries naming a field the gateway frames the message with (Host,
+    Content-Length) or a hop-by-hop one: refused, as the settings refuse X-Forwarded-*."""
+    problems: list[str] = []
+    for i, route in enumerate(settings.routes):
+        for direction, ops in (
+            ("request", route.headers.request if route.headers else None),
+            ("response", route.headers.response if route.headers else None),
+        ):
+            if ops is None:
+                continue
+            for kind, names in (("set", ops.set), ("add", ops.add), ("remove", ops.remove)):
+                problems.extend(
+                    f"routes.{i}.headers.{direction}.{kind}: {name} is written by the "
+                    "gateway (framing, Host, hop-by-hop): a transform cannot change it"
+                    for name in names
+                    if refused_name(name)
+                )
+    return problems

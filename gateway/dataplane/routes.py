@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from gateway.dataplane.cache import RouteCache
 from gateway.dataplane.compression import CompressionRules
 from gateway.dataplane.routing import CompiledTemplate
+from gateway.dataplane.transforms import HeaderTransform
 from gateway.edge import RequestFilter
 from gateway.types import Handler, IPNetwork
 
@@ -37,3 +38,7 @@ class Route:
     grpc_web: bool = False  # translate gRPC-Web calls to gRPC (`dataplane/grpcweb.py`)
     # the response cache of a route with `cache:`; None: never consulted (`dataplane/cache.py`)
     cache: RouteCache | None = None
+    # `headers.request` (proxied routes and WebSocket handshakes; an aggregate route's
+    # backends carry their own) and `headers.response`; None: no transform, no cost
+    request_transform: HeaderTransform | None = None
+    response_transform: HeaderTransform | None = None
