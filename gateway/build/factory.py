@@ -46,6 +46,7 @@ __all__ = [
     "build_route_handler",
     "build_runtime",
     "build_transform",
+    "identity_headers",
     "unsupported",
 ]
 
@@ -145,7 +146,10 @@ def build_runtime(
         filters = build_filters(route, settings, edge.store, metrics, jwt=edge.jwt)
         compiled: Route
         if route.aggregate is not None:
-            compiled = build_aggregate_route(route, upstreams, server, filters, traced=traced)
+            identity = identity_headers(route, settings)
+            compiled = build_aggregate_route(
+                route, upstreams, server, filters, traced=traced, identity=identity
+            )
         else:
             assert route.upstream is not None  # the settings model guarantees one
             upstream = upstreams[route.upstream]
@@ -225,10 +229,11 @@ def build_aggregate_route(
     filters: tuple[RequestFilter, ...] = (),
     *,
     traced: bool = False,
+    identity: frozenset[bytes] = frozenset(),
 ) -> Route:
     """An aggregate route: its fan-out `Aggregation` as the handler, each backend with
     its own upstream's chain and the route's request transform (`{upstream}` being the
-    backend's)."""
+    backend's). `identity`: the auth headers every backend gets (`identity_headers`)."""
     aggregate = route.aggregate
     assert aggregate is not None
     request_ops = route.headers.request if route.headers is not None else None
@@ -262,6 +267,7 @@ def build_aggregate_route(
             timeout=route.timeout,
             max_response_size=aggregate.max_response_size,
             forward_authorization=route.forward_authorization,
+            identity=identity,
             trusted_proxies=server.trusted_proxies,
         ),
         rewrite=None,
@@ -285,6 +291,21 @@ def build_transform(
     return HeaderTransform(
         remove=ops.remove, set=ops.set, add=ops.add, route=route, upstream=upstream or ""
     )
+
+
+def identity_headers(route: RouteSettings, settings: GatewaySettings) -> frozenset[bytes]:
+    """The header names a proxied route's upstream gets from the gateway's auth, which
+    an aggregate route passes to its backends too: the verified JWT claims
+    (`claims_to_headers`, on a `jwt` route: the filter drops client-sent ones) and the
+    API key header where the route sets `forward_api_key`."""
+    auth = settings.auth
+    names: set[bytes] = set()
+    if route.auth == "jwt" and auth is not None and auth.jwt is not None:
+        names.update(n.lower().encode() for n in auth.jwt.claims_to_headers.values())
+    if route.forward_api_key:
+        header = auth.api_keys.header if auth is not None and auth.api_keys else "X-API-Key"
+        names.add(header.lower().encode("latin-1"))
+    return frozenset(names)
 
 
 def _transform_problems(settings: GatewaySettings) -> list[str]:

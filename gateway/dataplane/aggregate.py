@@ -144,7 +144,10 @@ class Aggregation:
     the backend that decided the outcome). `run` is the same, as (status, headers,
     body). `timeout` is the route's, which the data plane's deadline carries.
 
-    `trusted_proxies` is only read when a backend's transform names `{client_ip}`."""
+    `identity`: the header names the route's auth filter put on the request (JWT
+    `claims_to_headers`, the API key header with `forward_api_key`), passed to every
+    backend as a proxied route's upstream gets them. `trusted_proxies` is only read
+    when a backend's transform names `{client_ip}`."""
 
     def __init__(
         self,
@@ -155,6 +158,7 @@ class Aggregation:
         timeout: float,
         max_response_size: int,
         forward_authorization: bool,
+        identity: frozenset[bytes] = frozenset(),
         trusted_proxies: tuple[IPNetwork, ...] = (),
     ) -> None:
         self.name = name
@@ -162,7 +166,8 @@ class Aggregation:
         self.allow_partial = partial == "allow"
         self.timeout = timeout
         self.max_response_size = max_response_size
-        self.forwarded = FORWARDED | {b"authorization"} if forward_authorization else FORWARDED
+        forwarded = FORWARDED | {b"authorization"} if forward_authorization else FORWARDED
+        self.forwarded = forwarded | identity
         self.trusted_proxies = trusted_proxies
 
     def __repr__(self) -> str:

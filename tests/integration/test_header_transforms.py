@@ -1,4 +1,4 @@
-"""Header transforms over real sockets: real uvicorn
+"""Header transforms and aggregate identity headers over real sockets: real uvicorn
 upstreams that echo the headers they got (and answer some of their own), the real
 gateway process, requests over HTTP/1.1 and a WebSocket handshake."""
 
@@ -14,7 +14,7 @@ from websockets.asyncio.client import connect
 
 from tests.integration.edge_support import EchoApp
 from tests.integration.harness import GatewayProcess, UpstreamServer, free_port
-from tests.unit.jwtkit import AUDIENCE, ISSUER, SECRET
+from tests.unit.jwtkit import AUDIENCE, ISSUER, SECRET, sign
 
 SECRET_ENV = "HEADER_TRANSFORMS_TEST_SECRET"
 
@@ -200,6 +200,32 @@ def test_response_transform_applies_to_errors_but_never_to_their_content_type(
         assert refused.status_code == 401
         assert refused.headers["content-type"] == "application/problem+json"
         assert refused.headers["x-via"] == "agg-jwt"
+
+
+def test_aggregate_backends_get_identity_headers_and_the_request_transform(
+    gw: GatewayProcess,
+) -> None:
+    token = sign(SECRET, "HS256", kid=None, sub="user-7", tenant="acme")
+    auth = {"authorization": f"Bearer {token}", "x-user-id": "admin"}  # a spoofed copy
+    with httpx.Client(base_url=gw.url, timeout=5) as client:
+        proxied = client.get("/jwt", headers=auth).json()["headers"]
+        r = client.get("/agg-jwt", headers=auth)
+        assert r.status_code == 200, r.text
+        assert r.headers["x-gateway-completed"] == "true"
+        assert r.headers["x-via"] == "agg-jwt"
+        body = r.json()
+        for key, upstream_name in (("a", "up"), ("b", "other")):
+            seen = body[key]["headers"]
+            assert seen["x-user-id"] == "user-7" == proxied["x-user-id"]
+            assert seen["x-tenant"] == "acme" == proxied["x-tenant"]
+            assert seen["x-up"] == upstream_name  # {upstream}: the backend's
+
+        keyed = client.get("/agg-key", headers={"x-api-key": "key-1"})
+        assert keyed.status_code == 200, keyed.text
+        assert keyed.json()["a"]["headers"]["x-api-key"] == "key-1"
+        kept = client.get("/agg-key-kept", headers={"x-api-key": "key-1"})
+        assert kept.status_code == 200, kept.text
+        assert "x-api-key" not in kept.json()["a"]["headers"]
 
 
 async def test_request_transform_applies_to_a_websocket_handshake(

@@ -1,6 +1,6 @@
 """Header transforms (`routes[].headers`) on their own: order, variables, what a
-transform may not touch, the response `send` wrapper, and what the factory
-compiles."""
+transform may not touch, the response `send` wrapper, what the factory compiles, and
+identity headers reaching an aggregate route's backends."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from gateway.build.factory import build_runtime
+from gateway.build.factory import build_runtime, identity_headers
 from gateway.cli import main
 from gateway.config.loader import load_config_text
 from gateway.dataplane.aggregate import Aggregation, Backend, BackendTemplate
@@ -157,6 +157,7 @@ routes:
     headers:
       request: {set: {X-Up: "{upstream}"}}
       response: {add: {X-Route: "{route}"}}
+  - {name: keyed, path: /keyed, auth: api_key, forward_api_key: true, upstream: a}
 """
 
 
@@ -192,6 +193,15 @@ def test_an_aggregate_route_transforms_per_backend(runtime: Any) -> None:
     ]
 
 
+def test_identity_headers_of_a_route(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRANSFORM_TEST_SECRET", "s" * 40)
+    settings = load_config_text(CONFIG, "gateway.yaml")
+    by_name = {r.name: r for r in settings.routes}
+    assert identity_headers(by_name["agg"], settings) == {b"x-user"}
+    assert identity_headers(by_name["keyed"], settings) == {b"x-key"}
+    assert identity_headers(by_name["plain"], settings) == frozenset()
+
+
 # --- aggregate backends --------------------------------------------------------------------
 
 
@@ -204,7 +214,7 @@ class Recorder:
         return GatewayResponse(200, [], WholeBody(b"{}"), closed, whole=b"{}")
 
 
-async def test_backends_get_their_own_transform() -> None:
+async def test_backends_get_identity_headers_and_their_own_transform() -> None:
     a, b = Recorder(), Recorder()
     backends = [
         Backend(
@@ -228,9 +238,11 @@ async def test_backends_get_their_own_transform() -> None:
         timeout=1.0,
         max_response_size=1024,
         forward_authorization=True,
+        identity=frozenset({b"x-user"}),
         trusted_proxies=TRUSTED,
     )
     headers = [
+        (b"x-user", b"user-42"),
         (b"x-other", b"dropped"),
         (b"x-forwarded-for", b"203.0.113.9, 10.1.2.3"),
     ]
@@ -239,6 +251,7 @@ async def test_backends_get_their_own_transform() -> None:
     assert response.status == 200
     for recorder, name in ((a, b"a"), (b, b"b")):
         sent = recorder.requests[0].headers
+        assert values(sent, b"x-user") == [b"user-42"]
         assert values(sent, b"x-other") == []
         assert values(sent, b"x-up") == [name + b":203.0.113.9"]
 
