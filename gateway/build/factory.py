@@ -19,6 +19,7 @@ from gateway.config.models import (
     CacheSettings,
     CompressionSettings,
     GatewaySettings,
+    HeaderOps,
     IdempotencySettings,
     RouteSettings,
     ServerSettings,
@@ -29,6 +30,7 @@ from gateway.dataplane.compression import CompressionRules
 from gateway.dataplane.idempotency import LEASE_GRACE, Idempotency, RouteIdempotency
 from gateway.dataplane.routes import Route
 from gateway.dataplane.routing import CompiledTemplate, Router
+from gateway.dataplane.transforms import HeaderTransform, refused_name
 from gateway.edge import RequestFilter
 from gateway.edge import idempotency as idem_store
 from gateway.ops.metrics import Metrics
@@ -47,6 +49,8 @@ __all__ = [
     "build_idempotency",
     "build_route_handler",
     "build_runtime",
+    "build_transform",
+    "identity_headers",
     "unsupported",
 ]
 
@@ -102,6 +106,7 @@ def unsupported(settings: GatewaySettings) -> list[str]:
     `protocol: http2` (gRPC is HTTP/2), and no aggregate. Nor does `idempotency` (an
     aggregate reads no request body)."""
     problems = config_problems(settings)
+    problems.extend(_transform_problems(settings))
     for i, route in enumerate(settings.routes):
         if route.idempotency is not None and route.aggregate is not None:
             problems.append(f"routes.{i}.idempotency: does not apply to an aggregate route")
@@ -149,7 +154,10 @@ def build_runtime(
         filters = build_filters(route, settings, edge.store, metrics, jwt=edge.jwt)
         compiled: Route
         if route.aggregate is not None:
-            compiled = build_aggregate_route(route, upstreams, server, filters, traced=traced)
+            identity = identity_headers(route, settings)
+            compiled = build_aggregate_route(
+                route, upstreams, server, filters, traced=traced, identity=identity
+            )
         else:
             assert route.upstream is not None  # the settings model guarantees one
             upstream = upstreams[route.upstream]
@@ -168,6 +176,16 @@ def build_runtime(
             )
         if compression is not None and route.compression:
             compiled = dataclasses.replace(compiled, compression=compression)
+        if route.headers is not None:  # an aggregate's backends have theirs already
+            compiled = dataclasses.replace(
+                compiled,
+                request_transform=None
+                if route.aggregate is not None
+                else build_transform(route.headers.request, route.name, compiled.upstream),
+                response_transform=build_transform(
+                    route.headers.response, route.name, compiled.upstream
+                ),
+            )
         if cache is not None and route.cache is not None:
             route_cache = RouteCache(
                 cache, route.name, route.cache.default_ttl, timeout=route.timeout
@@ -255,11 +273,14 @@ def build_aggregate_route(
     filters: tuple[RequestFilter, ...] = (),
     *,
     traced: bool = False,
+    identity: frozenset[bytes] = frozenset(),
 ) -> Route:
     """An aggregate route: its fan-out `Aggregation` as the handler, each backend with
-    its own upstream's chain."""
+    its own upstream's chain and the route's request transform (`{upstream}` being the
+    backend's). `identity`: the auth headers every backend gets (`identity_headers`)."""
     aggregate = route.aggregate
     assert aggregate is not None
+    request_ops = route.headers.request if route.headers is not None else None
     path_params = frozenset(
         name for name, kind in PARAM_REGEX.findall(route.path) if kind == ":path"
     )
@@ -276,6 +297,7 @@ def build_aggregate_route(
             timeout=b.timeout,
             fields=frozenset(b.fields) if b.fields is not None else None,
             rename=dict(b.rename),
+            transform=build_transform(request_ops, route.name, b.upstream),
         )
         for i, b in enumerate(aggregate.backends)
     ]
@@ -289,6 +311,8 @@ def build_aggregate_route(
             timeout=route.timeout,
             max_response_size=aggregate.max_response_size,
             forward_authorization=route.forward_authorization,
+            identity=identity,
+            trusted_proxies=server.trusted_proxies,
         ),
         rewrite=None,
         timeout=route.timeout,
@@ -299,3 +323,51 @@ def build_aggregate_route(
         reads_body=False,
         path=route.path,
     )
+
+
+def build_transform(
+    ops: HeaderOps | None, route: str, upstream: str | None
+) -> HeaderTransform | None:
+    """One direction of `routes[].headers`, compiled; None when it changes nothing.
+    `{upstream}` is the configured upstream's name (empty on an aggregate's answer)."""
+    if ops is None or not (ops.set or ops.add or ops.remove):
+        return None
+    return HeaderTransform(
+        remove=ops.remove, set=ops.set, add=ops.add, route=route, upstream=upstream or ""
+    )
+
+
+def identity_headers(route: RouteSettings, settings: GatewaySettings) -> frozenset[bytes]:
+    """The header names a proxied route's upstream gets from the gateway's auth, which
+    an aggregate route passes to its backends too: the verified JWT claims
+    (`claims_to_headers`, on a `jwt` route: the filter drops client-sent ones) and the
+    API key header where the route sets `forward_api_key`."""
+    auth = settings.auth
+    names: set[bytes] = set()
+    if route.auth == "jwt" and auth is not None and auth.jwt is not None:
+        names.update(n.lower().encode() for n in auth.jwt.claims_to_headers.values())
+    if route.forward_api_key:
+        header = auth.api_keys.header if auth is not None and auth.api_keys else "X-API-Key"
+        names.add(header.lower().encode("latin-1"))
+    return frozenset(names)
+
+
+def _transform_problems(settings: GatewaySettings) -> list[str]:
+    """Transform entries naming a field the gateway frames the message with (Host,
+    Content-Length) or a hop-by-hop one: refused, as the settings refuse X-Forwarded-*."""
+    problems: list[str] = []
+    for i, route in enumerate(settings.routes):
+        for direction, ops in (
+            ("request", route.headers.request if route.headers else None),
+            ("response", route.headers.response if route.headers else None),
+        ):
+            if ops is None:
+                continue
+            for kind, names in (("set", ops.set), ("add", ops.add), ("remove", ops.remove)):
+                problems.extend(
+                    f"routes.{i}.headers.{direction}.{kind}: {name} is written by the "
+                    "gateway (framing, Host, hop-by-hop): a transform cannot change it"
+                    for name in names
+                    if refused_name(name)
+                )
+    return problems

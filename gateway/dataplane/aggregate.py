@@ -19,6 +19,7 @@ from urllib.parse import quote, unquote_to_bytes
 import orjson
 from starlette.routing import PARAM_REGEX
 
+from gateway.dataplane.transforms import HeaderTransform, client_ip_of
 from gateway.errors import (
     BadRequest,
     GatewayError,
@@ -33,6 +34,7 @@ from gateway.types import (
     GatewayResponse,
     Handler,
     Headers,
+    IPNetwork,
     WholeBody,
     closed,
 )
@@ -121,6 +123,8 @@ class Backend:
     timeout: float | None
     fields: frozenset[str] | None
     rename: dict[str, str]
+    # the route's `headers.request`, with this backend's upstream as `{upstream}`
+    transform: HeaderTransform | None = None
 
     def describe(self) -> str:
         label = self.key or f"#{self.index}"
@@ -138,7 +142,12 @@ class Aggregation:
     """The handler of an aggregate route: calling it fans the request out to every
     backend and answers the merged JSON as one whole response (or raises the error of
     the backend that decided the outcome). `run` is the same, as (status, headers,
-    body). `timeout` is the route's, which the data plane's deadline carries."""
+    body). `timeout` is the route's, which the data plane's deadline carries.
+
+    `identity`: the header names the route's auth filter put on the request (JWT
+    `claims_to_headers`, the API key header with `forward_api_key`), passed to every
+    backend as a proxied route's upstream gets them. `trusted_proxies` is only read
+    when a backend's transform names `{client_ip}`."""
 
     def __init__(
         self,
@@ -149,13 +158,17 @@ class Aggregation:
         timeout: float,
         max_response_size: int,
         forward_authorization: bool,
+        identity: frozenset[bytes] = frozenset(),
+        trusted_proxies: tuple[IPNetwork, ...] = (),
     ) -> None:
         self.name = name
         self.backends = backends
         self.allow_partial = partial == "allow"
         self.timeout = timeout
         self.max_response_size = max_response_size
-        self.forwarded = FORWARDED | {b"authorization"} if forward_authorization else FORWARDED
+        forwarded = FORWARDED | {b"authorization"} if forward_authorization else FORWARDED
+        self.forwarded = forwarded | identity
+        self.trusted_proxies = trusted_proxies
 
     def __repr__(self) -> str:
         return f"Aggregation({self.name!r}, backends={[b.describe() for b in self.backends]})"
@@ -255,11 +268,17 @@ class Aggregation:
         if backend.timeout is not None and backend.timeout < deadline.remaining():
             limit = Deadline.after(backend.timeout)
             late = f"did not answer within its timeout ({backend.timeout * 1000:.0f} ms)"
+        transform = backend.transform
+        if transform is None:
+            sent = list(headers)
+        else:
+            ip = client_ip_of(headers, self.trusted_proxies) if transform.needs_client_ip else ""
+            sent = transform.apply(headers, request_id, ip)
         request = GatewayRequest(
             method="GET",
             path=path,
             query=query,
-            headers=list(headers),
+            headers=sent,
             deadline=limit,
             request_id=request_id,
             route=self.name,

@@ -141,6 +141,10 @@ class DataPlane:
             exchange.route = route.name
             exchange.upstream = route.upstream
             compression = route.compression
+            if route.response_transform is not None:  # every answer from here on
+                send = route.response_transform.wrap_send(
+                    send, scope, incoming, route.trusted_proxies, exchange
+                )
             if route.grpc_web and incoming.grpc:
                 web = grpc_web(scope, receive, send, incoming)
                 if web is not None:  # a gRPC-Web call: served as gRPC from here on
@@ -232,6 +236,8 @@ class DataPlane:
             )
         deadline = deadline_for(route.timeout, incoming)
         add_forwarded(incoming, scope, route.trusted_proxies)
+        if route.request_transform is not None:
+            route.request_transform.apply_upstream(incoming, scope, route.trusted_proxies)
         reader = BodyReader(receive, route.max_body_size, self.body_timeout)
         request = GatewayRequest(
             method=scope["method"],

@@ -10,6 +10,7 @@ from gateway.dataplane.cache import RouteCache
 from gateway.dataplane.compression import CompressionRules
 from gateway.dataplane.idempotency import RouteIdempotency
 from gateway.dataplane.routing import CompiledTemplate
+from gateway.dataplane.transforms import HeaderTransform
 from gateway.edge import RequestFilter
 from gateway.types import Handler, IPNetwork
 
@@ -40,3 +41,7 @@ class Route:
     cache: RouteCache | None = None
     # Idempotency-Key handling of a route with `idempotency:` (`dataplane/idempotency.py`)
     idempotency: RouteIdempotency | None = None
+    # `headers.request` (proxied routes and WebSocket handshakes; an aggregate route's
+    # backends carry their own) and `headers.response`; None: no transform, no cost
+    request_transform: HeaderTransform | None = None
+    response_transform: HeaderTransform | None = None

@@ -411,6 +411,8 @@ async def _serve(
         "extensions": scope.get("extensions"),  # under TLS: X-Forwarded-Client-Cert
     }
     add_forwarded(incoming, forwarded_scope, route.trusted_proxies)
+    if route.request_transform is not None:
+        route.request_transform.apply_upstream(incoming, scope, route.trusted_proxies)
     deadline = deadline_for(route.timeout, incoming)
     # The breaker before the bulkhead, as in a plain request's chain: an open circuit
     # refuses at once rather than after queueing for a slot.
