@@ -124,6 +124,8 @@ class LoggingPhase:
             }
             if exchange.grpc:  # a gRPC call's status (the HTTP one is 200 either way)
                 record["grpc_status"] = exchange.grpc_status
+            if exchange.fallback:  # sent to the route's fallback (`upstream` names it)
+                record["fallback"] = True
             access_log.write(record)
 
     def refusal(

@@ -63,3 +63,4 @@ class Exchange:
     tls: str | None = None  # the connection's TLS version ("TLSv1.3"), None in cleartext
     grpc: bool = False  # a gRPC call: the gateway's own errors are gRPC answers
     grpc_status: int | None = None  # a gRPC call's status, once known
+    fallback: bool = False  # sent to the route's fallback upstream (now `upstream`)
