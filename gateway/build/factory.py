@@ -150,13 +150,14 @@ def unsupported(settings: GatewaySettings) -> list[str]:
             continue
         if route.aggregate is not None:
             problems.append(f"routes.{i}.grpc_web: does not apply to an aggregate route")
-        elif route.upstream is not None:
-            upstream = settings.upstreams.get(route.upstream)
-            if upstream is not None and upstream.protocol != "http2":
-                problems.append(
-                    f"routes.{i}.grpc_web: needs upstream {route.upstream} to have "
-                    "protocol: http2 (gRPC is HTTP/2)"
-                )
+        else:
+            for name in (route.upstream, route.fallback):  # a fallback serves gRPC too
+                upstream = settings.upstreams.get(name) if name is not None else None
+                if upstream is not None and upstream.protocol != "http2":
+                    problems.append(
+                        f"routes.{i}.grpc_web: needs upstream {name} to have "
+                        "protocol: http2 (gRPC is HTTP/2)"
+                    )
     return problems
 
 

@@ -11,8 +11,9 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from gateway.build.factory import build_route_handler
+from gateway.build.factory import build_route_handler, unsupported
 from gateway.build.upstreams import Upstream
+from gateway.config.loader import load_config_text
 from gateway.config.models import RouteSettings, UpstreamSettings
 from gateway.errors import (
     UpstreamError,
@@ -327,3 +328,22 @@ async def test_a_route_without_fallback_composes_no_fallback() -> None:
         await primary.aclose()
     assert raised.value.upstream == "main"
     assert HEADER not in raised.value.headers
+
+
+def test_a_grpc_web_routes_fallback_must_speak_http2_too() -> None:
+    settings = load_config_text(
+        """
+upstreams:
+  h1: {targets: ["http://127.0.0.1:1"]}
+  h2: {targets: ["http://127.0.0.1:2"], protocol: http2}
+  h2b: {targets: ["http://127.0.0.1:3"], protocol: http2}
+routes:
+  - {name: ok, path: "/a.A/{m}", upstream: h2, fallback: h2b, grpc_web: true}
+  - {name: web, path: "/c.C/{m}", upstream: h2, fallback: h1, grpc_web: true}
+  - {name: plain, path: "/d", upstream: h2, fallback: h1}
+""",
+        "x.yaml",
+    )
+    assert unsupported(settings) == [
+        "routes.1.grpc_web: needs upstream h1 to have protocol: http2 (gRPC is HTTP/2)"
+    ]
