@@ -108,6 +108,9 @@ class GatewayRequest:
     # An Idempotency-Key the gateway holds for this request (routes with `idempotency`):
     # such a request may be retried, hedged and sent to a fallback like an idempotent one.
     keyed: bool = False
+    # The fallback upstream this request was sent to once its own could not answer
+    # (routes with `fallback`; set by `policies/fallback.py`, logged by the data plane).
+    fallback: str | None = None
 
     @property
     def replayable(self) -> bool:

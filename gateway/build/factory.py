@@ -33,10 +33,11 @@ from gateway.dataplane.routing import CompiledTemplate, Router
 from gateway.dataplane.transforms import HeaderTransform, refused_name
 from gateway.edge import RequestFilter
 from gateway.edge import idempotency as idem_store
-from gateway.ops.metrics import Metrics
+from gateway.ops.metrics import FallbackStats, Metrics
 from gateway.policies.breaker import breaker
 from gateway.policies.bulkhead import bulkhead
 from gateway.policies.deadline import deadline
+from gateway.policies.fallback import fallback as fallback_to
 from gateway.policies.retry import RetryRules, retry
 from gateway.policies.try_timeout import try_timeout
 from gateway.tracing.spans import client_spans
@@ -56,7 +57,13 @@ __all__ = [
 
 
 def build_route_handler(
-    route: RouteSettings, upstream: Upstream, *, own_deadline: bool = True, traced: bool = False
+    route: RouteSettings,
+    upstream: Upstream,
+    *,
+    own_deadline: bool = True,
+    traced: bool = False,
+    fallback: Upstream | None = None,
+    metrics: Metrics | None = None,
 ) -> Handler:
     """Compose the route's chain around one upstream try, outermost first:
     deadline, retry, breaker, bulkhead, try timeout, upstream. Each retry passes
@@ -70,9 +77,18 @@ def build_route_handler(
 
     `traced=True` (tracing on) adds one CLIENT span per try, between the bulkhead and
     the try timeout: queueing for a slot is not in it, and a try the timeout cuts ends
-    it as `upstream_timeout`. Off, the chain is exactly the untraced one."""
+    it as `upstream_timeout`. Off, the chain is exactly the untraced one.
+
+    `fallback` (the route's `fallback` upstream) adds the fallback policy between the
+    deadline and the retry: one try through that upstream's breaker, bulkhead and try
+    timeout when this chain cannot answer. Its deadline error then names no upstream:
+    the data plane names the one the request was last sent to."""
     settings = upstream.settings
-    policies: list[Policy] = [deadline(upstream.name)] if own_deadline else []
+    policies: list[Policy] = []
+    if own_deadline:
+        policies.append(deadline(upstream.name if fallback is None else None))
+    if fallback is not None:
+        policies.append(_fallback(route, upstream, fallback, traced, metrics))
     if settings.retries.attempts > 0:
         policies.append(
             retry(
@@ -82,6 +98,15 @@ def build_route_handler(
                 upstream=upstream.name,
             )
         )
+    policies.extend(_try_policies(route, upstream, traced))
+    return _compose(policies, upstream.send)
+
+
+def _try_policies(route: RouteSettings, upstream: Upstream, traced: bool) -> list[Policy]:
+    """What every try to `upstream` passes through: breaker, bulkhead, (the CLIENT
+    span), try timeout."""
+    settings = upstream.settings
+    policies: list[Policy] = []
     if upstream.breaker is not None:
         policies.append(breaker(upstream.breaker))
     policies.append(bulkhead(upstream.bulkhead))
@@ -92,10 +117,33 @@ def build_route_handler(
         # Otherwise it could never fire first: a try never outlives the route deadline,
         # which X-Request-Timeout-Ms can only shorten.
         policies.append(try_timeout(settings.read_timeout, upstream.name))
-    handler: Handler = upstream.send
+    return policies
+
+
+def _compose(policies: list[Policy], handler: Handler) -> Handler:
     for policy in reversed(policies):
         handler = policy(handler)
     return handler
+
+
+def _fallback(
+    route: RouteSettings,
+    primary: Upstream,
+    to: Upstream,
+    traced: bool,
+    metrics: Metrics | None,
+) -> Policy:
+    """The route's fallback policy: one try through `to`, never retried (no retry
+    policy, whatever its `retries` say), no deadline of its own."""
+    stats = None
+    if metrics is not None:
+        stats = FallbackStats(metrics, route.name, primary.name, to.name)
+    return fallback_to(
+        _compose(_try_policies(route, to, traced), to.send),
+        to.name,
+        retry_non_idempotent=route.retry_non_idempotent,
+        record=stats.record if stats is not None else None,
+    )
 
 
 def unsupported(settings: GatewaySettings) -> list[str]:
@@ -114,13 +162,14 @@ def unsupported(settings: GatewaySettings) -> list[str]:
             continue
         if route.aggregate is not None:
             problems.append(f"routes.{i}.grpc_web: does not apply to an aggregate route")
-        elif route.upstream is not None:
-            upstream = settings.upstreams.get(route.upstream)
-            if upstream is not None and upstream.protocol != "http2":
-                problems.append(
-                    f"routes.{i}.grpc_web: needs upstream {route.upstream} to have "
-                    "protocol: http2 (gRPC is HTTP/2)"
-                )
+        else:
+            for name in (route.upstream, route.fallback):  # a fallback serves gRPC too
+                upstream = settings.upstreams.get(name) if name is not None else None
+                if upstream is not None and upstream.protocol != "http2":
+                    problems.append(
+                        f"routes.{i}.grpc_web: needs upstream {name} to have "
+                        "protocol: http2 (gRPC is HTTP/2)"
+                    )
     return problems
 
 
@@ -164,7 +213,13 @@ def build_runtime(
             compiled = Route(
                 name=route.name,
                 upstream=upstream.name,
-                handler=build_route_handler(route, upstream, traced=traced),
+                handler=build_route_handler(
+                    route,
+                    upstream,
+                    traced=traced,
+                    fallback=upstreams[route.fallback] if route.fallback else None,
+                    metrics=metrics,
+                ),
                 rewrite=CompiledTemplate(route.rewrite) if route.rewrite else None,
                 timeout=route.timeout,
                 preserve_host=route.preserve_host,

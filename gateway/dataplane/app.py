@@ -286,7 +286,11 @@ class DataPlane:
                 except GatewayError:
                     if reader.error is not None:
                         raise reader.error from None
+                    if request.fallback is not None:
+                        exchange.upstream, exchange.fallback = request.fallback, True
                     raise
+                if request.fallback is not None:  # routes without one: this one check
+                    exchange.upstream, exchange.fallback = request.fallback, True
                 exchange.target = response.target
                 exchange.status = response.status
                 exchange.response_started = True

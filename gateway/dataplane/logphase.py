@@ -126,6 +126,8 @@ class LoggingPhase:
                 record["grpc_status"] = exchange.grpc_status
             if exchange.idempotency is not None:  # an Idempotency-Key route's result
                 record["idempotency"] = exchange.idempotency
+            if exchange.fallback:  # sent to the route's fallback (`upstream` names it)
+                record["fallback"] = True
             access_log.write(record)
 
     def refusal(

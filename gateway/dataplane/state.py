@@ -65,3 +65,4 @@ class Exchange:
     grpc_status: int | None = None  # a gRPC call's status, once known
     caller: bytes | str | None = None  # who auth says is calling (API key hash, JWT sub)
     idempotency: str | None = None  # what Idempotency-Key handling did (`stored`, ...)
+    fallback: bool = False  # sent to the route's fallback upstream (now `upstream`)

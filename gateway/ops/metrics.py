@@ -24,6 +24,7 @@ from prometheus_client import (
 
 __all__ = [
     "CONTENT_TYPE_LATEST",
+    "FallbackStats",
     "Gauge",
     "LoopValue",
     "Metrics",
@@ -151,6 +152,14 @@ class Metrics:
             "not take their batch in time (tracing on only).",
             registry=r,
         )
+        self.fallback_requests = Counter(
+            "gateway_fallback_requests_total",
+            "Requests of routes with a fallback whose upstream could not answer, by route, "
+            "fallback upstream, reason (the primary's outcome: connect_error, timeout, "
+            "reset, saturated, unhealthy) and result (answered, failed, skipped).",
+            ("route", "upstream", "reason", "result"),
+            registry=r,
+        )
 
         self.cache_requests = Counter(
             "gateway_cache_requests_total",
@@ -221,6 +230,37 @@ class UpstreamStats:
 
     def __repr__(self) -> str:
         return f"UpstreamStats({self._name!r})"
+
+
+class FallbackStats:
+    """One route's fallback series, bound on first use. `record` counts a decision of
+    its fallback policy; when the fallback was tried after the primary refused the
+    request itself (`saturated`, `unhealthy`), that refusal is also counted as the
+    primary's outcome, as the logging phase counts the refusals that reach the client."""
+
+    __slots__ = ("_counter", "_fallback", "_primary", "_route", "_series", "_shed")
+
+    def __init__(self, metrics: Metrics, route: str, primary: str, fallback: str) -> None:
+        self._counter = metrics.fallback_requests
+        self._shed = metrics.upstream_requests
+        self._route = route
+        self._primary = primary
+        self._fallback = fallback
+        self._series: dict[tuple[str, str], Any] = {}
+
+    def record(self, reason: str, result: str) -> None:
+        key = (reason, result)
+        child = self._series.get(key)
+        if child is None:
+            child = self._series[key] = self._counter.labels(
+                self._route, self._fallback, reason, result
+            )
+        child.inc()
+        if result != "skipped" and reason in ("saturated", "unhealthy"):
+            self._shed.labels(self._primary, reason).inc()
+
+    def __repr__(self) -> str:
+        return f"FallbackStats({self._route!r}: {self._primary!r} -> {self._fallback!r})"
 
 
 def render(metrics: Metrics) -> bytes:
