@@ -28,10 +28,11 @@ from gateway.dataplane.compression import CompressionRules
 from gateway.dataplane.routes import Route
 from gateway.dataplane.routing import CompiledTemplate, Router
 from gateway.edge import RequestFilter
-from gateway.ops.metrics import Metrics
+from gateway.ops.metrics import HedgeStats, Metrics
 from gateway.policies.breaker import breaker
 from gateway.policies.bulkhead import bulkhead
 from gateway.policies.deadline import deadline
+from gateway.policies.hedge import HedgeRules, hedge
 from gateway.policies.retry import RetryRules, retry
 from gateway.policies.try_timeout import try_timeout
 from gateway.tracing.spans import client_spans
@@ -48,10 +49,15 @@ __all__ = [
 
 
 def build_route_handler(
-    route: RouteSettings, upstream: Upstream, *, own_deadline: bool = True, traced: bool = False
+    route: RouteSettings,
+    upstream: Upstream,
+    *,
+    own_deadline: bool = True,
+    traced: bool = False,
+    metrics: Metrics | None = None,
 ) -> Handler:
     """Compose the route's chain around one upstream try, outermost first:
-    deadline, retry, breaker, bulkhead, try timeout, upstream. Each retry passes
+    deadline, retry, hedge, breaker, bulkhead, try timeout, upstream. Each retry passes
     through the breaker and the bulkhead; the state of both (and the retry budget) lives
     on the `Upstream`, shared by every route that uses it. The try timeout sits inside
     the bulkhead so time spent queueing is not charged to `read_timeout`.
@@ -62,7 +68,11 @@ def build_route_handler(
 
     `traced=True` (tracing on) adds one CLIENT span per try, between the bulkhead and
     the try timeout: queueing for a slot is not in it, and a try the timeout cuts ends
-    it as `upstream_timeout`. Off, the chain is exactly the untraced one."""
+    it as `upstream_timeout`. Off, the chain is exactly the untraced one.
+
+    `hedge` (routes with a `hedge` block and a retry budget above 0%) sits inside retry
+    and around the breaker: each hedge is a try of its own, through the breaker, with
+    its own bulkhead slot and try timeout (docs/policies.md, "Hedged requests")."""
     settings = upstream.settings
     policies: list[Policy] = [deadline(upstream.name)] if own_deadline else []
     if settings.retries.attempts > 0:
@@ -72,6 +82,16 @@ def build_route_handler(
                 upstream.retry_budget,
                 retry_non_idempotent=route.retry_non_idempotent,
                 upstream=upstream.name,
+            )
+        )
+    if route.hedge is not None and settings.retries.budget > 0:
+        policies.append(
+            hedge(
+                plain(HedgeRules, route.hedge),
+                upstream.retry_budget,
+                upstream.latency,
+                HedgeStats(metrics or Metrics(), route.name, upstream.name),
+                count_requests=settings.retries.attempts == 0,
             )
         )
     if upstream.breaker is not None:
@@ -148,7 +168,7 @@ def build_runtime(
             compiled = Route(
                 name=route.name,
                 upstream=upstream.name,
-                handler=build_route_handler(route, upstream, traced=traced),
+                handler=build_route_handler(route, upstream, traced=traced, metrics=metrics),
                 rewrite=CompiledTemplate(route.rewrite) if route.rewrite else None,
                 timeout=route.timeout,
                 preserve_host=route.preserve_host,
