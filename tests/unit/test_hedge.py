@@ -15,8 +15,10 @@ from gateway.policies.budget import RetryBudget
 from gateway.policies.deadline import deadline
 from gateway.policies.hedge import HedgeRules, hedge
 from gateway.policies.latency import LatencyRecord
+from gateway.tracing.spans import CURRENT, Tracer, TracingRules, client_spans
 from gateway.types import GatewayRequest, GatewayResponse, Handler
 from tests.unit.fakes import connect_error, make_request, make_response
+from tests.unit.test_trace_context import Sink
 
 # -- the latency record ------------------------------------------------------------
 
@@ -86,6 +88,7 @@ class Tries:
     script: list[tuple[float, int | UpstreamError]]
     attempts: list[int] = field(default_factory=list)
     requests: list[GatewayRequest] = field(default_factory=list)
+    sent: list[list[tuple[bytes, bytes]]] = field(default_factory=list)  # headers, as sent
     cancelled: list[int] = field(default_factory=list)
     closed: list[int] = field(default_factory=list)
 
@@ -93,6 +96,7 @@ class Tries:
         index = len(self.attempts)
         self.attempts.append(request.attempt)
         self.requests.append(request)
+        self.sent.append(list(request.headers))
         request.exclude_targets.add(f"t{index}")
         delay, outcome = self.script[min(index, len(self.script) - 1)]
         try:
@@ -295,3 +299,27 @@ def test_bad_rules_are_refused() -> None:
         hedged(Tries([(0.0, 200)]), after="p50", record=LatencyRecord())
     with pytest.raises(ValueError):
         hedged(Tries([(0.0, 200)]), after="p95", record=None)
+
+
+async def test_each_try_has_its_own_client_span_and_the_hedge_a_resend_count() -> None:
+    sink = Sink()
+    rules = TracingRules("http://127.0.0.1:4318/", 1.0, ("tracecontext",), "svc", 0.5)
+    trace, _ = Tracer(rules, sink).begin([])
+    tries = Tries([(5.0, 200), (0.0, 201)])
+    handler = hedged(client_spans("u")(tries), after=0.02)
+    token = CURRENT.set(trace)
+    try:
+        await handler(make_request())
+    finally:
+        CURRENT.reset(token)
+    first, second = sorted(
+        sink.spans, key=lambda s: s.attributes.get("http.request.resend_count", 0)
+    )
+    assert "http.request.resend_count" not in first.attributes
+    assert second.attributes["http.request.resend_count"] == 1
+    assert first.attributes["error.type"] == "cancelled"  # the loser, cut short
+    assert second.attributes["http.response.status_code"] == 201
+    # Each try sent one traceparent, naming its own span.
+    for headers, span in zip(tries.sent, (first, second), strict=True):
+        parents = [v for n, v in headers if n == b"traceparent"]
+        assert len(parents) == 1 and span.span_id.encode() in parents[0]
