@@ -323,3 +323,41 @@ async def test_each_try_has_its_own_client_span_and_the_hedge_a_resend_count() -
     for headers, span in zip(tries.sent, (first, second), strict=True):
         parents = [v for n, v in headers if n == b"traceparent"]
         assert len(parents) == 1 and span.span_id.encode() in parents[0]
+
+
+async def test_a_failed_hedge_leaves_the_first_try_to_answer() -> None:
+    tries = Tries([(0.1, 200), (0.0, connect_error())])
+    hedge_stats, metrics = stats()
+    response = await hedged(tries, after=0.02, hedge_stats=hedge_stats)(make_request())
+    assert response.target == "t0"
+    assert counted(metrics, "gateway_hedge_wins_total", winner="first") == 1
+
+
+async def test_a_winning_hedge_leaves_the_task_uncancelled() -> None:
+    async def converting(request: GatewayRequest) -> GatewayResponse:
+        # A layer that turns the cancellation into its own error must not confuse the
+        # race: the hedge's answer still stands.
+        try:
+            return await tries(request)
+        except asyncio.CancelledError:
+            if request.attempt == 0:
+                raise connect_error() from None
+            raise
+
+    tries = Tries([(5.0, 200), (0.05, 201)])
+    response = await hedged(converting, after=0.02)(make_request())
+    assert response.target == "t1"
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0  # our cancel was taken back
+    await asyncio.sleep(0.01)  # and no cancellation is left pending for the next await
+
+
+async def test_a_cancelled_request_cancels_its_hedges() -> None:
+    tries = Tries([(5.0, 200), (5.0, 201)])
+    request_task = asyncio.ensure_future(hedged(tries, after=0.01)(make_request()))
+    await asyncio.sleep(0.1)
+    assert len(tries.attempts) == 2
+    request_task.cancel()  # the client left
+    with pytest.raises(asyncio.CancelledError):
+        await request_task
+    assert sorted(tries.cancelled) == [0, 1]
