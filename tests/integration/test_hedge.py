@@ -1,7 +1,8 @@
 """Hedged requests against real upstreams and the real gateway process: a slow first
 target is hedged to a fast one and the answer comes from the hedge, the slow upstream
 sees its request cancelled, POSTs are not hedged, a zero budget sends no hedge, a
-percentile needs twenty answers first, and the hedges are counted."""
+percentile needs twenty answers first, a single target is hedged to itself, and the
+hedges are counted."""
 
 from __future__ import annotations
 
@@ -27,11 +28,13 @@ SLOW_SHORT = 0.6
 
 class TargetApp:
     """Answers 200 naming itself. On `/slow/...` with `slow` set it waits `slow` seconds
-    for the gateway to hang up first; `gone` counts the requests it saw abandoned."""
+    for the gateway to hang up first (only on its first request with `first_only`);
+    `gone` counts the requests it saw abandoned."""
 
-    def __init__(self, name: str, slow: float = 0.0) -> None:
+    def __init__(self, name: str, slow: float = 0.0, *, first_only: bool = False) -> None:
         self.name = name
         self.slow = slow
+        self.first_only = first_only
         self.methods: list[str] = []
         self.gone = 0
         self.all_gone = threading.Event()
@@ -43,14 +46,15 @@ class TargetApp:
             pass
         with self._lock:
             self.methods.append(scope["method"])
-        if self.slow and scope["path"].startswith("/slow"):
+            first = len(self.methods) == 1
+        if self.slow and scope["path"].startswith("/slow") and (first or not self.first_only):
             try:
                 async with asyncio.timeout(self.slow):
                     while (await receive())["type"] != "http.disconnect":
                         pass
                 with self._lock:
                     self.gone += 1
-                    if self.gone == len(self.methods):
+                    if self.gone == len(self.methods) or self.first_only:
                         self.all_gone.set()
                 return
             except TimeoutError:
@@ -69,7 +73,8 @@ class TargetApp:
 @dataclass
 class Rig:
     """One gateway for the whole module (it starts slowly on a busy machine), one
-    upstream of two targets, slow then fast, per case, each with its own route."""
+    upstream of two targets, slow then fast, per case (one target for `single`),
+    each with its own route."""
 
     gateway: GatewayProcess
     apps: dict[str, tuple[TargetApp, TargetApp]]
@@ -81,6 +86,7 @@ CASES: dict[str, tuple[float, dict[str, Any], dict[str, Any]]] = {
     "posts": (SLOW_SHORT, {"after": "50ms"}, {}),
     "nobudget": (SLOW_SHORT, {"after": "50ms"}, {"retries": {"budget": "0%"}}),
     "pct": (SLOW_SHORT, {"after": "p95"}, {}),
+    "single": (SLOW, {"after": "100ms"}, {}),
 }
 
 
@@ -94,9 +100,15 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
         "routes": [],
     }
     for name, (delay, hedge, settings) in CASES.items():
-        pair = apps[name] = (TargetApp("slow", slow=delay), TargetApp("fast"))
+        if name == "single":  # one target, slow on its first request only
+            only = TargetApp("only", slow=delay, first_only=True)
+            apps[name] = (only, only)
+            targets = [only]
+        else:
+            apps[name] = (TargetApp("slow", slow=delay), TargetApp("fast"))
+            targets = list(apps[name])
         urls = []
-        for app in pair:
+        for app in targets:
             servers.append(UpstreamServer(app).start())
             urls.append(servers[-1].url)
         config["upstreams"][name] = {"targets": urls, **settings}
@@ -194,3 +206,15 @@ def test_a_percentile_hedges_only_after_twenty_answers(rig: Rig) -> None:
         assert elapsed < SLOW_SHORT, elapsed
     # At least the slow one; a fast answer slower than p95 may be hedged too.
     assert counted(gw, "gateway_hedges_total", "pct") >= 1
+
+
+def test_a_single_target_is_hedged_to_itself_over_another_connection(rig: Rig) -> None:
+    gw = rig.gateway
+    only, _ = rig.apps["single"]
+    with httpx.Client(timeout=10) as client:
+        response, elapsed = timed_get(client, gw.url + "/single/slow/1")
+    assert (response.status_code, response.text) == (200, "only")
+    assert elapsed < 1.5, elapsed
+    assert len(only.methods) == 2  # the first try and its hedge, both to the one target
+    assert only.all_gone.wait(2.0)  # the first try's connection was closed
+    assert counted(gw, "gateway_hedge_wins_total", "single", "hedge") == 1
