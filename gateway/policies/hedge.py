@@ -253,6 +253,12 @@ class _Race:
         finally:
             await _discard([h for i, h in enumerate(self.hedges, 1) if i != self.winner])
 
+    def __repr__(self) -> str:
+        return (
+            f"_Race(tries={len(self.starts)}, winner={self.winner}, "
+            f"settled={self.settled}, after={self._delay * 1000:.1f}ms)"
+        )
+
     def record_into(self, record: LatencyRecord) -> None:
         """The winner's time to headers; when a hedge won, the first try's time waited
         until it was cut short, a lower bound of its own: keeping it keeps the slow tail
