@@ -111,6 +111,7 @@ class Bench:
     tracing: dict[str, Any] = field(default_factory=dict)  # profile, instruction counts
     grpc_port: int | None = None  # load/refs/grpc_echo.py, for the grpc scenario
     cache: dict[str, Any] = field(default_factory=dict)  # load/cachebench.py (issue 22)
+    hedge: dict[str, Any] = field(default_factory=dict)  # load/hedgebench.py (issue 23)
 
     def log(self, message: str) -> None:
         print(f"[{self.timer}] {message}", file=sys.stderr, flush=True)
@@ -151,6 +152,7 @@ ALL_SCENARIOS = (
     "cache",
     "cache-stampede",
     "compression",
+    "hedge",
     "sweep",
     "workers",
     "memory",
@@ -1345,6 +1347,7 @@ def write_results(bench: Bench, facts: dict[str, Any], plan: list[Scenario]) -> 
         "memory": bench.memory,
         "tracing": bench.tracing or None,
         "cachebench": bench.cache or None,
+        "hedgebench": bench.hedge or None,
     }
     (bench.out / "wrk-output.md").write_text(
         "# Load generator output (wrk, h2load, load/handshake.py), every run\n\n"
@@ -1407,6 +1410,9 @@ def main(argv: list[str] | None = None) -> int:
         import cachebench
 
         bench.cache = cachebench.run(bench)
+        import hedgebench
+
+        bench.hedge = hedgebench.run(bench)
         if "memory" in args.scenarios:
             run_memory(bench)
     except KeyboardInterrupt as exc:
@@ -1416,7 +1422,8 @@ def main(argv: list[str] | None = None) -> int:
         bench.procs.stop_all()
         if own_work:
             shutil.rmtree(work, ignore_errors=True)
-    if not bench.runs and bench.memory is None and not bench.cache.get("scenarios"):
+    measured_apart = bench.cache.get("scenarios") or bench.hedge.get("plain")
+    if not bench.runs and bench.memory is None and not measured_apart:
         bench.log("nothing was measured")
         return code or 1
     report_path = write_results(bench, facts, plan)

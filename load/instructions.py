@@ -17,6 +17,7 @@ per connection, and reads the total back. Everything on 127.0.0.1, bounded in ti
     python load/instructions.py --path /profile/1       # the fan-out route
     python load/instructions.py --checkout ../other     # another checkout of the gateway
     python load/instructions.py --sample-ratio 0.01     # with a tracing: block, 1% sampled
+    python load/instructions.py --hedge p95             # /hello with hedge: {after: p95}
     make instructions                                   # the first, with valgrind ensured
     make instructions INSTR_ARGS="--sample-ratio 1"     # every request traced
 
@@ -76,6 +77,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="R",
         help="add a tracing: block with this sample_ratio (0-1), exporting to "
         "load/collector.py; default: no tracing block (off)",
+    )
+    parser.add_argument(
+        "--hedge",
+        metavar="AFTER",
+        help="give the /hello route hedge: {after: AFTER} (a duration, p95 or p99): "
+        "what the hedge policy costs a request that is not hedged",
     )
     args = parser.parse_args(argv)
     if args.sample_ratio is not None and not 0 <= args.sample_ratio <= 1:
@@ -145,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
         config = benchlib.gateway_config(
             port=port, admin_port=admin, upstream_port=up, tracing=tracing
         )
+        if args.hedge is not None:
+            for route in config["routes"]:
+                if route["name"] == "hello":
+                    route["hedge"] = {"after": args.hedge}
         (work / "gateway.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         spans: int | None = None
         try:
@@ -216,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         else f"tracing sample_ratio {args.sample_ratio:g}, "
         + ("spans not counted" if spans is None else f"{spans:,} spans exported")
     )
+    if args.hedge is not None:
+        traced += f", hedge after {args.hedge}"
     print(
         f"{checkout} {args.path}: {done:,} requests, "
         f"{total / done / 1000:.1f} k instructions per request "

@@ -1464,8 +1464,10 @@ def write(folder: Path, data: dict[str, Any]) -> Path:
     plots, note = render_plots(folder, data, table)
     report = folder / "report.md"
     import cachebench  # the cache, cache-stampede and compression scenarios (issue 22)
+    import hedgebench  # the hedge scenario (issue 23)
 
     extra = cachebench.render(data.get("cachebench") or {})
+    extra += hedgebench.render(data.get("hedgebench") or {})
     report.write_text(render_markdown(data, table, goals, plots, note) + extra)
     (folder / "summary.txt").write_text(render_summary(data, table, goals) + extra)
     return report

@@ -33,11 +33,12 @@ from gateway.dataplane.routing import CompiledTemplate, Router
 from gateway.dataplane.transforms import HeaderTransform, refused_name
 from gateway.edge import RequestFilter
 from gateway.edge import idempotency as idem_store
-from gateway.ops.metrics import FallbackStats, Metrics
+from gateway.ops.metrics import FallbackStats, HedgeStats, Metrics
 from gateway.policies.breaker import breaker
 from gateway.policies.bulkhead import bulkhead
 from gateway.policies.deadline import deadline
 from gateway.policies.fallback import fallback as fallback_to
+from gateway.policies.hedge import HedgeRules, hedge
 from gateway.policies.retry import RetryRules, retry
 from gateway.policies.try_timeout import try_timeout
 from gateway.tracing.spans import client_spans
@@ -66,7 +67,7 @@ def build_route_handler(
     metrics: Metrics | None = None,
 ) -> Handler:
     """Compose the route's chain around one upstream try, outermost first:
-    deadline, retry, breaker, bulkhead, try timeout, upstream. Each retry passes
+    deadline, fallback, retry, hedge, breaker, bulkhead, try timeout, upstream. Each retry passes
     through the breaker and the bulkhead; the state of both (and the retry budget) lives
     on the `Upstream`, shared by every route that uses it. The try timeout sits inside
     the bulkhead so time spent queueing is not charged to `read_timeout`.
@@ -82,7 +83,11 @@ def build_route_handler(
     `fallback` (the route's `fallback` upstream) adds the fallback policy between the
     deadline and the retry: one try through that upstream's breaker, bulkhead and try
     timeout when this chain cannot answer. Its deadline error then names no upstream:
-    the data plane names the one the request was last sent to."""
+    the data plane names the one the request was last sent to.
+
+    `hedge` (routes with a `hedge` block and a retry budget above 0%) sits inside retry
+    and around the breaker: each hedge is a try of its own, through the breaker, with
+    its own bulkhead slot and try timeout (docs/policies.md, "Hedged requests")."""
     settings = upstream.settings
     policies: list[Policy] = []
     if own_deadline:
@@ -96,6 +101,16 @@ def build_route_handler(
                 upstream.retry_budget,
                 retry_non_idempotent=route.retry_non_idempotent,
                 upstream=upstream.name,
+            )
+        )
+    if route.hedge is not None and settings.retries.budget > 0:
+        policies.append(
+            hedge(
+                plain(HedgeRules, route.hedge),
+                upstream.retry_budget,
+                upstream.latency,
+                HedgeStats(metrics or Metrics(), route.name, upstream.name),
+                count_requests=settings.retries.attempts == 0,
             )
         )
     policies.extend(_try_policies(route, upstream, traced))

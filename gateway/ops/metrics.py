@@ -26,6 +26,7 @@ __all__ = [
     "CONTENT_TYPE_LATEST",
     "FallbackStats",
     "Gauge",
+    "HedgeStats",
     "LoopValue",
     "Metrics",
     "UpstreamStats",
@@ -161,6 +162,20 @@ class Metrics:
             registry=r,
         )
 
+        self.hedges = Counter(
+            "gateway_hedges_total",
+            "Hedged tries sent (a second try while the first had not answered), by "
+            "route and upstream.",
+            ("route", "upstream"),
+            registry=r,
+        )
+        self.hedge_wins = Counter(
+            "gateway_hedge_wins_total",
+            "Hedged requests by the try whose answer was used: the first try, or a hedge.",
+            ("route", "upstream", "winner"),
+            registry=r,
+        )
+
         self.cache_requests = Counter(
             "gateway_cache_requests_total",
             "Requests of caching routes by cache result (hit, miss, stale, collapsed, bypass).",
@@ -261,6 +276,21 @@ class FallbackStats:
 
     def __repr__(self) -> str:
         return f"FallbackStats({self._route!r}: {self._primary!r} -> {self._fallback!r})"
+
+
+class HedgeStats:
+    """One hedging route's series, bound once at build time."""
+
+    __slots__ = ("_name", "first_won", "hedge_won", "sent")
+
+    def __init__(self, metrics: Metrics, route: str, upstream: str) -> None:
+        self._name = f"{route} -> {upstream}"
+        self.sent = metrics.hedges.labels(route, upstream)
+        self.first_won = metrics.hedge_wins.labels(route, upstream, "first")
+        self.hedge_won = metrics.hedge_wins.labels(route, upstream, "hedge")
+
+    def __repr__(self) -> str:
+        return f"HedgeStats({self._name!r})"
 
 
 def render(metrics: Metrics) -> bytes:

@@ -1,10 +1,15 @@
-"""The slow upstream of the cache-stampede scenario: counts requests, answers late.
+"""The slow upstream of the cache-stampede and hedge scenarios: counts requests,
+answers late.
 
 Every `GET <target>` is counted per target (path and query) and answered after
 `--delay` seconds with a small JSON body and `Cache-Control: max-age=60`, so one
-answer is cacheable. `GET /count?<target>` (not counted, not delayed) answers the
-number of requests that target received; `GET /healthz` answers `ok`. asyncio
-streams, HTTP/1.1 keep-alive, no dependencies.
+answer is cacheable. With `--tail RATIO` only that share of answers, drawn at random
+(seeded), is late and the others are answered at once: a slow tail (the hedge
+scenario). `GET /count?<target>` (not counted, not delayed) answers the number of
+requests that target received, `GET /total?<prefix>` the number of requests of every
+target starting with the prefix; `GET /healthz` answers `ok`. `--port` may be given
+several times: one listener each, one count for all. asyncio streams, HTTP/1.1
+keep-alive, no dependencies.
 """
 
 from __future__ import annotations
@@ -13,9 +18,11 @@ import argparse
 import asyncio
 import collections
 import json
+import random
 import urllib.parse
 
 COUNTS: collections.Counter[str] = collections.Counter()
+RNG = random.Random(23)
 
 
 def _answer(status: str, body: bytes, extra: str = "") -> bytes:
@@ -26,7 +33,9 @@ def _answer(status: str, body: bytes, extra: str = "") -> bytes:
     return head.encode() + body
 
 
-async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float) -> None:
+async def handle(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float, tail: float = 1.0
+) -> None:
     try:
         while True:
             head = await reader.readuntil(b"\r\n\r\n")
@@ -47,9 +56,14 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, del
             elif target.startswith("/count?"):
                 key = urllib.parse.unquote(target[len("/count?") :])
                 writer.write(_answer("200 OK", json.dumps({"count": COUNTS[key]}).encode()))
+            elif target.startswith("/total?"):
+                prefix = urllib.parse.unquote(target[len("/total?") :])
+                total = sum(n for t, n in COUNTS.items() if t.startswith(prefix))
+                writer.write(_answer("200 OK", json.dumps({"count": total}).encode()))
             else:
                 COUNTS[target] += 1
-                await asyncio.sleep(delay)
+                if tail >= 1.0 or RNG.random() < tail:
+                    await asyncio.sleep(delay)
                 body = json.dumps({"target": target, "n": COUNTS[target]}).encode()
                 writer.write(_answer("200 OK", body, "Cache-Control: max-age=60\r\n"))
             await writer.drain()
@@ -63,14 +77,17 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, del
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--port", type=int, action="append", required=True)
     parser.add_argument("--delay", type=float, default=0.3)
+    parser.add_argument("--tail", type=float, default=1.0, help="share of answers delayed")
     args = parser.parse_args()
-    server = await asyncio.start_server(
-        lambda r, w: handle(r, w, args.delay), "127.0.0.1", args.port, backlog=4096
-    )
-    async with server:
-        await server.serve_forever()
+    servers = [
+        await asyncio.start_server(
+            lambda r, w: handle(r, w, args.delay, args.tail), "127.0.0.1", port, backlog=4096
+        )
+        for port in args.port
+    ]
+    await asyncio.gather(*(server.serve_forever() for server in servers))
 
 
 if __name__ == "__main__":
