@@ -43,7 +43,13 @@ from gateway.dataplane.cacherules import (
     vary_values,
 )
 from gateway.edge.shared_redis import SharedRedis, StoreUnavailable
-from gateway.errors import GatewayError, NotCached, UpstreamError, UpstreamTimeout
+from gateway.errors import (
+    GatewayError,
+    NotCached,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from gateway.ops.metrics import Metrics
 from gateway.types import (
     Deadline,
@@ -277,6 +283,7 @@ if redis.call('get', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+PUMP_TIMEOUT = 30.0  # seconds a followed body may take, when the route sets no timeout
 REMOTE_POLL = 0.02  # seconds between looks at another gateway's fetch of a key
 
 
@@ -431,7 +438,7 @@ class Cache:
     ) -> None:
         self.store: MemoryStore | RedisStore = store if store is not None else MemoryStore(max_size)
         self.max_object_size = max_object_size
-        self.inflight: dict[tuple[Primary, tuple[bytes, ...]], asyncio.Future[bool]] = {}
+        self.inflight: dict[tuple[Primary, tuple[bytes, ...]], _Flight] = {}
         self.not_storable: dict[Primary, float] = {}  # until when (monotonic)
         self.refreshing: set[Key] = set()  # keys with a background refresh under way
         self.tasks: set[asyncio.Task[None]] = set()  # those refreshes (kept referenced)
@@ -683,7 +690,12 @@ class RouteCache:
             return response, b"gateway; fwd=miss" + (b"; stored" if stored else b"")
         waiting = cache.inflight.get(flight)
         if waiting is not None:
-            stored = await self._wait(waiting, request)
+            await self._wait(waiting, request, follow=True)
+            if waiting.follows(request.headers, authorized):
+                cache.count(self.route, "collapsed")
+                return waiting.follower(), b"gateway; fwd=miss; collapsed"
+            await self._wait(waiting, request)
+            stored = waiting.stored.result()
             if stored:
                 _, entry = await cache.lookup(self.route, target, headers)
                 now = time.time()
@@ -697,12 +709,13 @@ class RouteCache:
             cache.count(self.route, "miss")
             response, stored = await self._forward(request, handler, primary, authorized)
             return response, b"gateway; fwd=miss" + (b"; stored" if stored else b"")
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        cache.inflight[flight] = future
+        shared = _Flight(asyncio.get_running_loop())
+        future = shared.stored
+        cache.inflight[flight] = shared
 
         def give_up() -> None:  # a failed fetch: let the waiters try for themselves
             if not future.done():
-                if cache.inflight.get(flight) is future:
+                if cache.inflight.get(flight) is shared:
                     del cache.inflight[flight]
                 future.set_result(False)
 
@@ -726,7 +739,7 @@ class RouteCache:
                         give_up()
                         raise
                     if entry is not None:
-                        if cache.inflight.get(flight) is future:
+                        if cache.inflight.get(flight) is shared:
                             del cache.inflight[flight]
                         future.set_result(True)  # local waiters find it in the store
                         cache.count(self.route, "collapsed")
@@ -734,7 +747,7 @@ class RouteCache:
                         return self._answer(entry, request, now), b"gateway; fwd=miss; collapsed"
 
         def settle(stored: bool) -> None:
-            if cache.inflight.get(flight) is future:
+            if cache.inflight.get(flight) is shared:
                 del cache.inflight[flight]
             if not future.done():
                 future.set_result(stored)
@@ -745,7 +758,9 @@ class RouteCache:
 
         cache.count(self.route, "miss")
         try:
-            response, stored = await self._forward(request, handler, primary, authorized, settle)
+            response, stored = await self._forward(
+                request, handler, primary, authorized, settle, shared
+            )
         except BaseException:
             give_up()
             if lock is not None:
@@ -869,11 +884,14 @@ class RouteCache:
         # coalescing included (a shared fetch is a fresh answer from the upstream).
         return await self._miss(request, handler, target, key, authorized)
 
-    async def _wait(self, future: asyncio.Future[bool], request: GatewayRequest) -> bool:
+    async def _wait(self, flight: _Flight, request: GatewayRequest, follow: bool = False) -> None:
+        """Until `flight`'s outcome is known (stored or not) or, with `follow`, its
+        answer can be followed as it streams; within the request's deadline."""
         remaining = request.deadline.remaining()
         try:
             async with asyncio.timeout(max(remaining, 0)):
-                return await asyncio.shield(future)
+                while not flight.stored.done() and not (follow and flight.head is not None):
+                    await flight.changed()
         except TimeoutError:
             raise UpstreamTimeout(
                 "the route deadline passed while waiting for a shared upstream request",
@@ -887,12 +905,14 @@ class RouteCache:
         primary: Primary,
         authorized: bool,
         settle: Callable[[bool], None] | None = None,
+        flight: _Flight | None = None,
     ) -> tuple[GatewayResponse, bool]:
         """Send `request` upstream and store the answer if it may be; True when it is
         being stored (a streamed body is stored once it has all arrived, within the
-        object size limit). `settle` hears the outcome once it is known."""
+        object size limit). `settle` hears the outcome once it is known; `flight`'s
+        waiters may follow the body as it streams."""
         response = await handler(request)
-        return response, self._store(request, response, primary, authorized, settle)
+        return response, self._store(request, response, primary, authorized, settle, flight)
 
     def _store(
         self,
@@ -901,6 +921,7 @@ class RouteCache:
         primary: Primary,
         authorized: bool,
         settle: Callable[[bool], None] | None,
+        flight: _Flight | None = None,
     ) -> bool:
         def done(stored: bool) -> None:
             if settle is not None:
@@ -911,7 +932,12 @@ class RouteCache:
         fresh = freshness(
             response.status, response.headers, self.default_ttl, authorized=authorized
         )
-        if fresh.lifetime is None or response.trailers or request.method != "GET":
+        if (
+            fresh.lifetime is None
+            or response.trailers
+            or request.method != "GET"
+            or request.fallback is not None  # a stand-in's answer: not the route's own
+        ):
             done(False)
             return False
         length = _get(response.headers, b"content-length")
@@ -929,22 +955,52 @@ class RouteCache:
             return True
 
         def complete(body: bytes | None) -> None:
+            if flight is not None:
+                flight.end(body is not None)
             if body is None:
                 done(False)
                 return
             cache.put(Entry(key, status, headers, body, fresh, now), done)
 
-        response.body = _Tee(response.body, cache.max_object_size, complete)
+        tee = _Tee(response.body, cache.max_object_size, complete)
+        if flight is not None and length is not None and length.isdigit():
+            # Declared within max_object_size (above): a task of its own reads the body
+            # into the flight, which this client and the waiters all follow as it
+            # arrives; one of them leaving stops no one else's answer.
+            flight.open(status, headers, names, key[3], fresh.shared_with_auth, tee.parts)
+            tee.pulse = flight.pulse
+            self._pump(tee, response.close)
+            response.body = flight.follow()
+            response.close = closed
+            return True
+        response.body = tee
         original_close = response.close
 
         async def close() -> None:
-            tee = response.body
-            if isinstance(tee, _Tee):
-                tee.abandon()
+            tee.abandon()
             await original_close()
 
         response.close = close
         return True
+
+    def _pump(self, tee: _Tee, close: Callable[[], Awaitable[None]]) -> None:
+        """Read a followed body (within the object size limit) to its end, bounded by
+        the route's timeout, then close it; a failure ends it short for its followers."""
+
+        async def run() -> None:
+            try:
+                async with asyncio.timeout(self.timeout or PUMP_TIMEOUT):
+                    async for _ in tee:
+                        pass
+            except Exception as exc:
+                log.info("a shared upstream answer failed while followed: %r", exc)
+            finally:
+                tee.abandon()  # no-op once the body ended
+                await close()
+
+        task = asyncio.get_running_loop().create_task(run())
+        self.cache.tasks.add(task)
+        task.add_done_callback(self.cache.tasks.discard)
 
     async def _revalidate(
         self,
@@ -1093,11 +1149,101 @@ class _ServeStale(Exception):
         self.detail = detail
 
 
+class _Flight:
+    """One key's fetch under way: its waiters wait on `stored` (whether the answer was
+    stored), or, once `open`, follow the body as it streams (an answer of declared
+    length within `max_object_size`, which the tee keeps whole anyway)."""
+
+    __slots__ = (
+        "_changed",
+        "ended",
+        "head",
+        "names",
+        "ok",
+        "parts",
+        "shared_with_auth",
+        "status",
+        "stored",
+        "values",
+    )
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.stored: asyncio.Future[bool] = loop.create_future()
+        self._changed = asyncio.Event()
+        self.head: Headers | None = None
+        self.status = 0
+        self.names: tuple[bytes, ...] = ()
+        self.values: tuple[bytes, ...] = ()
+        self.shared_with_auth = False
+        self.parts: list[bytes] = []
+        self.ended = False
+        self.ok = False
+        self.stored.add_done_callback(lambda _: self.pulse())
+
+    def pulse(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def changed(self) -> None:
+        await self._changed.wait()
+
+    def open(
+        self,
+        status: int,
+        headers: Headers,
+        names: tuple[bytes, ...],
+        values: tuple[bytes, ...],
+        shared_with_auth: bool,
+        parts: list[bytes],
+    ) -> None:
+        self.status = status
+        self.head = [(n, v) for n, v in headers if n.lower() not in _NOT_STORED]
+        self.head.append((b"content-length", _get(headers, b"content-length") or b"0"))
+        self.head.append((b"age", b"0"))
+        self.names, self.values = names, values
+        self.shared_with_auth = shared_with_auth
+        self.parts = parts
+        self.pulse()
+
+    def end(self, ok: bool) -> None:
+        self.ended, self.ok = True, ok
+        self.pulse()
+
+    def follows(self, headers: Headers, authorized: bool) -> bool:
+        """Whether a waiter with these request `headers` may follow the body: it is
+        open, not failed, and the variant the waiter would be served."""
+        return (
+            self.head is not None
+            and not (self.ended and not self.ok)
+            and (self.shared_with_auth or not authorized)
+            and vary_values(headers, self.names) == self.values
+        )
+
+    def follower(self) -> GatewayResponse:
+        assert self.head is not None
+        return GatewayResponse(self.status, list(self.head), self.follow(), closed)
+
+    async def follow(self) -> AsyncIterator[bytes]:
+        """The body from its first byte, as it arrives."""
+        sent = 0
+        while True:
+            changed = self._changed
+            parts = self.parts
+            while sent < len(parts):
+                yield parts[sent]
+                sent += 1
+            if self.ended:
+                if not self.ok:
+                    raise UpstreamUnavailable("the shared upstream answer ended short")
+                return
+            await changed.wait()
+
+
 class _Tee:
     """The upstream's body as it streams to the client, copied up to `limit` bytes;
     at its end the copy goes to `complete` (None: too large, failed or abandoned)."""
 
-    __slots__ = ("_body", "_complete", "_limit", "_parts", "_size")
+    __slots__ = ("_body", "_complete", "_limit", "_parts", "_size", "parts", "pulse")
 
     def __init__(
         self, body: AsyncIterator[bytes], limit: int, complete: Callable[[bytes | None], None]
@@ -1106,6 +1252,8 @@ class _Tee:
         self._limit = limit
         self._complete: Callable[[bytes | None], None] | None = complete
         self._parts: list[bytes] | None = []
+        self.parts = self._parts  # the copy so far, which a flight's followers read
+        self.pulse: Callable[[], None] | None = None  # told of every chunk
         self._size = 0
 
     def __aiter__(self) -> _Tee:
@@ -1126,6 +1274,8 @@ class _Tee:
                 self._parts = None  # too large: streamed through, not stored
             else:
                 self._parts.append(chunk)
+                if self.pulse is not None:
+                    self.pulse()
         return chunk
 
     def _finish(self, body: bytes | None) -> None:

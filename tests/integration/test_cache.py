@@ -13,6 +13,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -21,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from tests.integration.harness import GatewayProcess, UpstreamServer
+from tests.integration.harness import GatewayProcess, UpstreamServer, free_port
 
 HITS: Counter[str] = Counter()  # upstream requests by path
 CONDITIONAL: Counter[str] = Counter()  # of those, conditional ones answered 304
@@ -55,9 +56,13 @@ async def origin(request: Request) -> Response:
     varied = request.headers.get(q.get("vary", "x-none"), "")
     body = f"n={n} varied={varied} ".encode() + b"x" * int(q.get("size", "0"))
     if "stream" in q:
+        gap = float(q.get("gap", "0"))
+        if "length" in q:
+            headers["content-length"] = str(len(body))
 
         async def pieces() -> AsyncIterator[bytes]:
             yield body[: len(body) // 2]
+            await asyncio.sleep(gap)
             yield body[len(body) // 2 :]
 
         return StreamingResponse(pieces(), headers=headers, media_type="text/plain")
@@ -77,6 +82,7 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
             "up": {"targets": [up.url], "retries": {"attempts": 0}},
             "failing": {"targets": [up.url], "retries": {"attempts": 0}},
             "flaky": {"targets": [flaky.url], "retries": {"attempts": 0}},
+            "dead": {"targets": [f"http://127.0.0.1:{free_port()}"], "retries": {"attempts": 0}},
         },
         "cache": {"max_object_size": "64KiB"},
         "compression": {},
@@ -97,6 +103,13 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
                 "cache": {},
             },
             {"name": "flaky", "path": "/f/{rest:path}", "upstream": "flaky", "cache": {}},
+            {
+                "name": "standin",
+                "path": "/fb/{rest:path}",
+                "upstream": "dead",
+                "fallback": "up",
+                "cache": {},
+            },
         ],
     }
     gateway = GatewayProcess(config, tmp_path_factory.mktemp("cache")).start()
@@ -596,3 +609,77 @@ def test_request_directives_skip_stale_while_revalidate(client: httpx.Client) ->
     answer = client.get(path, params=params, headers={"cache-control": "max-age=600"})
     assert answer.headers["cache-status"] == "gateway; fwd=stale; stored"  # not served stale
     assert answer.text.startswith("n=2 ")
+
+
+def test_fallback_answers_are_not_stored(client: httpx.Client) -> None:
+    path = fresh("/fb")
+    params = {"cc": "max-age=60"}
+    for n in (1, 2):
+        answer = client.get(path, params=params)
+        assert answer.status_code == 200
+        assert answer.headers["x-gateway-fallback"] == "true"
+        assert answer.headers["cache-status"] == "gateway; fwd=miss"
+        assert answer.text.startswith(f"n={n} ")
+
+
+def test_waiters_follow_a_streamed_answer_as_it_arrives(gw: GatewayProcess) -> None:
+    """Concurrent misses share one upstream request and get its body as it streams:
+    their first bytes come before its last ones exist (an answer of declared length
+    within max_object_size)."""
+    path = fresh()
+    params = {"cc": "max-age=60", "stream": "1", "length": "1", "gap": "1.5", "size": "4000"}
+    started = time.monotonic()
+
+    def fetch() -> tuple[float, bytes, str]:
+        identity = {"accept-encoding": "identity"}
+        with httpx.stream(
+            "GET", gw.url + path, params=params, headers=identity, timeout=10
+        ) as answer:
+            pieces = answer.iter_raw()
+            first = next(pieces)
+            at = time.monotonic() - started
+            return at, first + b"".join(pieces), answer.headers["cache-status"]
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        leader = pool.submit(fetch)
+        deadline = time.monotonic() + 5
+        while hits(path) == 0:  # the leader's request is upstream
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        waiters = [pool.submit(fetch) for _ in range(3)]
+        results = [leader.result(), *(w.result() for w in waiters)]
+    assert hits(path) == 1
+    bodies = {body for _, body, _ in results}
+    assert len(bodies) == 1 and len(bodies.pop()) > 4000
+    assert results[0][2] == "gateway; fwd=miss; stored"
+    assert [status for _, _, status in results[1:]] == ["gateway; fwd=miss; collapsed"] * 3
+    # Each waiter's first bytes came before the upstream sent its second half.
+    assert all(at < 1.4 for at, _, _ in results[1:]), [at for at, _, _ in results]
+
+
+def test_followers_get_the_whole_body_when_the_first_client_leaves(gw: GatewayProcess) -> None:
+    path = fresh()
+    params = {"cc": "max-age=60", "stream": "1", "length": "1", "gap": "1", "size": "4000"}
+    identity = {"accept-encoding": "identity"}
+
+    def leave_early() -> None:
+        with httpx.stream("GET", gw.url + path, params=params, headers=identity, timeout=10) as r:
+            next(r.iter_raw())  # the first half; the others join; then the client goes
+            time.sleep(0.5)
+
+    def fetch() -> tuple[bytes, str]:
+        answer = httpx.get(gw.url + path, params=params, headers=identity, timeout=10)
+        return answer.content, answer.headers["cache-status"]
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        leader = pool.submit(leave_early)
+        deadline = time.monotonic() + 5
+        while hits(path) == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        followers = [pool.submit(fetch) for _ in range(2)]
+        leader.result()
+        results = [f.result() for f in followers]
+    assert [status for _, status in results] == ["gateway; fwd=miss; collapsed"] * 2
+    assert all(body.endswith(b"x" * 100) and len(body) > 4000 for body, _ in results)
+    assert hits(path) == 1
