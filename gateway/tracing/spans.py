@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Awaitable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from types import TracebackType
@@ -386,25 +387,30 @@ def client_spans(upstream: str, protocol: str = "1.1") -> Policy:
     try timeout (so queueing for a slot is not in it, and a try cut by `read_timeout`
     ends it as `upstream_timeout`). The try is sent with headers naming its span; the
     span ends when the answer's head is in (OTel's HTTP client instrumentations do the
-    same for a streamed body), or with the try's failure."""
+    same for a streamed body), or with the try's failure. An unsampled request's try
+    only gets its headers (and keeps them: the next try takes them out)."""
 
     def wrap(inner: Handler) -> Handler:
-        async def handle(request: GatewayRequest) -> GatewayResponse:
+        def handle(request: GatewayRequest) -> Awaitable[GatewayResponse]:
+            # A plain function, not a coroutine: an unsampled try (nearly all of them)
+            # is handed to `inner` with its headers and no frame of ours around it.
             trace = CURRENT.get()
             if trace is None:  # a backend call outside a traced request (none today)
-                return await inner(request)
+                return inner(request)
+            if trace.sampled:
+                return traced(request, trace)
+            first = trace.first
+            if first is not None:  # the first try: its headers were built with the trace
+                trace.first = None
+                request.headers = request.headers + first
+            else:  # a retry, a hedge, another backend: the last try's headers out
+                request.headers = [
+                    h for h in request.headers if h[0] not in TRACE_HEADERS
+                ] + trace.headers_for(trace.tracer.new_span_id())
+            return inner(request)
+
+        async def traced(request: GatewayRequest, trace: RequestTrace) -> GatewayResponse:
             headers = request.headers
-            if not trace.sampled:  # ids only: the try's span id, in its headers
-                first = trace.first
-                if first is not None:  # the first try: its headers are built
-                    trace.first = None
-                    request.headers = headers + first
-                else:
-                    request.headers = headers + trace.headers_for(trace.tracer.new_span_id())
-                try:
-                    return await inner(request)
-                finally:
-                    request.headers = headers
             span = trace.start_try()
             request.headers = headers + span.headers
             tried = set(request.exclude_targets)
