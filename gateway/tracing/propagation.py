@@ -12,13 +12,13 @@ request while tracing is on, and OpenTelemetry is only the exporter's business.
 from __future__ import annotations
 
 import os
-import random
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 __all__ = [
     "B3",
     "FORMATS",
+    "ID_CHUNK",
     "TRACEPARENT",
     "TRACESTATE",
     "TRACE_HEADERS",
@@ -31,11 +31,9 @@ __all__ = [
     "Parent",
     "b3_headers",
     "b3_single",
+    "draw_ids",
     "extract",
     "format_traceparent",
-    "new_ids",
-    "new_span_id",
-    "new_trace_id",
     "parse_b3_multi",
     "parse_b3_single",
     "parse_traceparent",
@@ -58,39 +56,27 @@ TRACE_HEADERS = frozenset(
 FORMATS = ("tracecontext", "b3")
 
 _HEX = b"0123456789abcdef"
+_ODD_HEX = frozenset(b"13579bdf")  # the last flags digit of a sampled `traceparent`
+_DASH = ord("-")
+_ZERO_TRACE = b"0" * 32
+_ZERO_SPAN = b"0" * 16
 _ZERO_HALF = "0" * 16
-_ZERO_TRACE = "0" * 32
 _B3_SAMPLED = {b"1": True, b"true": True, b"0": False, b"false": False}
 _B3_SINGLE_SAMPLED = {b"1": True, b"d": True, b"0": False}
 
-# Ids need uniqueness, not secrecy (W3C Trace Context 6.2 asks for randomness, which a
-# PRNG seeded from the OS gives), and a PRNG costs no system call per id.
-_ids = random.Random(int.from_bytes(os.urandom(32), "big"))
+# Ids need randomness (W3C Trace Context 6.2) and uniqueness, not one system call each:
+# they are drawn from the OS in batches, as hex, and handed out in slices.
+ID_CHUNK = 64  # hex digits a request's trace takes: trace id, SERVER span id, first try's
+_CHUNKS = 128  # chunks per draw: 4 KiB from the OS
 
 
-def new_trace_id() -> str:
-    """128 random bits as 32 lowercase hex digits, never all zeros."""
-    value = _ids.getrandbits(128)
-    while not value:  # pragma: no cover - one chance in 2**128
-        value = _ids.getrandbits(128)
-    return value.to_bytes(16, "big").hex()  # twice as fast as f"{value:032x}"
-
-
-def new_ids() -> tuple[str, str]:
-    """A new trace id and span id at once (one draw, one formatting: a root's cost)."""
-    text = _ids.getrandbits(192).to_bytes(24, "big").hex()
-    trace_id, span_id = text[:32], text[32:]
-    if trace_id == _ZERO_TRACE or span_id == _ZERO_HALF:  # pragma: no cover - 2**-64
-        return new_trace_id(), new_span_id()
-    return trace_id, span_id
-
-
-def new_span_id() -> str:
-    """64 random bits as 16 lowercase hex digits, never all zeros."""
-    value = _ids.getrandbits(64)
-    while not value:  # pragma: no cover - one chance in 2**64
-        value = _ids.getrandbits(64)
-    return value.to_bytes(8, "big").hex()
+def draw_ids() -> list[str]:
+    """`ID_CHUNK`-digit chunks of random lowercase hex, none holding sixteen zeros in a
+    row: so no id sliced from them at a multiple of 16 digits is all zeros (invalid)."""
+    while True:
+        text = os.urandom(ID_CHUNK * _CHUNKS // 2).hex()
+        if _ZERO_HALF not in text:  # else: one chance in about 2**51, draw again
+            return [text[i : i + ID_CHUNK] for i in range(0, len(text), ID_CHUNK)]
 
 
 def _hex_id(value: bytes, size: int) -> bool:
@@ -98,7 +84,9 @@ def _hex_id(value: bytes, size: int) -> bool:
     return len(value) == size and not value.translate(None, _HEX) and value.count(b"0") != size
 
 
-@dataclass(frozen=True, slots=True)
+# The records below are plain (not frozen) dataclasses: a frozen one's __init__ costs
+# a call of object.__setattr__ per field, and these are made per request.
+@dataclass(slots=True)
 class Parent:
     """What a request's trace headers say. `trace_id` and `span_id` name the caller's
     span (None for a sampling decision that came without ids, B3's `b3: 0`);
@@ -114,22 +102,24 @@ def parse_traceparent(value: bytes) -> Parent | None:
     """A `traceparent` value, or None when it is malformed: anything but version `00`
     exactly 55 characters long, `-` where the format puts them, lowercase hex, and
     neither id all zeros."""
-    value = value.strip(b" \t")
+    if len(value) != 55:
+        value = value.strip(b" \t")
+        if len(value) != 55:
+            return None
+    # One translate checks every hex digit at once (the separators go with the version).
     if (
-        len(value) != 55
-        or value[:3] != b"00-"
-        or value[35:36] != b"-"
-        or value[52:53] != b"-"
-        or not _hex_id(value[3:35], 32)
-        or not _hex_id(value[36:52], 16)
-        or value[53:55].translate(None, _HEX)
+        value[:3] != b"00-"
+        or value[35] != _DASH
+        or value[52] != _DASH
+        or value[3:35].translate(None, _HEX)
+        or value[36:52].translate(None, _HEX)
+        or value[53:].translate(None, _HEX)
+        or value[3:35] == _ZERO_TRACE
+        or value[36:52] == _ZERO_SPAN
     ):
         return None
-    return Parent(
-        value[3:35].decode("ascii"),
-        value[36:52].decode("ascii"),
-        bool(int(value[53:55], 16) & 1),
-    )
+    text = value.decode("ascii")
+    return Parent(text[3:35], text[36:52], value[54] in _ODD_HEX)
 
 
 def format_traceparent(trace_id: str, span_id: str, sampled: bool) -> bytes:
@@ -212,7 +202,7 @@ def b3_single(trace_id: str, span_id: str, sampled: bool) -> tuple[bytes, bytes]
     return (B3, f"{tid}-{span_id}-{'1' if sampled else '0'}".encode("ascii"))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Extracted:
     """A request's trace headers, read in the order of the `propagation` list.
 
@@ -233,6 +223,14 @@ NOTHING = Extracted(None)
 _REPEATED = b""  # a header given twice where once is allowed: no parser accepts it
 
 
+def _one(values: dict[bytes, list[bytes]], name: bytes) -> bytes | None:
+    """The value of a header that may be given once (`_REPEATED` when it was not)."""
+    found = values.get(name)
+    if found is None:
+        return None
+    return found[0] if len(found) == 1 else _REPEATED
+
+
 def extract(raw: Iterable[tuple[bytes, bytes]], formats: tuple[str, ...]) -> Extracted:
     """Read the trace headers of `raw` (an ASGI header list, lowercase names) for the
     `formats` listed. A header that repeats when it may not (`traceparent`, `b3`, the
@@ -241,31 +239,30 @@ def extract(raw: Iterable[tuple[bytes, bytes]], formats: tuple[str, ...]) -> Ext
     for name, value in raw:
         if name in TRACE_HEADERS:
             if values is None:
-                values = {}
-            values.setdefault(name, []).append(value)
+                values = {name: [value]}
+            elif name in values:
+                values[name].append(value)
+            else:
+                values[name] = [value]
     if values is None:
         return NOTHING
-
-    def one(name: bytes) -> bytes | None:
-        assert values is not None
-        found = values.get(name)
-        if found is None:
-            return None
-        return found[0] if len(found) == 1 else _REPEATED
-
+    given = values.get(TRACEPARENT)
+    traceparent = parse_traceparent(given[0]) if given is not None and len(given) == 1 else None
     parent: Parent | None = None
-    given = one(TRACEPARENT)
-    traceparent = parse_traceparent(given) if given is not None else None
     single = False
     for fmt in formats:
         if fmt == "tracecontext":
             parent = traceparent
         elif B3 in values:
-            parent = parse_b3_single(values[B3][0] if len(values[B3]) == 1 else _REPEATED)
+            b3 = values[B3]
+            parent = parse_b3_single(b3[0] if len(b3) == 1 else _REPEATED)
             single = parent is not None
         else:
             parent = parse_b3_multi(
-                one(X_B3_TRACEID), one(X_B3_SPANID), one(X_B3_SAMPLED), one(X_B3_FLAGS)
+                _one(values, X_B3_TRACEID),
+                _one(values, X_B3_SPANID),
+                _one(values, X_B3_SAMPLED),
+                _one(values, X_B3_FLAGS),
             )
         if parent is not None:
             break

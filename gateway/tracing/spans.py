@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Awaitable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from types import TracebackType
@@ -26,13 +27,14 @@ from urllib.parse import urlsplit
 from gateway.errors import GatewayError
 from gateway.ops.logs import AccessLog, scrub
 from gateway.tracing.propagation import (
+    TRACE_HEADERS,
+    TRACEPARENT,
     TRACESTATE,
     b3_headers,
     b3_single,
+    draw_ids,
     extract,
     format_traceparent,
-    new_ids,
-    new_span_id,
 )
 from gateway.types import GatewayRequest, GatewayResponse, Handler, Headers, Policy
 
@@ -110,7 +112,7 @@ class Tracer:
     """The process's tracer: the rules, where finished spans go, and the sampling dice.
     `begin` starts one request's trace from its headers."""
 
-    __slots__ = ("_random", "_ratio", "b3", "rules", "sink", "tracecontext")
+    __slots__ = ("_ids", "_plain", "_random", "_ratio", "b3", "rules", "sink", "tracecontext")
 
     def __init__(
         self, rules: TracingRules, sink: SpanSink, rng: random.Random | None = None
@@ -121,27 +123,70 @@ class Tracer:
         self._random = (rng or random.Random()).random
         self.tracecontext = "tracecontext" in rules.propagation  # tries get `traceparent`
         self.b3 = "b3" in rules.propagation  # tries get the X-B3-* headers
+        self._plain = rules.propagation == ("tracecontext",)  # `traceparent` alone
+        # Random hex, `ID_CHUNK` digits per request, drawn from the OS on first use (in
+        # the serving process: a worker never shares its parent's).
+        self._ids: list[str] = []
 
     def begin(self, raw: Headers) -> tuple[RequestTrace, bool]:
         """A request's trace from its headers: the parent (the first listed format that
         is present and valid), a new SERVER span id, the sampling decision (the parent's
-        when it made one, else `sample_ratio`). The flag says whether any trace header
-        was present, which then must not be forwarded as it came."""
+        when it made one, else `sample_ratio`), and the id and headers of its first try.
+        The flag says whether any trace header was present, which then must not be
+        forwarded as it came.
+
+        Most requests carry no trace header, and most of those are not sampled: that
+        path is written for the fewest instructions (one draw for three ids, the first
+        try's headers built here, once), as it is the whole cost of tracing for them."""
+        for name, _ in raw:
+            if name in TRACE_HEADERS:
+                return self._begin_from(raw), True
+        ids = self._ids
+        text = ids.pop() if ids else self._draw()
+        trace_id = text[:32]
+        sampled = self._random() < self._ratio
+        if self._plain:  # tracecontext alone and no tracestate: the usual case, inline
+            first: Headers = [
+                (TRACEPARENT, f"00-{trace_id}-{text[48:]}-{'01' if sampled else '00'}".encode())
+            ]
+            return RequestTrace(self, trace_id, text[32:48], None, sampled, text[48:], first), False
+        return RequestTrace(self, trace_id, text[32:48], None, sampled, text[48:]), False
+
+    def _begin_from(self, raw: Headers) -> RequestTrace:
+        """`begin` for a request that sent some trace header."""
         extracted = extract(raw, self.rules.propagation)
         parent = extracted.parent
-        parent_id = None
+        ids = self._ids
+        text = ids.pop() if ids else self._draw()
         if parent is None or parent.trace_id is None:
-            trace_id, span_id = new_ids()
+            trace_id, parent_id = text[:32], None
         else:
-            trace_id, parent_id, span_id = parent.trace_id, parent.span_id, new_span_id()
+            trace_id, parent_id = parent.trace_id, parent.span_id
         if parent is not None and parent.sampled is not None:
             sampled = parent.sampled
         else:
-            sampled = self._ratio >= 1.0 or self._random() < self._ratio
-        trace = RequestTrace(
-            self, trace_id, span_id, parent_id, sampled, extracted.tracestate, extracted.single
+            sampled = self._random() < self._ratio
+        return RequestTrace(
+            self,
+            trace_id,
+            text[32:48],
+            parent_id,
+            sampled,
+            text[48:],
+            None,
+            extracted.tracestate,
+            extracted.single,
         )
-        return trace, extracted.found
+
+    def new_span_id(self) -> str:
+        """A span id for a try after a request's first."""
+        ids = self._ids
+        return (ids.pop() if ids else self._draw())[:16]
+
+    def _draw(self) -> str:
+        """Refill the ids (after a draw from the OS) and take a chunk of them."""
+        self._ids = ids = draw_ids()
+        return ids.pop()
 
     def describe(self) -> dict[str, Any]:
         """What the status page shows: where spans go, how many, and how many were lost."""
@@ -160,12 +205,16 @@ class Tracer:
 
 class RequestTrace:
     """One request's trace: its trace id, its SERVER span's id, the caller's span (the
-    parent, if any), the sampling decision and the caller's `tracestate`. `server` is
-    what the data plane noted at the start for the SERVER span's attributes (sampled
-    requests only)."""
+    parent, if any), the sampling decision and the caller's `tracestate`. `first_id`
+    and `first` are the span id of the request's first try and the headers naming it,
+    drawn and built with the trace (a request has one try, most of the time); a try
+    after it gets a new id. `server` is what the data plane noted at the start for the
+    SERVER span's attributes and `start_ns` its start (sampled requests only)."""
 
     __slots__ = (
         "b3_single",
+        "first",
+        "first_id",
         "parent_id",
         "sampled",
         "server",
@@ -183,6 +232,8 @@ class RequestTrace:
         span_id: str,
         parent_id: str | None,
         sampled: bool,
+        first_id: str,
+        first: Headers | None = None,
         tracestate: bytes | None = None,
         b3_single: bool = False,
     ) -> None:
@@ -191,15 +242,25 @@ class RequestTrace:
         self.span_id = span_id
         self.parent_id = parent_id
         self.sampled = sampled
+        self.first_id = first_id
         self.tracestate = tracestate
         self.b3_single = b3_single
-        self.server: Any = None
-        self.start_ns = time.time_ns() if sampled else 0
+        # The first try's headers; None once it took them.
+        self.first: Headers | None = self.headers_for(first_id) if first is None else first
+        if sampled:
+            self.server: Any = None
+            self.start_ns = time.time_ns()
 
     def start_try(self) -> TrySpan:
-        """A CLIENT span for one upstream try (or WebSocket handshake): a new span id,
-        the headers that carry it upstream, and its start when sampled."""
-        return TrySpan(self, new_span_id())
+        """A CLIENT span for one upstream try (or WebSocket handshake): a new span id
+        (the one drawn with the trace, for the first), the headers that carry it
+        upstream, and its start when sampled."""
+        first = self.first
+        if first is not None:
+            self.first = None
+            return TrySpan(self, self.first_id, first)
+        span_id = self.tracer.new_span_id()
+        return TrySpan(self, span_id, self.headers_for(span_id))
 
     def headers_for(self, span_id: str) -> Headers:
         """The trace headers a try sends: every listed format, naming `span_id` as the
@@ -207,7 +268,7 @@ class RequestTrace:
         tracer = self.tracer
         out: Headers = []
         if tracer.tracecontext:
-            out.append((b"traceparent", format_traceparent(self.trace_id, span_id, self.sampled)))
+            out.append((TRACEPARENT, format_traceparent(self.trace_id, span_id, self.sampled)))
             if self.tracestate is not None:
                 out.append((TRACESTATE, self.tracestate))
         if tracer.b3:
@@ -246,10 +307,10 @@ class TrySpan:
 
     __slots__ = ("headers", "span_id", "start_ns", "trace")
 
-    def __init__(self, trace: RequestTrace, span_id: str) -> None:
+    def __init__(self, trace: RequestTrace, span_id: str, headers: Headers) -> None:
         self.trace = trace
         self.span_id = span_id
-        self.headers = trace.headers_for(span_id)
+        self.headers = headers
         self.start_ns = time.time_ns() if trace.sampled else 0
 
     def end(self, name: str, attributes: Attributes, error: str | None = None) -> None:
@@ -326,20 +387,30 @@ def client_spans(upstream: str, protocol: str = "1.1") -> Policy:
     try timeout (so queueing for a slot is not in it, and a try cut by `read_timeout`
     ends it as `upstream_timeout`). The try is sent with headers naming its span; the
     span ends when the answer's head is in (OTel's HTTP client instrumentations do the
-    same for a streamed body), or with the try's failure."""
+    same for a streamed body), or with the try's failure. An unsampled request's try
+    only gets its headers (and keeps them: the next try takes them out)."""
 
     def wrap(inner: Handler) -> Handler:
-        async def handle(request: GatewayRequest) -> GatewayResponse:
+        def handle(request: GatewayRequest) -> Awaitable[GatewayResponse]:
+            # A plain function, not a coroutine: an unsampled try (nearly all of them)
+            # is handed to `inner` with its headers and no frame of ours around it.
             trace = CURRENT.get()
             if trace is None:  # a backend call outside a traced request (none today)
-                return await inner(request)
+                return inner(request)
+            if trace.sampled:
+                return traced(request, trace)
+            first = trace.first
+            if first is not None:  # the first try: its headers were built with the trace
+                trace.first = None
+                request.headers = request.headers + first
+            else:  # a retry, a hedge, another backend: the last try's headers out
+                request.headers = [
+                    h for h in request.headers if h[0] not in TRACE_HEADERS
+                ] + trace.headers_for(trace.tracer.new_span_id())
+            return inner(request)
+
+        async def traced(request: GatewayRequest, trace: RequestTrace) -> GatewayResponse:
             headers = request.headers
-            if not trace.sampled:  # ids only: the try's span id, in its headers
-                request.headers = headers + trace.headers_for(new_span_id())
-                try:
-                    return await inner(request)
-                finally:
-                    request.headers = headers
             span = trace.start_try()
             request.headers = headers + span.headers
             tried = set(request.exclude_targets)
@@ -444,4 +515,4 @@ class TracedAccessLog(AccessLog):
         else:
             record["trace_id"] = trace.trace_id
             record["span_id"] = trace.span_id
-        super().write(record)
+        AccessLog.write(self, record)  # cheaper than super()

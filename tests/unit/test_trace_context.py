@@ -12,10 +12,9 @@ from gateway.tracing.propagation import (
     Parent,
     b3_headers,
     b3_single,
+    draw_ids,
     extract,
     format_traceparent,
-    new_span_id,
-    new_trace_id,
     parse_b3_multi,
     parse_b3_single,
     parse_traceparent,
@@ -68,15 +67,23 @@ def test_malformed_traceparent_is_refused(value: bytes) -> None:
 def test_traceparent_written_fixed_width() -> None:
     assert format_traceparent(TRACE, SPAN, True) == GOOD
     assert format_traceparent(TRACE, SPAN, False) == f"00-{TRACE}-{SPAN}-00".encode()
-    assert len(format_traceparent(new_trace_id(), new_span_id(), True)) == 55
+    (chunk, *_) = draw_ids()
+    assert len(format_traceparent(chunk[:32], chunk[32:48], True)) == 55
 
 
 def test_new_ids_are_lowercase_hex_of_their_width() -> None:
-    for _ in range(100):
-        trace, span = new_trace_id(), new_span_id()
-        assert len(trace) == 32 and len(span) == 16
-        assert parse_traceparent(format_traceparent(trace, span, False)) is not None
-    assert len({new_span_id() for _ in range(1000)}) == 1000
+    chunks = draw_ids()
+    assert len(chunks) == 128 and {len(c) for c in chunks} == {64}
+    for chunk in chunks:
+        assert parse_traceparent(format_traceparent(chunk[:32], chunk[48:], False)) is not None
+        assert all(chunk[i : i + 16] != "0" * 16 for i in range(0, 64, 16))
+    t, _ = tracer()
+    traces = [t.begin([])[0] for _ in range(1000)]  # several draws from the OS
+    ids = [x.trace_id for x in traces] + [x.span_id for x in traces]
+    ids += [x.first_id for x in traces] + [t.new_span_id() for _ in range(300)]
+    assert len(set(ids)) == len(ids)
+    assert {len(x.trace_id) for x in traces} == {32}
+    assert {len(i) for i in ids[1000:]} == {16}
 
 
 # --- B3 -------------------------------------------------------------------------------

@@ -266,6 +266,36 @@ async def test_failed_try_span_names_its_target_and_error_code() -> None:
     assert span.error == "refused"
 
 
+async def test_unsampled_tries_each_send_one_traceparent_of_their_own() -> None:
+    tracer = Tracer(TracingRules("http://c", 0.0), Sink())
+    trace, _ = tracer.begin([(b"traceparent", f"00-{TRACE}-{CALLER}-00".encode())])
+    sent: list[list[tuple[bytes, bytes]]] = []
+
+    async def upstream(req: GatewayRequest) -> GatewayResponse:
+        sent.append(list(req.headers))
+        return GatewayResponse(200, [], WholeBody(b""), closed)
+
+    handler = client_spans("u")(upstream)
+    req = request()
+    token = CURRENT.set(trace)
+    try:
+        await handler(req)
+        req.attempt = 1  # a retry of the same request
+        await handler(req)
+        await handler(request())  # another backend of the same request
+    finally:
+        CURRENT.reset(token)
+    ids = []
+    for headers in sent:
+        assert headers[0] == (b"x-request-id", b"r")
+        (value,) = [v for n, v in headers if n == b"traceparent"]
+        _, trace_id, span_id, flags = value.decode().split("-")
+        assert (trace_id, flags) == (TRACE, "00")
+        ids.append(span_id)
+    assert ids[0] == trace.first_id  # drawn with the trace, built once
+    assert len({*ids, trace.span_id, CALLER}) == 5
+
+
 async def test_untraced_request_passes_through() -> None:
     async def upstream(req: GatewayRequest) -> GatewayResponse:
         assert req.headers == [(b"x-request-id", b"r")]
