@@ -56,7 +56,9 @@ import h2.exceptions
 import h2.settings
 import httpx
 from h2.errors import ErrorCodes
-from hpack import Encoder, NeverIndexedHeaderTuple
+from hpack import NeverIndexedHeaderTuple
+from hpack.hpack import encode_integer
+from hpack.table import HeaderTable
 from hyperframe.frame import Frame, GoAwayFrame, RstStreamFrame
 
 from gateway.upstream.transports.base import (
@@ -110,10 +112,10 @@ class _Refused(httpx.RemoteProtocolError):
     is safe to send it again."""
 
 
-# Request fields whose values change with every request: never put in HPACK's table,
-# where they would only push out the ones that repeat (and lengthen every search of it).
+# Request fields whose values change with every request: never cached (`_Encoder`).
 _VOLATILE = frozenset(
     {
+        b":path",
         b"x-request-id",
         b"x-request-timeout-ms",
         b"grpc-timeout",
@@ -126,17 +128,83 @@ _VOLATILE = frozenset(
         b"x-b3-parentspanid",
     }
 )
+_STATIC = HeaderTable.STATIC_TABLE_MAPPING  # name -> (its first index, {value: index})
+_ENCODED_KEPT = 1024  # encoded fields cached per connection (cleared when full)
 
 
-class _Encoder(Encoder):
-    """HPACK without Huffman coding of literals (in Python it cost more CPU than the
-    few bytes it saves on the way to an upstream), and volatile fields not indexed."""
+def _hpack_int(value: int, prefix: int, flags: int) -> bytes:
+    """An HPACK integer with a `prefix`-bit prefix, `flags` in the first byte's top."""
+    if value < (1 << prefix) - 1:
+        return bytes((flags | value,))  # (most: one byte)
+    encoded = encode_integer(value, prefix)
+    encoded[0] |= flags
+    return bytes(encoded)
+
+
+def _hpack_field(name: bytes, value: bytes, never: bool) -> bytes:
+    """One field, from the static table alone: indexed when it holds name and value,
+    else a literal (never indexed when `never`, else without indexing) naming its
+    name by index where it can. Literals are not Huffman-coded."""
+    flags = 0x10 if never else 0x00
+    entry = _STATIC.get(name)
+    literal = _hpack_int(len(value), 7, 0) + value
+    if entry is None:
+        return bytes((flags,)) + _hpack_int(len(name), 7, 0) + name + literal
+    index = entry[1].get(value)
+    if index is not None and not never:
+        return _hpack_int(index, 7, 0x80)
+    return _hpack_int(entry[0], 4, flags) + literal
+
+
+class _Encoder:
+    """HPACK for requests with the static table only, no dynamic one: an encoded field
+    then depends on nothing but itself, so a connection keeps the bytes of those that
+    repeat (`:authority`, `user-agent`, `content-type`, `te`, ...) and a request's
+    header block is mostly joined from that cache. hpack's stateful encoder (a search
+    of its table, Huffman coding, a log call or two per field) was the largest part
+    of the cost of sending a request. The price is header blocks larger on the wire
+    (literals where the table would give one byte), a few hundred bytes per request
+    to an upstream that is usually near. Credentials (`NeverIndexedHeaderTuple`) are
+    never-indexed literals, never cached; volatile fields are not cached either.
+
+    The table's size is signalled as 0 in the first header block, and again after
+    every change of the upstream's SETTINGS_HEADER_TABLE_SIZE (RFC 7541 4.2, 6.3),
+    which h2 reports by setting `header_table_size`."""
+
+    __slots__ = ("_cache", "_signal")
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[bytes, bytes], bytes] = {}
+        self._signal = True  # a dynamic table size update (to 0) is due
+
+    @property
+    def header_table_size(self) -> int:
+        return 0
+
+    @header_table_size.setter
+    def header_table_size(self, value: int) -> None:
+        self._signal = True
 
     def encode(self, headers: Any, huffman: bool = True) -> bytes:
-        return super().encode(headers, huffman=False)
-
-    def add(self, to_add: tuple[bytes, bytes], sensitive: bool, huffman: bool = False) -> bytes:
-        return super().add(to_add, sensitive or to_add[0] in _VOLATILE, huffman)
+        cache = self._cache
+        parts: list[bytes] = []
+        if self._signal:
+            self._signal = False
+            parts.append(b"\x20")  # dynamic table size update: 0
+        for field in headers:
+            if type(field) is tuple:
+                block = cache.get(field)
+                if block is None:
+                    name, value = field
+                    block = _hpack_field(name, value, never=False)
+                    if name not in _VOLATILE:
+                        if len(cache) >= _ENCODED_KEPT:
+                            cache.clear()
+                        cache[field] = block
+            else:  # hpack's HeaderTuple: NeverIndexedHeaderTuple is not `indexable`
+                block = _hpack_field(field[0], field[1], never=not field.indexable)
+            parts.append(block)
+        return b"".join(parts)
 
 
 class _H2(h2.connection.H2Connection):
@@ -617,7 +685,7 @@ class _Conn(asyncio.Protocol):
         self.loop = pool.loop
         self.read_timeout = pool.read_timeout
         self.h2 = _H2(_CONFIG)
-        self.h2.encoder = _Encoder()
+        self.h2.encoder = _Encoder()  # type: ignore[assignment]
         self.h2.local_settings = h2.settings.Settings(
             client=True,
             initial_values={
