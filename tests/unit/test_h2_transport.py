@@ -1350,3 +1350,24 @@ async def test_a_malformed_answer_fails_its_stream_alone(path: str) -> None:
             assert server.resets[-1][1] == ErrorCodes.PROTOCOL_ERROR
         assert (await fetch(t, server.url("/good")))[2] == b"fine"
         await t.aclose()
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        (b"x-a", b"1\r\nx-b: 2"),
+        (b"x-a", b"line\n"),
+        (b"x-a", b"nul\0"),
+        (b":path", b"/elsewhere"),
+    ],
+)
+async def test_a_request_field_with_cr_lf_nul_or_a_pseudo_name_is_refused(
+    field: tuple[bytes, bytes],
+) -> None:
+    async with RawServer(answer_ok) as server:
+        t = transport()
+        with pytest.raises(httpx.LocalProtocolError):
+            await fetch(t, server.url(), headers=[(b"x-ok", b"fine"), field])
+        assert (await fetch(t, server.url(), headers=[(b"x-ok", b"fine")]))[0] == 200
+        assert len(server.requests) == 1  # the refused one never went out
+        await t.aclose()
