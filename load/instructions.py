@@ -18,6 +18,8 @@ per connection, and reads the total back. Everything on 127.0.0.1, bounded in ti
     python load/instructions.py --checkout ../other     # another checkout of the gateway
     python load/instructions.py --sample-ratio 0.01     # with a tracing: block, 1% sampled
     python load/instructions.py --hedge p95             # /hello with hedge: {after: p95}
+    python load/instructions.py --grpc                  # unary gRPC calls over h2c
+    python load/instructions.py --h2-post               # the same bytes, plain POST, h2c
     make instructions                                   # the first, with valgrind ensured
     make instructions INSTR_ARGS="--sample-ratio 1"     # every request traced
 
@@ -25,6 +27,12 @@ With `--sample-ratio`, the config gets a `tracing:` block with that `sample_rati
 exporting to `load/collector.py` (a real OTLP/HTTP receiver on 127.0.0.1, CPU 1): the
 export thread's work is in the count, as it is in the gateway's process. Without it,
 there is no `tracing:` block (tracing off).
+
+`--grpc` counts the bench's `grpc` scenario instead: unary calls of a 100-byte message
+(`/test.Echo/Unary`) over h2c to load/refs/grpc_echo.py (CPU 1), sent by h2load
+(`--connections` connections x `--streams` streams at once); `--h2-post` the plain POST
+of the same bytes to `/upload` over h2c it is compared with. Their ratio is the gRPC
+path's own cost, counted rather than timed.
 
 Prints `<checkout> <path>: N requests, X k instructions per request (...)`, with the
 sample ratio and the spans the collector received during the counted requests when
@@ -53,6 +61,8 @@ from benchlib import ROOT, Procs
 
 _LENGTH = re.compile(rb"content-length:\s*(\d+)")
 PREFIX = "/gateway"  # the collector counts this gateway's exports under it
+GRPC_PATH = "/test.Echo/Unary"
+GRPC_BYTES = 100  # the bench's grpc scenario: a 100-byte message each way
 # Runs the gateway's CLI from the given checkout (first on sys.path), whatever is
 # installed in the virtualenv.
 _LAUNCH = (
@@ -68,6 +78,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=400)
+    parser.add_argument("--grpc", action="store_true", help="unary gRPC calls over h2c (h2load)")
+    parser.add_argument(
+        "--h2-post", action="store_true", help="plain POSTs of the gRPC bytes over h2c (h2load)"
+    )
+    parser.add_argument("--streams", type=int, default=10, help="h2load -m, with --grpc")
     parser.add_argument(
         "--keep", type=Path, help="copy the callgrind dump here (for callgrind_annotate)"
     )
@@ -87,6 +102,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.sample_ratio is not None and not 0 <= args.sample_ratio <= 1:
         parser.error("--sample-ratio is a share: between 0 and 1")
+    if args.grpc and args.h2_post:
+        parser.error("--grpc or --h2-post, not both")
+    if args.grpc:
+        args.path = GRPC_PATH
+    elif args.h2_post:
+        args.path = "/upload"
     return args
 
 
@@ -125,6 +146,29 @@ def drive(port: int, path: str, count: int, connections: int) -> int:
     return done
 
 
+def drive_h2(
+    port: int, path: str, count: int, connections: int, streams: int, data: Path, grpc: bool
+) -> int:
+    """`count` POSTs of `data` over h2c with h2load, as gRPC calls when `grpc`; the
+    number that succeeded."""
+    argv = ["h2load", "-t1", f"-n{count}", f"-c{connections}", f"-m{streams}", "-d", str(data)]
+    if grpc:
+        argv += ["-H", "content-type: application/grpc", "-H", "te: trailers"]
+    out = subprocess.run(
+        [*argv, f"http://127.0.0.1:{port}{path}"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    ).stdout
+    match = re.search(r"(\d+) succeeded", out)
+    done = int(match.group(1)) if match else 0
+    if done < count:
+        lines = [line for line in out.splitlines() if line.startswith(("requests:", "status"))]
+        print(f"h2load: {done} of {count} succeeded; " + "; ".join(lines), file=sys.stderr)
+    return done
+
+
 def total_instructions(folder: Path) -> int:
     total = 0
     for dump in folder.glob("callgrind.out*"):
@@ -141,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         work.chmod(0o755)  # nginx workers run as nobody
         procs = Procs(work)
-        up, sink, port, admin, collector = benchlib.free_ports(5)
+        up, sink, port, admin, collector, grpc = benchlib.free_ports(6)
         (work / "upstream.conf").write_text(benchlib.nginx_upstream_conf(work, up, sink))
         tracing = None
         if args.sample_ratio is not None:
@@ -149,17 +193,32 @@ def main(argv: list[str] | None = None) -> int:
                 "endpoint": f"http://127.0.0.1:{collector}{PREFIX}",
                 "sample_ratio": args.sample_ratio,
             }
+        h2 = args.grpc or args.h2_post
+        grpc_port = grpc if h2 else None
         config = benchlib.gateway_config(
-            port=port, admin_port=admin, upstream_port=up, tracing=tracing
+            port=port, admin_port=admin, upstream_port=up, tracing=tracing, grpc_port=grpc_port
         )
         if args.hedge is not None:
             for route in config["routes"]:
                 if route["name"] == "hello":
                     route["hedge"] = {"after": args.hedge}
+        data = work / "message.bin"
+        data.write_bytes(benchlib.grpc_frame(GRPC_BYTES))
+
+        def send(count: int) -> int:
+            if h2:
+                return drive_h2(
+                    port, args.path, count, args.connections, args.streams, data, args.grpc
+                )
+            return drive(port, args.path, count, args.connections)
+
         (work / "gateway.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         spans: int | None = None
         try:
             procs.start("upstream", ["nginx", "-c", str(work / "upstream.conf")], cpus="1")
+            if grpc_port is not None:
+                argv = benchlib.grpc_echo_argv(grpc_port, GRPC_BYTES)
+                procs.start("grpc", argv, cpus="1")
             if tracing is not None:
                 sink_proc = procs.start("collector", benchlib.collector_argv(collector), cpus="1")
                 problem = benchlib.wait_http(
@@ -192,14 +251,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"the gateway did not start: {problem}", file=sys.stderr)
                 print(procs.log_tail("gateway"), file=sys.stderr)
                 return 1
-            drive(port, args.path, args.warmup, args.connections)
+            send(args.warmup)
             if tracing is not None:
                 before, _ = benchlib.settle_spans(collector, PREFIX, None, limit=30)
             subprocess.run(
                 ["callgrind_control", "-i", "on", str(gateway.pid)], check=True, capture_output=True
             )
             started = time.monotonic()
-            done = drive(port, args.path, args.requests, args.connections)
+            done = send(args.requests)
             took = time.monotonic() - started
             subprocess.run(
                 ["callgrind_control", "-d", str(gateway.pid)], check=True, capture_output=True

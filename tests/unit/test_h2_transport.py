@@ -1253,3 +1253,121 @@ async def test_closing_the_answer_fails_a_reader_waiting_in_another_task() -> No
                 await reading
         assert messages.closed and not senders()
         await t.aclose()
+
+
+# --- the hot path's economies ---------------------------------------------------------
+
+
+async def test_requests_started_in_one_turn_leave_in_one_write() -> None:
+    async with RawServer(answer_ok) as server:
+        t = transport()
+        await fetch(t, server.url(), "POST", body=b"warm")  # the connection is open
+        conn = next(iter(t._pools.values())).conns[0]
+        assert conn.transport is not None
+        writes: list[bytes] = []
+        write = conn.transport.write
+
+        def counted(data: Any) -> None:
+            writes.append(bytes(data))
+            write(data)
+
+        conn.transport.write = counted  # type: ignore[method-assign]
+        results = await asyncio.gather(
+            *(fetch(t, server.url(), "POST", body=b"m%d" % i) for i in range(20))
+        )
+        assert {r[0] for r in results} == {200}
+        assert sorted(bytes(r.body) for r in server.requests[1:]) == sorted(
+            b"m%d" % i for i in range(20)
+        )
+        # 20 HEADERS and 20 DATA frames (END_STREAM): one write, not 40.
+        assert len(writes) == 1
+        await t.aclose()
+
+
+async def test_request_headers_leave_the_upstreams_hpack_table_empty() -> None:
+    async with RawServer(answer_ok) as server:
+        t = transport()
+        for i in range(3):
+            headers = [(b"x-request-id", b"id-%d" % i), (b"x-kept", b"same"), (b"accept", b"*/*")]
+            await fetch(t, server.url(), headers=headers)
+        decoder = server.conns[0].h2.decoder
+        assert not decoder.header_table.dynamic_entries  # the static table alone
+        assert decoder.header_table_size == 0  # signalled in the first block
+        request = server.requests[2]
+        assert (request.headers[b"x-request-id"], request.headers[b"x-kept"]) == (b"id-2", b"same")
+        assert request.headers[b"accept"] == b"*/*"
+        await t.aclose()
+
+
+async def test_closed_streams_do_not_pile_up_in_h2() -> None:
+    async with RawServer(answer_ok, max_streams=5) as server:
+        t = transport()
+        for _ in range(10):
+            results = await asyncio.gather(*(fetch(t, server.url()) for _ in range(30)))
+            assert {r[0] for r in results} == {200}
+        conn = next(iter(t._pools.values())).conns[0]
+        assert len(conn.h2.streams) <= 64 + 2 * 5  # swept as they pile up, not 300
+        assert t.connections() <= 16
+        await t.aclose()
+
+
+async def _malformed_head(conn: ServerConn, request: Request) -> None:
+    path = request.headers[b":path"]
+    if path == b"/head":
+        # The stream left open: the client resets it.
+        conn.send(request.stream_id, [(b":status", b"200"), (b"Upper", b"1")], b"body")
+    elif path == b"/value":
+        conn.send(request.stream_id, [(b":status", b"200"), (b"x-a", b"1\r\nx-b: 2")], end=True)
+    elif path == b"/status":
+        conn.send(request.stream_id, [(b":status", b"2xx")], end=True)
+    elif path == b"/trailers":
+        conn.send(request.stream_id, [(b":status", b"200")], b"body")
+        conn.send(request.stream_id, [(b"connection", b"close")], end=True)
+    else:
+        await asyncio.sleep(0.05)
+        conn.respond(request.stream_id, 200, b"fine")
+
+
+@pytest.mark.parametrize("path", ["/head", "/value", "/status", "/trailers"])
+async def test_a_malformed_answer_fails_its_stream_alone(path: str) -> None:
+    async with RawServer(_malformed_head) as server:
+        server_config = h2.config.H2Configuration(
+            client_side=False,
+            header_encoding=None,
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+        )
+        t = transport()
+        await fetch(t, server.url("/good"))
+        server.conns[0].h2.config = server_config
+        good = asyncio.create_task(fetch(t, server.url("/good")))
+        with pytest.raises(httpx.RemoteProtocolError, match="malformed"):
+            await fetch(t, server.url(path))
+        assert (await good)[2] == b"fine"
+        assert len(server.conns) == 1  # the connection lives on
+        if path == "/head":  # (the others ended the stream both ways: nothing to reset)
+            await asyncio.wait_for(server.reset_seen.wait(), 1)
+            assert server.resets[-1][1] == ErrorCodes.PROTOCOL_ERROR
+        assert (await fetch(t, server.url("/good")))[2] == b"fine"
+        await t.aclose()
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        (b"x-a", b"1\r\nx-b: 2"),
+        (b"x-a", b"line\n"),
+        (b"x-a", b"nul\0"),
+        (b":path", b"/elsewhere"),
+    ],
+)
+async def test_a_request_field_with_cr_lf_nul_or_a_pseudo_name_is_refused(
+    field: tuple[bytes, bytes],
+) -> None:
+    async with RawServer(answer_ok) as server:
+        t = transport()
+        with pytest.raises(httpx.LocalProtocolError):
+            await fetch(t, server.url(), headers=[(b"x-ok", b"fine"), field])
+        assert (await fetch(t, server.url(), headers=[(b"x-ok", b"fine")]))[0] == 200
+        assert len(server.requests) == 1  # the refused one never went out
+        await t.aclose()
