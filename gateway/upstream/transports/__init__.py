@@ -10,7 +10,6 @@ import os
 
 import httpx
 
-from gateway.upstream.transports.aiohttp import AiohttpTransport
 from gateway.upstream.transports.base import RawTransport, TransportSettings
 from gateway.upstream.transports.h1 import H1Transport
 from gateway.upstream.transports.h2 import H2Transport
@@ -42,4 +41,6 @@ def make_transport(settings: TransportSettings) -> httpx.AsyncBaseTransport:
             ),
             retries=0,
         )
+    from gateway.upstream.transports.aiohttp import AiohttpTransport  # only when chosen
+
     return AiohttpTransport(settings)

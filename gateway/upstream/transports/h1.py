@@ -34,7 +34,6 @@ from collections.abc import AsyncIterator
 import httptools
 import httpx
 
-from gateway.upstream.transports.aiohttp import AiohttpTransport
 from gateway.upstream.transports.base import (
     RawAnswer,
     RawTransport,
@@ -610,10 +609,20 @@ class H1Transport(RawTransport):
 
     def __init__(self, settings: TransportSettings) -> None:
         self._settings = settings
-        self.fallback = AiohttpTransport(settings)
+        self._fallback: RawTransport | None = None
         self._pools: dict[str, _Pool] = {}
         self._default_tls: ssl.SSLContext | None = None
         self._closed = False
+
+    @property
+    def fallback(self) -> RawTransport:
+        """The aiohttp transport, made on first use: a gateway whose upstreams are all
+        plain http never imports aiohttp (a quarter of a second at every start)."""
+        if self._fallback is None:
+            from gateway.upstream.transports.aiohttp import AiohttpTransport
+
+            self._fallback = AiohttpTransport(self._settings)
+        return self._fallback
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         return await self.fallback.handle_async_request(request)
@@ -692,11 +701,13 @@ class H1Transport(RawTransport):
         for pool in self._pools.values():
             pool.close()
         self._pools.clear()
-        await self.fallback.aclose()
+        if self._fallback is not None:
+            await self._fallback.aclose()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{len(self._pools)} targets"
-        return f"H1Transport({state}, connections={self.connections()}, fallback={self.fallback!r})"
+        connections = self.connections()
+        return f"H1Transport({state}, connections={connections}, fallback={self._fallback!r})"
 
 
 def _request_head(
