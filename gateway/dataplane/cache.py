@@ -26,7 +26,7 @@ import secrets
 import struct
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
@@ -42,7 +42,7 @@ from gateway.dataplane.cacherules import (
     vary_names,
     vary_values,
 )
-from gateway.edge.shared_redis import SharedRedis, StoreUnavailable
+from gateway.edge.shared_redis import RELEASE_OWNED, SharedRedis, StoreUnavailable
 from gateway.errors import (
     GatewayError,
     NotCached,
@@ -276,13 +276,6 @@ def _glob(text: str) -> str:
 _TAG = 16  # hex digits of a variant's tag in its key
 _NAMES_TAG = "vary-names------"  # the tag of a target's Vary names key (same width)
 _ANY_TAG = "?" * _TAG
-# Drop a fetch lock only if it is still the caller's (compare-and-delete).
-_RELEASE = """
-if redis.call('get', KEYS[1]) == ARGV[1] then
-  return redis.call('del', KEYS[1])
-end
-return 0
-"""
 PUMP_TIMEOUT = 30.0  # seconds a followed body may take, when the route sets no timeout
 REMOTE_POLL = 0.02  # seconds between looks at another gateway's fetch of a key
 
@@ -313,6 +306,7 @@ class RedisStore:
             counted="requests served",
         )
         self._client = self._redis.client
+        self._release = self._client.register_script(RELEASE_OWNED)
 
     def __len__(self) -> int:
         return 0  # not known here
@@ -374,7 +368,8 @@ class RedisStore:
         """Drop the fetch lock if it is still `token`'s (it may have expired and been
         taken by another gateway since)."""
         lock = self._lock_key(route, tag, target)
-        await self._call(lambda: self._client.eval(_RELEASE, 1, lock, token))
+        script = self._release
+        await self._call(lambda: script(keys=[lock], args=[token]))
 
     async def held(self, route: str, tag: str, target: str) -> bool:
         lock = self._lock_key(route, tag, target)
@@ -447,6 +442,13 @@ class Cache:
         self._errors: dict[str, Any] = {}
         self._bytes = metrics.cache_bytes if metrics is not None else None
 
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` in a task of its own, kept referenced until it ends (`tasks`,
+        which `aclose` waits for)."""
+        task = asyncio.get_running_loop().create_task(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
     def count(self, route: str, result: str) -> None:
         if self._metrics is None:
             return
@@ -506,9 +508,7 @@ class Cache:
                 if then is not None:
                     then(stored)
 
-        task = asyncio.get_running_loop().create_task(write())
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        self.spawn(write())
 
     def _match(
         self, route: str | None, path: str | None, prefix: str | None
@@ -541,9 +541,7 @@ class Cache:
         async def run() -> None:
             await self._redis_purge(store, route, path, prefix)
 
-        task = asyncio.get_running_loop().create_task(run())
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        self.spawn(run())
         return 0
 
     async def apurge(
@@ -813,9 +811,7 @@ class RouteCache:
             except StoreUnavailable:
                 pass  # it expires with the deadline it was taken for
 
-        task = asyncio.get_running_loop().create_task(release())
-        self.cache.tasks.add(task)
-        task.add_done_callback(self.cache.tasks.discard)
+        self.cache.spawn(release())
 
     async def _directed(
         self,
@@ -998,9 +994,7 @@ class RouteCache:
                 tee.abandon()  # no-op once the body ended
                 await close()
 
-        task = asyncio.get_running_loop().create_task(run())
-        self.cache.tasks.add(task)
-        task.add_done_callback(self.cache.tasks.discard)
+        self.cache.spawn(run())
 
     async def _revalidate(
         self,
@@ -1122,9 +1116,7 @@ class RouteCache:
                 cache.refreshing.discard(entry.key)
 
         cache.refreshing.add(entry.key)
-        task = asyncio.get_running_loop().create_task(run())
-        cache.tasks.add(task)
-        task.add_done_callback(cache.tasks.discard)
+        cache.spawn(run())
 
     def _answer(self, entry: Entry, request: GatewayRequest, now: float) -> GatewayResponse:
         """A response made from `entry` (its own Date kept, `Age` added): a 304 when the

@@ -25,7 +25,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from gateway.edge.shared_redis import SharedRedis, StoreUnavailable
+from gateway.edge.shared_redis import RELEASE_OWNED, SharedRedis, StoreUnavailable
 from gateway.types import Headers
 
 __all__ = [
@@ -183,20 +183,12 @@ class MemoryStore:
         return f"MemoryStore(keys={len(self._slots)}, bytes={self.size})"
 
 
-# Replace the marker with the stored answer, or delete it, only while it is still the
-# caller's: ARGV[1] is "I" + owner, the marker's first 33 bytes.
+# Replace the marker with the stored answer only while it is still the caller's: ARGV[1]
+# is "I" + owner, the marker's first 33 bytes (`RELEASE_OWNED` deletes it the same way).
 _COMPLETE = """
 local v = redis.call('GET', KEYS[1])
 if v and string.sub(v, 1, string.len(ARGV[1])) == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-  return 1
-end
-return 0
-"""
-_RELEASE = """
-local v = redis.call('GET', KEYS[1])
-if v and string.sub(v, 1, string.len(ARGV[1])) == ARGV[1] then
-  redis.call('DEL', KEYS[1])
   return 1
 end
 return 0
@@ -223,7 +215,7 @@ class RedisStore:
         client = self._redis.client
         self._client = client
         self._complete = client.register_script(_COMPLETE)
-        self._release = client.register_script(_RELEASE)
+        self._release = client.register_script(RELEASE_OWNED)
 
     async def claim(self, key: str, fingerprint: str, lease: float) -> Claim:
         full = self.prefix + key

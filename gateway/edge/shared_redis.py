@@ -20,9 +20,26 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import NoReturn, TypeVar
 
-__all__ = ["REDIS_BACKOFF", "REDIS_MAX_CONNECTIONS", "SharedRedis", "StoreUnavailable"]
+__all__ = [
+    "REDIS_BACKOFF",
+    "REDIS_MAX_CONNECTIONS",
+    "RELEASE_OWNED",
+    "SharedRedis",
+    "StoreUnavailable",
+]
 
 REDIS_MAX_CONNECTIONS = 64  # per process; a request waits at most `timeout` for one
+# Delete KEYS[1] only while its value starts with ARGV[1], the caller's owner token:
+# the release of a claim taken with `SET NX PX`, which may have expired and been taken
+# by another gateway since (the cache's fetch locks, the Idempotency-Key markers).
+RELEASE_OWNED = """
+local v = redis.call('GET', KEYS[1])
+if v and string.sub(v, 1, string.len(ARGV[1])) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+"""
 REDIS_BACKOFF = 1.0  # after a failure, seconds during which Redis is not asked at all
 
 T = TypeVar("T")
