@@ -292,7 +292,7 @@ def build_idempotency(
         return previous.idempotency
     store: idem_store.IdempotencyStore
     if isinstance(block.store, str):
-        store = idem_store.MemoryStore()
+        store = idem_store.MemoryStore(max_size=block.max_size)
     else:
         spec = block.store
         # The settings' prefix defaults to the rate limiter's; unset, keys get their own.

@@ -591,11 +591,13 @@ class IdempotencySettings(Model):
     ttl: Duration = 24 * 3600.0  # seconds a stored answer is replayed; default 24h
     # larger answers are passed through and not stored; default 1MiB
     max_response_size: Size = 1 * MiB
+    # bytes the memory store holds, oldest answers dropped first; default 64MiB
+    max_size: Size = 64 * MiB
 
     @model_validator(mode="after")
     def _positive(self) -> IdempotencySettings:
-        if self.ttl <= 0 or self.max_response_size <= 0:
-            raise ValueError("ttl and max_response_size must be positive")
+        if self.ttl <= 0 or self.max_response_size <= 0 or self.max_size <= 0:
+            raise ValueError("ttl, max_response_size and max_size must be positive")
         return self
 
 

@@ -42,8 +42,11 @@ log = logging.getLogger("gateway.idempotency")
 
 REDIS_PREFIX = "gateway:idem:"  # the Redis store's key prefix unless one is configured
 LOG_EVERY = 10.0  # seconds between log lines while Redis stays unreachable
+EVICT_WARN_EVERY = 60.0  # seconds between warnings that the memory store is full
 _OWNER_LEN = 32  # hex digits of an owner token
 _FP_LEN = 64  # hex digits of a body fingerprint (SHA-256)
+DEFAULT_MAX_SIZE = 64 * 1024 * 1024  # bytes the memory store holds, unless configured
+ENTRY_COST = 400  # bytes an entry counts besides its key and answer (objects, dict slot)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,17 +110,25 @@ class _Slot:
     fingerprint: str
     owner: str | None  # set while in flight
     answer: StoredAnswer | None  # set once stored
+    cost: int  # bytes it counts against the memory store's max_size
 
 
 class MemoryStore:
-    """One process's keys. Entries expire lazily: a lookup drops an expired one, and
-    each claim drops expired entries from the oldest end (entries are kept in the order
-    they were last written, which with one ttl is nearly their expiry order)."""
+    """One process's keys, at most `max_size` bytes of them. Entries expire lazily: a
+    lookup drops an expired one, and each claim drops expired entries from the oldest
+    end (entries are kept in the order they were last written, which with one ttl is
+    nearly their expiry order). Over `max_size`, the oldest stored answers go before
+    their ttl (a key in flight is never dropped: that would let its retry through):
+    without that bound, a client sending a new key per request could take the memory
+    of the process. Each entry counts its body, its headers, its key and `ENTRY_COST`."""
 
-    def __init__(self, clock: Any = time.monotonic) -> None:
+    def __init__(self, clock: Any = time.monotonic, max_size: int = DEFAULT_MAX_SIZE) -> None:
         self._slots: OrderedDict[str, _Slot] = OrderedDict()
         self._clock = clock
-        self.size = 0  # bytes of stored bodies
+        self.max_size = max_size
+        self.size = 0  # bytes held, by the entries' `_cost`
+        self.evicted = 0  # stored answers dropped before their ttl to stay in max_size
+        self._warn_after = 0.0
 
     def __len__(self) -> int:
         return len(self._slots)
@@ -130,9 +141,34 @@ class MemoryStore:
         return slot
 
     def _drop(self, key: str) -> None:
-        slot = self._slots.pop(key)
-        if slot.answer is not None:
-            self.size -= len(slot.answer.body)
+        self.size -= self._slots.pop(key).cost
+
+    def _put(self, key: str, slot: _Slot) -> None:
+        self._slots[key] = slot
+        self.size += slot.cost
+        if self.size > self.max_size:
+            self._evict()
+
+    def _evict(self) -> None:
+        """Drop the oldest stored answers until the store is within `max_size`."""
+        victims = []
+        over = self.size - self.max_size
+        for key, slot in self._slots.items():
+            if over <= 0:
+                break
+            if slot.answer is not None:
+                victims.append(key)
+                over -= slot.cost
+        for key in victims:
+            self._drop(key)
+        self.evicted += len(victims)
+        now = time.monotonic()
+        if victims and now >= self._warn_after:
+            self._warn_after = now + EVICT_WARN_EVERY
+            log.warning(
+                "idempotency memory store full: oldest answers dropped before their ttl",
+                extra={"max_size": self.max_size, "evicted_total": self.evicted},
+            )
 
     def _sweep(self, now: float) -> None:
         for _ in range(8):  # a bounded amount of work per claim
@@ -149,7 +185,7 @@ class MemoryStore:
         slot = self._get(key, now)
         if slot is None:
             owner = new_owner()
-            self._slots[key] = _Slot(now + lease, fingerprint, owner, None)
+            self._put(key, _Slot(now + lease, fingerprint, owner, None, _cost(key, None)))
             return Claim("claimed", fingerprint, owner)
         if slot.answer is not None:
             return Claim("stored", slot.fingerprint, answer=slot.answer)
@@ -164,15 +200,15 @@ class MemoryStore:
     ) -> bool:
         if not self._owned(key, owner):
             return False
-        del self._slots[key]
-        self._slots[key] = _Slot(self._clock() + ttl, fingerprint, None, answer)
-        self.size += len(answer.body)
+        self._drop(key)
+        slot = _Slot(self._clock() + ttl, fingerprint, None, answer, _cost(key, answer))
+        self._put(key, slot)
         return True
 
     async def release(self, key: str, owner: str) -> bool:
         if not self._owned(key, owner):
             return False
-        del self._slots[key]
+        self._drop(key)
         return True
 
     async def aclose(self) -> None:
@@ -180,7 +216,15 @@ class MemoryStore:
         self.size = 0
 
     def __repr__(self) -> str:
-        return f"MemoryStore(keys={len(self._slots)}, bytes={self.size})"
+        return f"MemoryStore(keys={len(self._slots)}, bytes={self.size}/{self.max_size})"
+
+
+def _cost(key: str, answer: StoredAnswer | None) -> int:
+    """What an entry counts against `max_size`: roughly the memory it holds."""
+    cost = ENTRY_COST + len(key)
+    if answer is not None:
+        cost += len(answer.body) + sum(len(n) + len(v) for n, v in answer.headers)
+    return cost
 
 
 # Replace the marker with the stored answer only while it is still the caller's: ARGV[1]

@@ -20,6 +20,7 @@ from gateway.dataplane.state import Exchange
 from gateway.edge import EdgeContext
 from gateway.edge.apikey import ApiKeys, api_key
 from gateway.edge.idempotency import (
+    ENTRY_COST,
     IdempotencyStore,
     MemoryStore,
     RedisStore,
@@ -138,13 +139,39 @@ async def test_memory_leases_and_answers_expire() -> None:
     assert second.state == "claimed"
     assert not await store.complete("k", first.owner, FP_A, ANSWER, ttl=60)
     assert await store.complete("k", second.owner, FP_A, ANSWER, ttl=60)
-    assert store.size == len(ANSWER.body)
+    headers = sum(len(n) + len(v) for n, v in ANSWER.headers)
+    assert store.size == ENTRY_COST + len("k") + len(ANSWER.body) + headers
     clock.now += 59
     assert (await store.claim("k", FP_A, lease=5)).state == "stored"
     clock.now += 2
     await store.claim("other", FP_A, lease=5)  # sweeps the expired entry
-    assert len(store) == 1 and store.size == 0
+    assert len(store) == 1 and store.size == ENTRY_COST + len("other")  # a claim's marker
     assert "keys=1" in repr(store)
+
+
+async def test_memory_store_drops_the_oldest_answers_beyond_max_size(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Room for about three stored answers: a client sending a new key per request must
+    # not grow the process without bound. Keys still in flight are never dropped.
+    one = ENTRY_COST + 2 + len(ANSWER.body) + sum(len(n) + len(v) for n, v in ANSWER.headers)
+    store = MemoryStore(max_size=3 * one + 10)
+    pending = await store.claim("k0", FP_A, lease=60)  # in flight all along, the oldest
+    for i in range(1, 6):
+        claim = await store.claim(f"k{i}", FP_A, lease=60)
+        assert await store.complete(f"k{i}", claim.owner, FP_A, ANSWER, ttl=3600)
+        assert store.size <= store.max_size
+    assert store.evicted == 3
+    assert (await store.claim("k0", FP_A, lease=60)).state == "in_flight"
+    assert [(await store.claim(f"k{i}", FP_A, lease=60)).state for i in (4, 5)] == [
+        "stored",
+        "stored",
+    ]
+    # An evicted key is free again (its retry is forwarded, as after the ttl).
+    assert (await store.claim("k1", FP_A, lease=60)).state == "claimed"
+    assert await store.complete("k0", pending.owner, FP_A, ANSWER, ttl=3600)
+    assert store.size <= store.max_size
+    assert "oldest answers dropped" in caplog.text
 
 
 async def test_redis_keys_carry_the_prefix_and_the_ttl(redis_prefix: str) -> None:
