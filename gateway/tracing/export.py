@@ -51,6 +51,27 @@ _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _UNSET = Status(StatusCode.UNSET)
 
 
+class _HashedResource(Resource):
+    """A `Resource` that hashes once. OpenTelemetry's encoder groups every span of a
+    batch by its resource, and `Resource.__hash__` serialises the attributes to JSON
+    each time: about 8 µs a span, a tenth of what exporting one costs. The attributes
+    of this one never change."""
+
+    _hash: int
+
+    @classmethod
+    def of(cls, resource: Resource) -> _HashedResource:
+        fixed = cls(resource.attributes, resource.schema_url)
+        fixed._hash = Resource.__hash__(fixed)
+        return fixed
+
+    def __eq__(self, other: object) -> bool:
+        return Resource.__eq__(self, other)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+
 class Count(Protocol):
     """What counts dropped spans: a prometheus-client counter."""
 
@@ -110,8 +131,8 @@ class BatchExporter:
         self.exported = 0  # spans the collector accepted
         self.dropped = 0  # spans dropped: queue full, or their export failed
         # The SDK's resource (with OTEL_RESOURCE_ATTRIBUTES and the SDK's own fields).
-        self._resource = Resource.create(
-            {"service.name": rules.service_name, "service.version": __version__}
+        self._resource = _HashedResource.of(
+            Resource.create({"service.name": rules.service_name, "service.version": __version__})
         )
         self._scope = InstrumentationScope("gateway", __version__)
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 __all__ = [
     "B3",
     "FORMATS",
+    "ID_BLOB",
     "ID_CHUNK",
     "TRACEPARENT",
     "TRACESTATE",
@@ -67,16 +68,16 @@ _B3_SINGLE_SAMPLED = {b"1": True, b"d": True, b"0": False}
 # Ids need randomness (W3C Trace Context 6.2) and uniqueness, not one system call each:
 # they are drawn from the OS in batches, as hex, and handed out in slices.
 ID_CHUNK = 64  # hex digits a request's trace takes: trace id, SERVER span id, first try's
-_CHUNKS = 128  # chunks per draw: 4 KiB from the OS
+ID_BLOB = ID_CHUNK * 128  # hex digits per draw: 4 KiB from the OS, 128 requests' ids
 
 
-def draw_ids() -> list[str]:
-    """`ID_CHUNK`-digit chunks of random lowercase hex, none holding sixteen zeros in a
-    row: so no id sliced from them at a multiple of 16 digits is all zeros (invalid)."""
+def draw_ids() -> str:
+    """`ID_BLOB` digits of random lowercase hex holding no sixteen zeros in a row: so no
+    id sliced from it at a multiple of 16 digits is all zeros (invalid)."""
     while True:
-        text = os.urandom(ID_CHUNK * _CHUNKS // 2).hex()
+        text = os.urandom(ID_BLOB // 2).hex()
         if _ZERO_HALF not in text:  # else: one chance in about 2**51, draw again
-            return [text[i : i + ID_CHUNK] for i in range(0, len(text), ID_CHUNK)]
+            return text
 
 
 def _hex_id(value: bytes, size: int) -> bool:

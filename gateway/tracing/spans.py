@@ -15,7 +15,9 @@ exporter, `export.py`), which builds the SDK spans on its own thread.
 from __future__ import annotations
 
 import asyncio
+import math
 import random
+import sys
 import time
 from collections.abc import Awaitable
 from contextvars import ContextVar
@@ -27,6 +29,8 @@ from urllib.parse import urlsplit
 from gateway.errors import GatewayError
 from gateway.ops.logs import AccessLog, scrub
 from gateway.tracing.propagation import (
+    ID_BLOB,
+    ID_CHUNK,
     TRACE_HEADERS,
     TRACEPARENT,
     TRACESTATE,
@@ -42,6 +46,7 @@ __all__ = [
     "CLIENT",
     "CURRENT",
     "SERVER",
+    "ContinuedTrace",
     "RequestTrace",
     "SpanRecord",
     "SpanSink",
@@ -112,7 +117,18 @@ class Tracer:
     """The process's tracer: the rules, where finished spans go, and the sampling dice.
     `begin` starts one request's trace from its headers."""
 
-    __slots__ = ("_ids", "_plain", "_random", "_ratio", "b3", "rules", "sink", "tracecontext")
+    __slots__ = (
+        "_at",
+        "_blob",
+        "_countdown",
+        "_plain",
+        "_random",
+        "_ratio",
+        "b3",
+        "rules",
+        "sink",
+        "tracecontext",
+    )
 
     def __init__(
         self, rules: TracingRules, sink: SpanSink, rng: random.Random | None = None
@@ -124,9 +140,13 @@ class Tracer:
         self.tracecontext = "tracecontext" in rules.propagation  # tries get `traceparent`
         self.b3 = "b3" in rules.propagation  # tries get the X-B3-* headers
         self._plain = rules.propagation == ("tracecontext",)  # `traceparent` alone
-        # Random hex, `ID_CHUNK` digits per request, drawn from the OS on first use (in
-        # the serving process: a worker never shares its parent's).
-        self._ids: list[str] = []
+        # Random hex, `ID_CHUNK` digits per request from offset `_at`, drawn from the OS
+        # on first use (in the serving process: a worker never shares its parent's).
+        self._blob = ""
+        self._at = ID_BLOB
+        # Roots not sampled before the next one is: a geometric draw, the same odds as
+        # one draw per request, for a decrement per request.
+        self._countdown = self._gap()
 
     def begin(self, raw: Headers) -> tuple[RequestTrace, bool]:
         """A request's trace from its headers: the parent (the first listed format that
@@ -136,57 +156,91 @@ class Tracer:
         forwarded as it came.
 
         Most requests carry no trace header, and most of those are not sampled: that
-        path is written for the fewest instructions (one draw for three ids, the first
-        try's headers built here, once), as it is the whole cost of tracing for them."""
+        path is written for the fewest instructions (the ids sliced from one random
+        string, no call of `__init__`, the first try's `traceparent` built here, once),
+        as it is the whole cost of tracing for them."""
         for name, _ in raw:
             if name in TRACE_HEADERS:
                 return self._begin_from(raw), True
-        ids = self._ids
-        text = ids.pop() if ids else self._draw()
-        trace_id = text[:32]
-        sampled = self._random() < self._ratio
-        if self._plain:  # tracecontext alone and no tracestate: the usual case, inline
-            first: Headers = [
-                (TRACEPARENT, f"00-{trace_id}-{text[48:]}-{'01' if sampled else '00'}".encode())
-            ]
-            return RequestTrace(self, trace_id, text[32:48], None, sampled, text[48:], first), False
-        return RequestTrace(self, trace_id, text[32:48], None, sampled, text[48:]), False
+        at = self._at
+        if at == ID_BLOB:
+            self._blob = draw_ids()
+            at = 0
+        self._at = at + ID_CHUNK
+        blob = self._blob
+        trace = _new(RequestTrace)
+        trace.tracer = self
+        trace.trace_id = trace_id = blob[at : at + 32]
+        trace.span_id = blob[at + 32 : at + 48]
+        trace.first_id = first_id = blob[at + 48 : at + 64]
+        countdown = self._countdown
+        if countdown and self._plain:  # not sampled, `traceparent` alone: the usual case
+            self._countdown = countdown - 1
+            trace.sampled = False
+            trace.first = [(TRACEPARENT, f"00-{trace_id}-{first_id}-00".encode())]
+            return trace, False
+        if countdown:
+            self._countdown = countdown - 1
+            trace.sampled = False
+        else:
+            self._countdown = self._gap()
+            trace.sampled = True
+            trace.server = None
+            trace.start_ns = time.time_ns()
+        trace.first = trace.headers_for(first_id)
+        return trace, False
 
     def _begin_from(self, raw: Headers) -> RequestTrace:
         """`begin` for a request that sent some trace header."""
         extracted = extract(raw, self.rules.propagation)
         parent = extracted.parent
-        ids = self._ids
-        text = ids.pop() if ids else self._draw()
+        text = self._chunk()
         if parent is None or parent.trace_id is None:
             trace_id, parent_id = text[:32], None
         else:
             trace_id, parent_id = parent.trace_id, parent.span_id
         if parent is not None and parent.sampled is not None:
             sampled = parent.sampled
+        elif self._countdown:
+            self._countdown -= 1
+            sampled = False
         else:
-            sampled = self._random() < self._ratio
-        return RequestTrace(
+            self._countdown = self._gap()
+            sampled = True
+        return ContinuedTrace(
             self,
             trace_id,
             text[32:48],
             parent_id,
             sampled,
             text[48:],
-            None,
             extracted.tracestate,
             extracted.single,
         )
 
     def new_span_id(self) -> str:
         """A span id for a try after a request's first."""
-        ids = self._ids
-        return (ids.pop() if ids else self._draw())[:16]
+        return self._chunk()[:16]
 
-    def _draw(self) -> str:
-        """Refill the ids (after a draw from the OS) and take a chunk of them."""
-        self._ids = ids = draw_ids()
-        return ids.pop()
+    def _chunk(self) -> str:
+        """The next `ID_CHUNK` digits of random hex."""
+        at = self._at
+        if at == ID_BLOB:
+            self._blob = draw_ids()
+            at = 0
+        self._at = at + ID_CHUNK
+        return self._blob[at : at + ID_CHUNK]
+
+    def _gap(self) -> int:
+        """How many roots go unsampled before the next sampled one, drawn at random:
+        P(gap >= k) = (1 - sample_ratio) ** k, so each root is sampled with
+        `sample_ratio`'s odds, independently."""
+        ratio = self._ratio
+        if ratio >= 1.0:
+            return 0
+        if ratio <= 0.0:
+            return _NEVER
+        return int(math.log(1.0 - self._random()) / math.log1p(-ratio))
 
     def describe(self) -> dict[str, Any]:
         """What the status page shows: where spans go, how many, and how many were lost."""
@@ -203,53 +257,43 @@ class Tracer:
         return f"Tracer({self.rules.traces_url}, sample_ratio={self._ratio})"
 
 
+_new = object.__new__
+_NEVER = sys.maxsize  # the countdown of `sample_ratio: 0`: no root is ever sampled
+
+
 class RequestTrace:
-    """One request's trace: its trace id, its SERVER span's id, the caller's span (the
-    parent, if any), the sampling decision and the caller's `tracestate`. `first_id`
-    and `first` are the span id of the request's first try and the headers naming it,
-    drawn and built with the trace (a request has one try, most of the time); a try
-    after it gets a new id. `server` is what the data plane noted at the start for the
-    SERVER span's attributes and `start_ns` its start (sampled requests only)."""
+    """One request's trace: its trace id, its SERVER span's id, the sampling decision
+    and, when the caller sent a trace (`ContinuedTrace`), the caller's span (the
+    parent) and `tracestate`. `first_id` and `first` are the span id of the request's
+    first try and the headers naming it, drawn and built with the trace (a request has
+    one try, most of the time); a try after it gets a new id. `server` is what the data
+    plane noted at the start for the SERVER span's attributes and `start_ns` its start
+    (sampled requests only). `Tracer.begin` fills a root's slots without `__init__`."""
 
     __slots__ = (
-        "b3_single",
         "first",
         "first_id",
-        "parent_id",
         "sampled",
         "server",
         "span_id",
         "start_ns",
         "trace_id",
         "tracer",
-        "tracestate",
     )
 
-    def __init__(
-        self,
-        tracer: Tracer,
-        trace_id: str,
-        span_id: str,
-        parent_id: str | None,
-        sampled: bool,
-        first_id: str,
-        first: Headers | None = None,
-        tracestate: bytes | None = None,
-        b3_single: bool = False,
-    ) -> None:
-        self.tracer = tracer
-        self.trace_id = trace_id
-        self.span_id = span_id
-        self.parent_id = parent_id
-        self.sampled = sampled
-        self.first_id = first_id
-        self.tracestate = tracestate
-        self.b3_single = b3_single
-        # The first try's headers; None once it took them.
-        self.first: Headers | None = self.headers_for(first_id) if first is None else first
-        if sampled:
-            self.server: Any = None
-            self.start_ns = time.time_ns()
+    # A root has no parent; `ContinuedTrace` has slots for these.
+    parent_id: str | None = None
+    tracestate: bytes | None = None
+    b3_single: bool = False  # the caller sent the single `b3` header
+
+    tracer: Tracer
+    trace_id: str
+    span_id: str
+    first_id: str
+    sampled: bool
+    first: Headers | None  # the first try's headers; None once it took them
+    server: Any
+    start_ns: int
 
     def start_try(self) -> TrySpan:
         """A CLIENT span for one upstream try (or WebSocket handshake): a new span id
@@ -300,6 +344,37 @@ class RequestTrace:
     def __repr__(self) -> str:
         flags = "sampled" if self.sampled else "not sampled"
         return f"RequestTrace({self.trace_id}/{self.span_id}, parent={self.parent_id}, {flags})"
+
+
+class ContinuedTrace(RequestTrace):
+    """The trace of a request that sent trace headers: the caller's span is the parent
+    (when valid), its `tracestate` is passed on."""
+
+    __slots__ = ("b3_single", "parent_id", "tracestate")
+
+    def __init__(
+        self,
+        tracer: Tracer,
+        trace_id: str,
+        span_id: str,
+        parent_id: str | None,
+        sampled: bool,
+        first_id: str,
+        tracestate: bytes | None = None,
+        b3_single: bool = False,
+    ) -> None:
+        self.tracer = tracer
+        self.trace_id = trace_id
+        self.span_id = span_id
+        self.parent_id = parent_id
+        self.sampled = sampled
+        self.first_id = first_id
+        self.tracestate = tracestate
+        self.b3_single = b3_single
+        self.first = self.headers_for(first_id)
+        if sampled:
+            self.server = None
+            self.start_ns = time.time_ns()
 
 
 class TrySpan:

@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 
 import pytest
+from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import SpanKind, StatusCode
@@ -156,6 +157,10 @@ async def test_exported_spans_keep_the_ids_sent_upstream() -> None:
     assert server.context.trace_state.get("k") == "v"
     assert server.resource.attributes["service.name"] == "svc"
     assert dropped_total(metrics) == 0
+    # The resource hashes once (the encoder groups spans by it), as the SDK's would.
+    sdk = Resource(server.resource.attributes, server.resource.schema_url)
+    assert server.resource == sdk and hash(server.resource) == hash(sdk)
+    assert type(server.resource).__hash__ is not Resource.__hash__
 
 
 async def test_failed_export_drops_and_counts_its_spans() -> None:
