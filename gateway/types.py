@@ -111,6 +111,10 @@ class GatewayRequest:
     # The fallback upstream this request was sent to once its own could not answer
     # (routes with `fallback`; set by `policies/fallback.py`, logged by the data plane).
     fallback: str | None = None
+    # Hedges sent for this request, and whether one of them gave the answer (routes with
+    # `hedge`; set by `policies/hedge.py`, logged by the data plane).
+    hedges: int = 0
+    hedge_won: bool = False
 
     @property
     def replayable(self) -> bool:

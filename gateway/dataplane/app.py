@@ -288,9 +288,13 @@ class DataPlane:
                         raise reader.error from None
                     if request.fallback is not None:
                         exchange.upstream, exchange.fallback = request.fallback, True
+                    if request.hedges:
+                        exchange.hedges = request.hedges
                     raise
                 if request.fallback is not None:  # routes without one: this one check
                     exchange.upstream, exchange.fallback = request.fallback, True
+                if request.hedges:  # and this one
+                    exchange.hedges, exchange.hedge_won = request.hedges, request.hedge_won
                 exchange.target = response.target
                 exchange.status = response.status
                 exchange.response_started = True

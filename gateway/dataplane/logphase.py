@@ -128,6 +128,9 @@ class LoggingPhase:
                 record["idempotency"] = exchange.idempotency
             if exchange.fallback:  # sent to the route's fallback (`upstream` names it)
                 record["fallback"] = True
+            if exchange.hedges:  # hedges sent, and whether one of them answered
+                record["hedges"] = exchange.hedges
+                record["hedge_won"] = exchange.hedge_won
             access_log.write(record)
 
     def refusal(

@@ -66,3 +66,5 @@ class Exchange:
     caller: bytes | str | None = None  # who auth says is calling (API key hash, JWT sub)
     idempotency: str | None = None  # what Idempotency-Key handling did (`stored`, ...)
     fallback: bool = False  # sent to the route's fallback upstream (now `upstream`)
+    hedges: int = 0  # hedges sent (routes with `hedge`)
+    hedge_won: bool = False  # one of them gave the answer

@@ -195,6 +195,7 @@ class _Race:
             return
         self._hedges_left -= 1
         request = self._request
+        request.hedges += 1  # for the access log
         again = dataclasses.replace(
             request, headers=self._headers, attempt=request.attempt + len(self.starts)
         )
@@ -241,6 +242,7 @@ class _Race:
                 raise exc
             await _discard(others)
             self._stats.hedge_won.inc()
+            self._request.hedge_won = True
             return winner.result()
         if isinstance(exc, asyncio.CancelledError) or not self.hedges:
             await _discard(self.hedges)
@@ -253,6 +255,7 @@ class _Race:
                     if hedge.done() and not hedge.cancelled() and hedge.exception() is None:
                         self.winner = i
                         self._stats.hedge_won.inc()
+                        self._request.hedge_won = True
                         return hedge.result()
                 pending = {h for h in pending if not h.done()}
                 if not pending:

@@ -7,6 +7,7 @@ hedges are counted."""
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -95,7 +96,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     apps: dict[str, tuple[TargetApp, TargetApp]] = {}
     servers: list[UpstreamServer] = []
     config: dict[str, Any] = {
-        "server": {"access_log": False, "log_level": "warning"},
+        "server": {"access_log": True, "log_level": "warning"},
         "upstreams": {},
         "routes": [],
     }
@@ -144,6 +145,18 @@ def counted(gw: GatewayProcess, name: str, case: str, winner: str | None = None)
     return 0.0
 
 
+def access_lines(gw: GatewayProcess, route: str, count: int) -> list[dict[str, Any]]:
+    """The access-log lines of `route`, once `count` of them are written (the log is
+    flushed every 50 ms)."""
+    deadline = time.monotonic() + 5.0
+    while True:
+        lines = [json.loads(line) for line in gw.stdout.splitlines() if line.startswith("{")]
+        mine = [line for line in lines if line.get("route") == route]
+        if len(mine) >= count or time.monotonic() > deadline:
+            return mine
+        time.sleep(0.05)
+
+
 def timed_get(client: httpx.Client, url: str) -> tuple[httpx.Response, float]:
     started = time.monotonic()
     response = client.get(url)
@@ -167,6 +180,10 @@ def test_a_slow_target_is_hedged_to_a_fast_one_and_sees_the_disconnect(rig: Rig)
     assert counted(gw, "gateway_hedges_total", "hedged") == hedged
     assert counted(gw, "gateway_hedge_wins_total", "hedged", "hedge") == hedged
     assert counted(gw, "gateway_hedge_wins_total", "hedged", "first") == 0
+    # The access log says which requests were hedged and that the hedge answered.
+    lines = access_lines(gw, "hedged", 4)
+    hedges = [(line.get("hedges", 0), line.get("hedge_won", False)) for line in lines]
+    assert sorted(hedges) == [(0, False), (0, False), (1, True), (1, True)]
 
 
 def test_posts_are_not_hedged(rig: Rig) -> None:
@@ -180,6 +197,7 @@ def test_posts_are_not_hedged(rig: Rig) -> None:
     assert elapsed >= SLOW_SHORT
     assert slow.methods == ["POST"] and fast.methods == ["POST"]  # one copy each
     assert counted(gw, "gateway_hedges_total", "posts") == 0
+    assert [line.get("hedges") for line in access_lines(gw, "posts", 2)] == [None, None]
 
 
 def test_a_zero_budget_sends_no_hedge(rig: Rig) -> None:

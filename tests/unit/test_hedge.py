@@ -142,9 +142,11 @@ def hedged(
 async def test_a_fast_first_try_is_not_hedged() -> None:
     tries = Tries([(0.0, 200)])
     hedge_stats, metrics = stats()
-    response = await hedged(tries, hedge_stats=hedge_stats)(make_request())
+    request = make_request()
+    response = await hedged(tries, hedge_stats=hedge_stats)(request)
     assert response.target == "t0"
     assert tries.attempts == [0]
+    assert (request.hedges, request.hedge_won) == (0, False)  # the access log says nothing
     assert counted(metrics, "gateway_hedges_total") == 0
 
 
@@ -152,9 +154,11 @@ async def test_a_slow_first_try_is_hedged_and_the_hedge_wins() -> None:
     tries = Tries([(5.0, 200), (0.0, 201)])
     hedge_stats, metrics = stats()
     started = time.monotonic()
-    response = await hedged(tries, after=0.05, hedge_stats=hedge_stats)(make_request())
+    request = make_request()
+    response = await hedged(tries, after=0.05, hedge_stats=hedge_stats)(request)
     assert time.monotonic() - started < 1.0
     assert (response.status, response.target) == (201, "t1")
+    assert (request.hedges, request.hedge_won) == (1, True)  # for the access log
     assert tries.attempts == [0, 1]  # the hedge is a resend: resend_count 1
     assert tries.cancelled == [0]  # the loser is cancelled, not left running
     assert counted(metrics, "gateway_hedges_total") == 1
@@ -165,8 +169,10 @@ async def test_a_slow_first_try_is_hedged_and_the_hedge_wins() -> None:
 async def test_the_first_try_wins_when_it_answers_before_the_hedge() -> None:
     tries = Tries([(0.1, 200), (5.0, 201)])
     hedge_stats, metrics = stats()
-    response = await hedged(tries, after=0.02, hedge_stats=hedge_stats)(make_request())
+    request = make_request()
+    response = await hedged(tries, after=0.02, hedge_stats=hedge_stats)(request)
     assert response.target == "t0"
+    assert (request.hedges, request.hedge_won) == (1, False)
     assert tries.cancelled == [1]
     assert counted(metrics, "gateway_hedge_wins_total", winner="first") == 1
 
@@ -197,8 +203,10 @@ async def test_the_hedge_carries_the_request_headers_not_the_first_tries_swap() 
 
 async def test_a_failed_try_waits_for_the_other() -> None:
     tries = Tries([(0.1, connect_error()), (0.2, 200)])
-    response = await hedged(tries, after=0.02)(make_request())
+    request = make_request()
+    response = await hedged(tries, after=0.02)(request)
     assert response.target == "t1"  # the hedge is a second chance, not a doubled failure
+    assert (request.hedges, request.hedge_won) == (1, True)
 
 
 async def test_every_try_failed_raises_the_first_tries_error() -> None:
