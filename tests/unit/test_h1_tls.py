@@ -4,6 +4,7 @@ aiohttp fallback), with the configured context and the name it verifies."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ssl
 
 import httpx
@@ -74,6 +75,28 @@ async def test_a_name_the_certificate_does_not_have_is_a_connect_error() -> None
     try:
         with pytest.raises(httpx.ConnectError, match="certificate verify failed"):
             await t.open("GET", f"https://127.0.0.1:{port}/x", [], None)
+    finally:
+        await t.aclose()
+        server.close()
+
+
+async def test_a_tls_handshake_that_never_ends_is_a_connect_timeout() -> None:
+    # The server accepts the TCP connection and never answers the ClientHello: the
+    # handshake is bounded by connect_timeout, and the pool is left empty.
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(100)
+        await asyncio.sleep(2)
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    t = H1Transport(
+        dataclasses.replace(settings(ssl.create_default_context()), connect_timeout=0.2)
+    )
+    try:
+        with pytest.raises(httpx.ConnectTimeout, match=f"127.0.0.1:{port} timed out"):
+            await t.open("GET", f"https://127.0.0.1:{port}/x", [], None)
+        assert t.connections() == 0
     finally:
         await t.aclose()
         server.close()

@@ -11,6 +11,7 @@ boundary, as httpx's `map_httpcore_exceptions` does for httpcore's.
 from __future__ import annotations
 
 import abc
+import asyncio
 import logging
 import ssl
 from collections.abc import AsyncIterator, Sequence
@@ -25,6 +26,8 @@ __all__ = [
     "RawAnswer",
     "RawTransport",
     "TransportSettings",
+    "connect",
+    "connect_failed",
     "default_tls_context",
     "host_port",
     "map_httpx_errors",
@@ -57,6 +60,43 @@ def default_tls_context(
     context = ssl.create_default_context(cafile=ca_file)
     context.set_alpn_protocols(list(alpn))
     return context
+
+
+async def connect(
+    loop: asyncio.AbstractEventLoop,
+    protocol: asyncio.BaseProtocol,
+    host: str,
+    port: int,
+    tls: ssl.SSLContext | None,
+    server_hostname: str | None,
+    handshake_timeout: float,
+) -> None:
+    """Open a connection to `host:port` for `protocol`, over TLS with `tls` (its
+    handshake within `handshake_timeout`), as every transport's pool does. The caller
+    bounds the whole opening (its own protocol's handshake included) with
+    `asyncio.timeout`; httpx's exceptions come from `connect_failed`."""
+    if tls is None:
+        await loop.create_connection(lambda: protocol, host, port)
+    else:
+        await loop.create_connection(
+            lambda: protocol,
+            host,
+            port,
+            ssl=tls,
+            server_hostname=server_hostname,
+            ssl_handshake_timeout=handshake_timeout,
+        )
+
+
+def connect_failed(exc: BaseException, host: str, port: int) -> httpx.TransportError | None:
+    """httpx's exception for a connection that could not be opened: `ConnectTimeout`
+    for the opening's deadline, `ConnectError` for the OS's refusal; None for any other
+    (it is raised as it is)."""
+    if isinstance(exc, TimeoutError):
+        return httpx.ConnectTimeout(f"connecting to {host}:{port} timed out")
+    if isinstance(exc, OSError):
+        return httpx.ConnectError(str(exc) or type(exc).__name__)
+    return None
 
 
 class RawAnswer(Protocol):

@@ -38,6 +38,8 @@ from gateway.upstream.transports.base import (
     RawAnswer,
     RawTransport,
     TransportSettings,
+    connect,
+    connect_failed,
     default_tls_context,
     host_port,
 )
@@ -453,23 +455,16 @@ class _Pool:
 
     async def _connect(self) -> _Conn:
         conn = _Conn(self)
+        timeout = self.connect_timeout
         try:
-            async with asyncio.timeout(self.connect_timeout):
-                if self.tls is None:
-                    await self.loop.create_connection(lambda: conn, self.host, self.port)
-                else:
-                    await self.loop.create_connection(
-                        lambda: conn,
-                        self.host,
-                        self.port,
-                        ssl=self.tls,
-                        server_hostname=self.server_hostname,
-                        ssl_handshake_timeout=self.connect_timeout,
-                    )
-        except TimeoutError:
-            raise httpx.ConnectTimeout(f"connecting to {self.host}:{self.port} timed out") from None
-        except OSError as exc:
-            raise httpx.ConnectError(str(exc) or type(exc).__name__) from exc
+            async with asyncio.timeout(timeout):
+                await connect(
+                    self.loop, conn, self.host, self.port, self.tls, self.server_hostname, timeout
+                )
+        except (TimeoutError, OSError) as exc:
+            failed = connect_failed(exc, self.host, self.port)
+            assert failed is not None
+            raise failed from (None if isinstance(exc, TimeoutError) else exc)
         return conn
 
     def release(self, conn: _Conn) -> None:

@@ -64,6 +64,8 @@ from hyperframe.frame import Frame, GoAwayFrame, RstStreamFrame
 from gateway.upstream.transports.base import (
     RawTransport,
     TransportSettings,
+    connect,
+    connect_failed,
     default_tls_context,
     host_port,
 )
@@ -1299,30 +1301,21 @@ class _Pool:
 
     async def _connect(self) -> _Conn:
         conn = _Conn(self)
+        timeout = self.connect_timeout
         try:
-            async with asyncio.timeout(self.connect_timeout):
-                if self.tls is None:
-                    await self.loop.create_connection(lambda: conn, self.host, self.port)
-                else:
-                    await self.loop.create_connection(
-                        lambda: conn,
-                        self.host,
-                        self.port,
-                        ssl=self.tls,
-                        server_hostname=self.server_hostname,
-                        ssl_handshake_timeout=self.connect_timeout,
-                    )
+            async with asyncio.timeout(timeout):
+                await connect(
+                    self.loop, conn, self.host, self.port, self.tls, self.server_hostname, timeout
+                )
+                if self.tls is not None:
                     _check_alpn(conn)
                 await asyncio.shield(conn.ready)
-        except TimeoutError:
+        except BaseException as exc:
             conn.abort()
-            raise httpx.ConnectTimeout(f"connecting to {self.host}:{self.port} timed out") from None
-        except OSError as exc:
-            conn.abort()
-            raise httpx.ConnectError(str(exc) or type(exc).__name__) from exc
-        except BaseException:
-            conn.abort()
-            raise
+            failed = connect_failed(exc, self.host, self.port)
+            if failed is None:
+                raise
+            raise failed from (None if isinstance(exc, TimeoutError) else exc)
         if conn.closed or conn.retired:
             conn.abort()
             raise httpx.ConnectError(
