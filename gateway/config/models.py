@@ -598,6 +598,8 @@ class IdempotencySettings(Model):
     def _positive(self) -> IdempotencySettings:
         if self.ttl <= 0 or self.max_response_size <= 0 or self.max_size <= 0:
             raise ValueError("ttl, max_response_size and max_size must be positive")
+        if self.max_size < self.max_response_size:
+            raise ValueError("max_size must be at least max_response_size")
         return self
 
 

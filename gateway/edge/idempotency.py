@@ -120,10 +120,13 @@ class MemoryStore:
     nearly their expiry order). Over `max_size`, the oldest stored answers go before
     their ttl (a key in flight is never dropped: that would let its retry through):
     without that bound, a client sending a new key per request could take the memory
-    of the process. Each entry counts its body, its headers, its key and `ENTRY_COST`."""
+    of the process. Each entry counts its body, its headers, its key and `ENTRY_COST`;
+    the answer just stored is never the one dropped, so the store holds at most
+    `max_size` and one answer."""
 
     def __init__(self, clock: Any = time.monotonic, max_size: int = DEFAULT_MAX_SIZE) -> None:
         self._slots: OrderedDict[str, _Slot] = OrderedDict()
+        self._stored: OrderedDict[str, None] = OrderedDict()  # keys with answers, oldest first
         self._clock = clock
         self.max_size = max_size
         self.size = 0  # bytes held, by the entries' `_cost`
@@ -142,26 +145,28 @@ class MemoryStore:
 
     def _drop(self, key: str) -> None:
         self.size -= self._slots.pop(key).cost
+        self._stored.pop(key, None)
 
     def _put(self, key: str, slot: _Slot) -> None:
         self._slots[key] = slot
         self.size += slot.cost
+        if slot.answer is not None:
+            self._stored[key] = None
         if self.size > self.max_size:
-            self._evict()
+            self._evict(key)
 
-    def _evict(self) -> None:
-        """Drop the oldest stored answers until the store is within `max_size`."""
-        victims = []
-        over = self.size - self.max_size
-        for key, slot in self._slots.items():
-            if over <= 0:
+    def _evict(self, keep: str) -> None:
+        """Drop the oldest stored answers, never `keep`, until within `max_size`: one
+        step per answer dropped (in-flight keys are not in `_stored`)."""
+        stored = self._stored
+        victims = 0
+        while self.size > self.max_size and stored:
+            oldest = next(iter(stored))
+            if oldest == keep:
                 break
-            if slot.answer is not None:
-                victims.append(key)
-                over -= slot.cost
-        for key in victims:
-            self._drop(key)
-        self.evicted += len(victims)
+            self._drop(oldest)
+            victims += 1
+        self.evicted += victims
         now = time.monotonic()
         if victims and now >= self._warn_after:
             self._warn_after = now + EVICT_WARN_EVERY
@@ -213,6 +218,7 @@ class MemoryStore:
 
     async def aclose(self) -> None:
         self._slots.clear()
+        self._stored.clear()
         self.size = 0
 
     def __repr__(self) -> str:

@@ -115,6 +115,7 @@ def fallback(
                 extra={"request_id": request.request_id, "route": request.route},
             )
             request.fallback = upstream
+            request.hedge_won = False  # the answer is the fallback's, never a hedge's
             request.attempt += 1  # a resend, for the try's span
             request.exclude_targets = set()  # another upstream: none of its targets tried
             try:

@@ -91,6 +91,7 @@ def hedge(
 
     def wrap(inner: Handler) -> Handler:
         async def handle(request: GatewayRequest) -> GatewayResponse:
+            request.hedge_won = False  # a retry's own race decides it again
             if count_requests:
                 budget.record_request()
             if not request.replayable or not (

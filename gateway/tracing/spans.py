@@ -240,7 +240,8 @@ class Tracer:
             return 0
         if ratio <= 0.0:
             return _NEVER
-        return int(math.log(1.0 - self._random()) / math.log1p(-ratio))
+        gap = math.log(1.0 - self._random()) / math.log1p(-ratio)
+        return _NEVER if gap >= _NEVER else int(gap)  # a ratio near 0 can make it inf
 
     def describe(self) -> dict[str, Any]:
         """What the status page shows: where spans go, how many, and how many were lost."""

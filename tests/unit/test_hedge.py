@@ -15,6 +15,7 @@ from gateway.policies.budget import RetryBudget
 from gateway.policies.deadline import deadline
 from gateway.policies.hedge import HedgeRules, hedge
 from gateway.policies.latency import LatencyRecord
+from gateway.policies.retry import RetryRules, retry
 from gateway.tracing.spans import CURRENT, Tracer, TracingRules, client_spans
 from gateway.types import GatewayRequest, GatewayResponse, Handler
 from tests.unit.fakes import connect_error, make_request, make_response
@@ -164,6 +165,18 @@ async def test_a_slow_first_try_is_hedged_and_the_hedge_wins() -> None:
     assert counted(metrics, "gateway_hedges_total") == 1
     assert counted(metrics, "gateway_hedge_wins_total", winner="hedge") == 1
     assert counted(metrics, "gateway_hedge_wins_total", winner="first") == 0
+
+
+async def test_a_retry_after_a_winning_hedge_logs_its_own_outcome() -> None:
+    # Attempt 0: the hedge answers 503 first and wins; the retry policy tries again and
+    # attempt 1's first try answers 200 before any hedge: that answer is not a hedge's.
+    tries = Tries([(5.0, 200), (0.0, 503), (0.0, 200)])
+    rules = RetryRules(attempts=1, backoff=0.001, on=(503,))
+    chain = retry(rules, RetryBudget(1.0), upstream="u")(hedged(tries, after=0.02))
+    request = make_request()
+    response = await chain(request)
+    assert (response.status, response.target) == (200, "t2")
+    assert (request.hedges, request.hedge_won) == (1, False)
 
 
 async def test_the_first_try_wins_when_it_answers_before_the_hedge() -> None:

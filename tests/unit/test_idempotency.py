@@ -14,7 +14,7 @@ import redis
 
 from gateway.build.factory import build_runtime, unsupported
 from gateway.build.values import plain
-from gateway.config.loader import load_config_text
+from gateway.config.loader import ConfigError, load_config_text
 from gateway.dataplane.idempotency import Idempotency, RouteIdempotency, parse_key
 from gateway.dataplane.state import Exchange
 from gateway.edge import EdgeContext
@@ -172,6 +172,37 @@ async def test_memory_store_drops_the_oldest_answers_beyond_max_size(
     assert await store.complete("k0", pending.owner, FP_A, ANSWER, ttl=3600)
     assert store.size <= store.max_size
     assert "oldest answers dropped" in caplog.text
+
+
+async def test_memory_store_keeps_the_answer_it_just_stored() -> None:
+    # Twenty keys in flight and one answer bigger than the room left: the older answer
+    # goes, the new one stays (complete says stored, and a repeat is replayed).
+    store = MemoryStore(max_size=10_000)
+    for i in range(20):
+        await store.claim(f"busy{i}", FP_A, lease=60)
+    old = await store.claim("old", FP_A, lease=60)
+    assert await store.complete("old", old.owner, FP_A, ANSWER, ttl=3600)
+    big = StoredAnswer(200, (), b"x" * 3_000)
+    new = await store.claim("new", FP_A, lease=60)
+    assert await store.complete("new", new.owner, FP_A, big, ttl=3600)
+    assert (await store.claim("new", FP_A, lease=60)).state == "stored"
+    assert store.evicted == 1 and store.size > store.max_size  # by one answer at most
+    assert (await store.claim("old", FP_A, lease=60)).state == "claimed"  # dropped
+    assert store.evicted == 2 and store.size <= store.max_size  # the next write: back in
+    assert [(await store.claim(f"busy{i}", FP_A, lease=60)).state for i in (0, 19)] == [
+        "in_flight",
+        "in_flight",
+    ]
+
+
+def test_memory_store_max_size_holds_at_least_one_answer() -> None:
+    with pytest.raises(ConfigError, match="max_size must be at least max_response_size"):
+        load_config_text(
+            "upstreams: {u: {targets: ['http://127.0.0.1:1']}}\n"
+            "routes: [{name: r, path: /r, upstream: u, idempotency: optional}]\n"
+            "idempotency: {max_size: 512KiB, max_response_size: 1MiB}\n",
+            "gateway.yaml",
+        )
 
 
 async def test_redis_keys_carry_the_prefix_and_the_ttl(redis_prefix: str) -> None:

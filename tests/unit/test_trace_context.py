@@ -277,6 +277,12 @@ def test_roots_follow_sample_ratio() -> None:
     assert 150 < sum(t.begin([])[0].sampled for _ in range(1000)) < 350
 
 
+def test_a_tiny_sample_ratio_never_overflows_the_countdown() -> None:
+    for ratio in (1e-308, 5e-324, 1e-9):
+        t, _ = tracer(ratio=ratio)
+        assert not any(t.begin([])[0].sampled for _ in range(1000))
+
+
 def test_deferred_b3_decision_follows_sample_ratio() -> None:
     headers = [(b"x-b3-traceid", TRACE.encode()), (b"x-b3-spanid", SPAN.encode())]
     for ratio in (0.0, 1.0):
