@@ -83,10 +83,16 @@ async def test_a_name_the_certificate_does_not_have_is_a_connect_error() -> None
 async def test_a_tls_handshake_that_never_ends_is_a_connect_timeout() -> None:
     # The server accepts the TCP connection and never answers the ClientHello: the
     # handshake is bounded by connect_timeout, and the pool is left empty.
+    release = asyncio.Event()
+    ended = asyncio.Event()
+
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read(100)
-        await asyncio.sleep(2)
-        writer.close()
+        try:
+            await reader.read(100)
+            await release.wait()
+        finally:
+            writer.close()
+            ended.set()
 
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
@@ -99,4 +105,8 @@ async def test_a_tls_handshake_that_never_ends_is_a_connect_timeout() -> None:
         assert t.connections() == 0
     finally:
         await t.aclose()
+        release.set()  # nothing of the server outlives the test (its loop closes next)
+        async with asyncio.timeout(2):
+            await ended.wait()
         server.close()
+        await server.wait_closed()
