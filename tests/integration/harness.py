@@ -26,7 +26,7 @@ import httpx
 import uvicorn
 import yaml
 
-__all__ = ["GatewayProcess", "UpstreamServer", "free_port"]
+__all__ = ["GatewayProcess", "UpstreamServer", "free_port", "read_body"]
 
 
 # Ports for test servers come from below the kernel's ephemeral range (32768-60999 by
@@ -78,6 +78,17 @@ class _QuietServer(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+
+async def read_body(receive: Any) -> bytes:
+    """The whole body of an ASGI request, as the test upstreams read it."""
+    body = b""
+    while True:
+        message = await receive()
+        chunk: bytes = message.get("body", b"")
+        body += chunk
+        if not message.get("more_body"):
+            return body
 
 
 class UpstreamServer:

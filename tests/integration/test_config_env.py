@@ -12,18 +12,13 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.integration.harness import GatewayProcess, UpstreamServer, free_port
+from tests.integration.harness import GatewayProcess, UpstreamServer, free_port, read_body
 
 UNSET = "GW_TEST_SURELY_UNSET_VARIABLE_7F3A"
 
 
 async def hello(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    body = b""
-    while True:
-        message = await receive()
-        body += message.get("body", b"")
-        if not message.get("more_body"):
-            break
+    await read_body(receive)  # drained, not used
     await send({"type": "http.response.start", "status": 200, "headers": []})
     await send({"type": "http.response.body", "body": b"hello from " + scope["path"].encode()})
 

@@ -21,7 +21,7 @@ import pytest
 import redis
 
 from tests.integration.edge_support import metric
-from tests.integration.harness import GatewayProcess, UpstreamServer
+from tests.integration.harness import GatewayProcess, UpstreamServer, read_body
 from tests.integration.redis_keys import SHARED_REDIS, scratch_prefix
 
 Scope = dict[str, Any]
@@ -38,12 +38,7 @@ class Orders:
         self._lock = threading.Lock()
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         headers = dict(scope["headers"])
         path = scope["path"]
         with self._lock:

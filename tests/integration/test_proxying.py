@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.integration.harness import GatewayProcess, UpstreamServer
+from tests.integration.harness import GatewayProcess, UpstreamServer, read_body
 
 
 class Recorder:
@@ -39,12 +39,7 @@ class Recorder:
 def make_echo(recorder: Recorder) -> Any:
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         assert scope["type"] == "http"
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         path = scope["raw_path"].decode("latin-1")
         header_list = [[k.decode("latin-1"), v.decode("latin-1")] for k, v in scope["headers"]]
         record = {

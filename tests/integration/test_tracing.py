@@ -24,7 +24,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from websockets.asyncio.client import connect
 
-from tests.integration.harness import GatewayProcess, UpstreamServer, free_port
+from tests.integration.harness import GatewayProcess, UpstreamServer, free_port, read_body
 
 # harness.py opens the gateway's stdout/stderr files for Popen and never closes them
 # (as tests/integration/test_aggregation.py notes); ignore exactly that warning.
@@ -59,12 +59,7 @@ class Collector:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         assert scope["type"] == "http"
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         with self._lock:
             self.received += 1
         if self.delay:

@@ -25,7 +25,7 @@ import trustme
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
 
-from tests.integration.harness import GatewayProcess, free_port
+from tests.integration.harness import GatewayProcess, free_port, read_body
 
 Scope = dict[str, Any]
 
@@ -92,12 +92,7 @@ def make_app(seen: Seen) -> Any:
             finally:
                 watcher.cancel()
             return
-        body = bytearray()
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         if path.startswith("/big/"):
             size = int(path.rsplit("/", 1)[1])
             await send(start)

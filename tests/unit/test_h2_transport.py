@@ -35,7 +35,7 @@ from gateway.errors import UpstreamUnavailable
 from gateway.upstream.transports import make_transport
 from gateway.upstream.transports.base import TransportSettings, map_httpx_errors
 from gateway.upstream.transports.h2 import H2Transport, RequestTrailers
-from tests.integration.harness import free_port
+from tests.integration.harness import free_port, read_body
 
 # --- a hand-written h2 server ---------------------------------------------------------
 
@@ -285,12 +285,7 @@ async def app(scope: Scope, receive: Any, send: Any) -> None:
                 break
         await send({"type": "http.response.body", "body": b""})
         return
-    body = bytearray()
-    while True:
-        message = await receive()
-        body += message.get("body", b"")
-        if not message.get("more_body"):
-            break
+    body = await read_body(receive)
     path, query = scope["path"], scope["query_string"].decode()
     payload = b""
     if path == "/sleep":

@@ -16,7 +16,7 @@ from gateway.build.upstreams import Upstream
 from gateway.config.models import UpstreamSettings
 from gateway.errors import UpstreamTimeout, UpstreamUnavailable, UpstreamUnhealthy
 from gateway.types import Deadline, GatewayRequest, GatewayResponse
-from tests.integration.harness import UpstreamServer, free_port
+from tests.integration.harness import UpstreamServer, free_port, read_body
 
 TARGET = "http://127.0.0.1:9001"
 
@@ -349,12 +349,7 @@ def test_repr_shows_targets_and_state() -> None:
 
 
 async def _loopback_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    body = b""
-    while True:
-        message = await receive()
-        body += message.get("body", b"")
-        if not message.get("more_body"):
-            break
+    body = await read_body(receive)
     path = scope["path"]
     if path == "/slow":
         await asyncio.sleep(1.0)
