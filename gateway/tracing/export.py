@@ -65,9 +65,6 @@ class _HashedResource(Resource):
         fixed._hash = Resource.__hash__(fixed)
         return fixed
 
-    def __eq__(self, other: object) -> bool:
-        return Resource.__eq__(self, other)
-
     def __hash__(self) -> int:
         return self._hash
 

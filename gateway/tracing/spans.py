@@ -179,12 +179,8 @@ class Tracer:
             trace.sampled = False
             trace.first = [(TRACEPARENT, f"00-{trace_id}-{first_id}-00".encode())]
             return trace, False
-        if countdown:
-            self._countdown = countdown - 1
-            trace.sampled = False
-        else:
-            self._countdown = self._gap()
-            trace.sampled = True
+        trace.sampled = sampled = self._sample_root()
+        if sampled:
             trace.server = None
             trace.start_ns = time.time_ns()
         trace.first = trace.headers_for(first_id)
@@ -201,12 +197,8 @@ class Tracer:
             trace_id, parent_id = parent.trace_id, parent.span_id
         if parent is not None and parent.sampled is not None:
             sampled = parent.sampled
-        elif self._countdown:
-            self._countdown -= 1
-            sampled = False
         else:
-            self._countdown = self._gap()
-            sampled = True
+            sampled = self._sample_root()
         return ContinuedTrace(
             self,
             trace_id,
@@ -230,6 +222,16 @@ class Tracer:
             at = 0
         self._at = at + ID_CHUNK
         return self._blob[at : at + ID_CHUNK]
+
+    def _sample_root(self) -> bool:
+        """The decision for a request the caller left it to: a step of the countdown
+        (`begin` inlines it for the usual, unsampled case)."""
+        countdown = self._countdown
+        if countdown:
+            self._countdown = countdown - 1
+            return False
+        self._countdown = self._gap()
+        return True
 
     def _gap(self) -> int:
         """How many roots go unsampled before the next sampled one, drawn at random:
