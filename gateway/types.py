@@ -95,6 +95,9 @@ class GatewayRequest:
     deadline: Deadline
     request_id: str
     route: str
+    # The request's trace (`gateway/tracing/spans.py`'s `RequestTrace`) with tracing on:
+    # each try's CLIENT span and trace headers come from it (`client_spans`).
+    trace: Any = None
     # The body: `body` is the full bytes when it was small enough to keep for replay,
     # otherwise `stream` yields it once (and a retry after it started is not safe).
     body: bytes | None = None

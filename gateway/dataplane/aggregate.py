@@ -175,7 +175,11 @@ class Aggregation:
 
     async def __call__(self, request: GatewayRequest) -> GatewayResponse:
         status, headers, body = await self.run(
-            request.params or {}, request.headers, request.deadline, request.request_id
+            request.params or {},
+            request.headers,
+            request.deadline,
+            request.request_id,
+            request.trace,
         )
         return GatewayResponse(
             status=status, headers=headers, body=WholeBody(body), close=closed, whole=body
@@ -187,13 +191,14 @@ class Aggregation:
         headers: Headers,
         deadline: Deadline,
         request_id: str,
+        trace: Any = None,
     ) -> tuple[int, Headers, bytes]:
         base = [(n, v) for n, v in headers if n in self.forwarded]
         base.append(_ACCEPT_JSON)
         # Filled before any backend starts: a path that cannot be built refuses the request.
         targets = [b.template.fill(params) for b in self.backends]
         tasks = [
-            asyncio.create_task(self._call(b, target, base, deadline, request_id))
+            asyncio.create_task(self._call(b, target, base, deadline, request_id, trace))
             for b, target in zip(self.backends, targets, strict=True)
         ]
         try:
@@ -261,6 +266,7 @@ class Aggregation:
         headers: Headers,
         deadline: Deadline,
         request_id: str,
+        trace: Any,
     ) -> _Outcome:
         path, query = target
         limit = deadline
@@ -282,6 +288,7 @@ class Aggregation:
             deadline=limit,
             request_id=request_id,
             route=self.name,
+            trace=trace,
         )
         try:
             try:

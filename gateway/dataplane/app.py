@@ -24,7 +24,7 @@ from gateway.dataplane.logphase import LoggingPhase
 from gateway.dataplane.phases import deadline_for, enrich, request_filter
 from gateway.dataplane.routes import Route
 from gateway.dataplane.routing import normalize_path
-from gateway.dataplane.state import Exchange, GatewayState
+from gateway.dataplane.state import Exchange, GatewayState, TraceIds
 from gateway.dataplane.view import RuntimeView
 from gateway.dataplane.websocket import proxy_websocket
 from gateway.errors import (
@@ -60,14 +60,16 @@ class DataPlane:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            await self._http(scope, receive, send)
+            await self._http(scope, receive, send, parse_incoming(scope["headers"]))
         elif scope["type"] == "lifespan":
             await _lifespan(receive, send)
         elif scope["type"] == "websocket":
             await self._websocket(scope, receive, send)
 
-    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
-        exchange = Exchange(time.monotonic(), "GET", scope["path"], "")
+    async def _websocket(
+        self, scope: Scope, receive: Receive, send: Send, trace: TraceIds | None = None
+    ) -> None:
+        exchange = Exchange(time.monotonic(), "GET", scope["path"], "", trace)
         extensions = scope.get("extensions")
         if extensions is not None and "tls" in extensions:
             exchange.tls = extensions["tls"].get("version")
@@ -77,12 +79,20 @@ class DataPlane:
         finally:
             self.phase.finish(exchange, scope.get("client"), runtime)
 
-    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _http(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        incoming: IncomingHeaders,
+        trace: TraceIds | None = None,
+    ) -> None:
+        """One HTTP request, its headers read (`incoming`); `trace`: its trace, with
+        tracing on (`traced.py`), for the logging phase."""
         runtime = self.state.runtime
-        incoming = parse_incoming(scope["headers"])
         raw_path = scope.get("raw_path")
         path = raw_path.decode("latin-1") if raw_path else scope["path"]
-        exchange = Exchange(time.monotonic(), scope["method"], path, incoming.request_id)
+        exchange = Exchange(time.monotonic(), scope["method"], path, incoming.request_id, trace)
         if incoming.grpc:
             exchange.grpc = True  # its errors, from here on, are gRPC answers
         if runtime is not None:
@@ -239,14 +249,15 @@ class DataPlane:
         if route.request_transform is not None:
             route.request_transform.apply_upstream(incoming, scope, route.trusted_proxies)
         reader = BodyReader(receive, route.max_body_size, self.body_timeout)
-        request = GatewayRequest(
-            method=scope["method"],
-            path=path,
-            query=scope.get("query_string", b""),
-            headers=incoming.upstream,
-            deadline=deadline,
-            request_id=incoming.request_id,
-            route=route.name,
+        request = GatewayRequest(  # by position: cheaper than by keyword, per request
+            scope["method"],
+            path,
+            scope.get("query_string", b""),
+            incoming.upstream,
+            deadline,
+            incoming.request_id,
+            route.name,
+            exchange.trace,
             host=incoming.host if route.preserve_host else None,
             params=params,
         )

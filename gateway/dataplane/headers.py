@@ -17,6 +17,7 @@ from gateway.edge.client_ip import client_is_trusted
 from gateway.types import Headers, IPNetwork, Scope
 
 __all__ = [
+    "DROP_UP",
     "IncomingHeaders",
     "add_forwarded",
     "http_date",
@@ -54,7 +55,8 @@ _REPLACED = frozenset(
         b"grpc-timeout",
     }
 )
-_DROP_UP = HOP_BY_HOP | _REPLACED
+# Never forwarded as they came: hop-by-hop, or replaced by the gateway.
+DROP_UP = HOP_BY_HOP | _REPLACED
 _FRAMING = frozenset({b"content-length"})
 _DROP_DOWN = HOP_BY_HOP | {b"x-request-id"}
 
@@ -114,13 +116,16 @@ class IncomingHeaders:
     grpc_timeout: bytes | None = None  # the client's grpc-timeout, as it came
 
 
-def parse_incoming(raw: list[tuple[bytes, bytes]]) -> IncomingHeaders:
+def parse_incoming(
+    raw: list[tuple[bytes, bytes]], drop: frozenset[bytes] = DROP_UP
+) -> IncomingHeaders:
     """Split the client's headers into what goes upstream and what the gateway needs.
 
     The upstream request is framed by the gateway: the client's Content-Length is
     replaced by the canonical form of the one value it gave, Transfer-Encoding is
-    dropped (the transport chunks a body of unknown length itself)."""
-    drop = _DROP_UP
+    dropped (the transport chunks a body of unknown length itself). `drop`: the names
+    never forwarded, `DROP_UP` and any the caller adds (the traced data plane adds the
+    trace headers)."""
     for name, value in raw:
         if name == b"connection":
             # Connection may not strip what frames the request: Content-Length stays

@@ -25,7 +25,7 @@ from typing import Any
 
 import httptools
 
-from gateway.dataplane.state import Exchange, GatewayState
+from gateway.dataplane.state import NO_TRACE, Exchange, GatewayState, TraceIds
 from gateway.dataplane.view import RuntimeView
 
 __all__ = ["MAX_PATH", "NO_ROUTE", "UNKNOWN_METHOD", "LoggingPhase", "target_path"]
@@ -103,6 +103,7 @@ class LoggingPhase:
             elif error in _SHED and exchange.upstream:
                 metrics.upstream_requests.labels(exchange.upstream, _SHED[error]).inc()
         state.status.record(exchange, route, status, elapsed)
+        trace = exchange.trace
         access_log = state.access_log
         if access_log is not None and (runtime is None or runtime.access_log):
             method = exchange.method
@@ -131,7 +132,22 @@ class LoggingPhase:
             if exchange.hedges:  # hedges sent, and whether one of them answered
                 record["hedges"] = exchange.hedges
                 record["hedge_won"] = exchange.hedge_won
+            if trace is not None:  # tracing on: the ids of the request's SERVER span
+                record["trace_id"] = trace.trace_id
+                record["span_id"] = trace.span_id
             access_log.write(record)
+        if trace is not None and trace.sampled:
+            self.end_span(exchange, client, runtime, trace)
+
+    def end_span(
+        self,
+        exchange: Exchange,
+        client: tuple[str, int] | None,
+        runtime: RuntimeView | None,
+        trace: TraceIds,
+    ) -> None:
+        """End a sampled request's SERVER span: the traced data plane's phase does
+        (`traced.py`); no request carries a trace to this one."""
 
     def refusal(
         self,
@@ -157,6 +173,9 @@ class LoggingPhase:
             error=code,
             detail=detail,
         )
+        access_log = self._state.access_log
+        if access_log is not None and access_log.traced:
+            exchange.trace = NO_TRACE  # tracing on: the line says it has no trace
         self.finish(exchange, client, self._state.runtime, elapsed)
 
     def __repr__(self) -> str:

@@ -9,14 +9,14 @@ holds is whatever the server built (`Runtime`, seen by the data plane as `view.R
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from gateway.ops.board import StatusBoard
 from gateway.ops.logs import AccessLog
 from gateway.ops.metrics import Metrics
 from gateway.types import Headers
 
-__all__ = ["Exchange", "GatewayState"]
+__all__ = ["NO_TRACE", "Exchange", "GatewayState", "TraceIds"]
 
 
 R = TypeVar("R", covariant=True)  # the runtime: `Runtime`, or a view of one
@@ -42,6 +42,32 @@ class GatewayState(Generic[R]):
         return f"GatewayState(runtime={self.runtime!r}, draining={self.draining})"
 
 
+class TraceIds(Protocol):
+    """What the logging phase reads of a request's trace (`tracing/spans.py`'s
+    `RequestTrace`): the ids of its SERVER span and whether it is sampled."""
+
+    @property
+    def trace_id(self) -> str | None: ...
+
+    @property
+    def span_id(self) -> str | None: ...
+
+    @property
+    def sampled(self) -> bool: ...
+
+
+class _NoTrace:
+    """The trace of an answer no trace was started for (one the HTTP protocol made
+    itself), with tracing on: its access-log line has null ids."""
+
+    __slots__ = ()
+    trace_id = span_id = None
+    sampled = False
+
+
+NO_TRACE = _NoTrace()
+
+
 @dataclass(slots=True)
 class Exchange:
     """What happened to one request; filled as it goes, read once in the logging phase."""
@@ -50,6 +76,9 @@ class Exchange:
     method: str
     path: str
     request_id: str
+    # The request's trace, with tracing on (its ids go in the access log, a sampled
+    # one's SERVER span ends in the logging phase); None with tracing off.
+    trace: TraceIds | None = None
     route: str | None = None
     upstream: str | None = None
     target: str | None = None

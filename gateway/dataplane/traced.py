@@ -3,30 +3,36 @@
 `TracedDataPlane` is a `DataPlane` that starts a trace for every request and WebSocket
 session before serving it the usual way: the parent is read from the headers, the trace
 headers the client sent are taken out of what goes upstream (each try sends its own,
-`gateway/tracing/spans.py`'s `client_spans`), and the request's `RequestTrace` is put
-in `CURRENT` for the task serving it. `TracedLoggingPhase` ends the SERVER span once the
-logging phase has recorded the request. The server makes these only when the `tracing`
-block is set: with tracing off the request path is the untraced one, unchanged.
+`gateway/tracing/spans.py`'s `client_spans`), and the request's `RequestTrace` goes on
+its `Exchange` (for the logging phase) and its `GatewayRequest` (for every try); a
+WebSocket session's is put in `CURRENT` for the task serving it.
+`TracedLoggingPhase` ends a sampled request's SERVER span once the logging phase has
+recorded the request. The server makes these only when the `tracing` block is set:
+with tracing off the request path is the untraced one.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from operator import itemgetter
 
 from gateway.dataplane.app import DataPlane
+from gateway.dataplane.headers import DROP_UP, parse_incoming
 from gateway.dataplane.logphase import LoggingPhase
 from gateway.dataplane.routes import Route
 from gateway.dataplane.routing import Router
-from gateway.dataplane.state import Exchange, GatewayState
+from gateway.dataplane.state import Exchange, GatewayState, TraceIds
 from gateway.dataplane.view import RuntimeView
 from gateway.edge.client_ip import real_client_ip
 from gateway.tracing.propagation import TRACE_HEADERS
-from gateway.tracing.spans import CURRENT, Tracer
+from gateway.tracing.spans import CURRENT, RequestTrace, Tracer
 from gateway.types import Receive, Scope, Send
 
 __all__ = ["ServerFacts", "TracedDataPlane", "TracedLoggingPhase"]
 
 _HTTP_SCHEME = {"ws": "http", "wss": "https"}  # a WebSocket's upgrade is an HTTP request
+_NO_TRACE_HEADER = TRACE_HEADERS.isdisjoint
+_NAME = itemgetter(0)
 
 
 class TracedDataPlane(DataPlane):
@@ -42,30 +48,42 @@ class TracedDataPlane(DataPlane):
         super().__init__(state, body_timeout=body_timeout)
         self.tracer = tracer
         self.phase = TracedLoggingPhase(state)
+        self._drop = DROP_UP | TRACE_HEADERS  # what `parse_incoming` never forwards
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # In place of `DataPlane.__call__` rather than around `_http`: one coroutine
-        # less per request.
+        # In place of `DataPlane.__call__`, not around it: no coroutine more per request.
         kind = scope["type"]
-        if kind != "http" and kind != "websocket":
-            await super().__call__(scope, receive, send)
-            return
-        raw = scope["headers"]
-        trace, found = self.tracer.begin(raw)
-        if found:
-            # The client's trace headers must never be forwarded as they came, or the
-            # upstream's spans would hang off the caller's instead of the gateway's.
-            scope = {**scope, "headers": [h for h in raw if h[0] not in TRACE_HEADERS]}
-        if trace.sampled:
-            trace.server = ServerFacts.of(scope)
-        # Never reset: each request (and WebSocket session) is served by a task of its
-        # own, in a context of its own (uvicorn's per request, the HTTP/2 protocol's per
-        # stream), so the value ends with the task; a reset would only cost.
-        CURRENT.set(trace)
         if kind == "http":
-            await self._http(scope, receive, send)
+            raw = scope["headers"]
+            # The client's trace headers are never forwarded as they came, or the
+            # upstream's spans would hang off the caller's instead of the gateway's: they
+            # are dropped with the hop-by-hop ones. Whether one came is one C-level pass
+            # over the names (most requests bring none).
+            incoming = parse_incoming(raw, self._drop)
+            tracer = self.tracer
+            if _NO_TRACE_HEADER(map(_NAME, raw)):
+                trace = tracer.root()
+            else:
+                trace = tracer.continued(raw)
+            if trace.sampled:
+                trace.server = ServerFacts.of(scope)
+            # The trace goes with the request's `Exchange` and `GatewayRequest`, which
+            # every try gets (`client_spans`): no context variable to set.
+            await self._http(scope, receive, send, incoming, trace)
+        elif kind == "websocket":
+            raw = scope["headers"]
+            trace, found = self.tracer.begin(raw)
+            if found:
+                scope = {**scope, "headers": [h for h in raw if h[0] not in TRACE_HEADERS]}
+            if trace.sampled:
+                trace.server = ServerFacts.of(scope)
+            # For the handshake's span (`handshake_span`). Never reset: each session is
+            # served by a task of its own, in a context of its own, so the value ends
+            # with the task; a reset would only cost.
+            CURRENT.set(trace)
+            await self._websocket(scope, receive, send, trace)
         else:
-            await self._websocket(scope, receive, send)
+            await super().__call__(scope, receive, send)
 
     def __repr__(self) -> str:
         return f"TracedDataPlane({self.tracer!r})"
@@ -107,16 +125,14 @@ class TracedLoggingPhase(LoggingPhase):
         self._router: Router[Route] | None = None
         self._routes: dict[str, Route] = {}
 
-    def finish(
+    def end_span(
         self,
         exchange: Exchange,
         client: tuple[str, int] | None,
         runtime: RuntimeView | None,
-        elapsed: float | None = None,
+        trace: TraceIds,
     ) -> None:
-        LoggingPhase.finish(self, exchange, client, runtime, elapsed)  # cheaper than super()
-        trace = CURRENT.get()
-        if trace is None or not trace.sampled:
+        if not isinstance(trace, RequestTrace):  # a refusal's NO_TRACE is never sampled
             return
         route = self._route(runtime, exchange.route)
         method = exchange.method

@@ -105,6 +105,8 @@ class AccessLog:
     loop makes one write per batch instead of one per request."""
 
     __slots__ = ("_buffer", "_flush_scheduled", "_second", "_second_text", "_stream")
+    # With tracing on (`TracedAccessLog`), every line carries `trace_id` and `span_id`.
+    traced = False
 
     def __init__(self, stream: TextIO | None = None) -> None:
         self._stream = stream or sys.stdout

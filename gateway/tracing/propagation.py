@@ -18,8 +18,9 @@ from dataclasses import dataclass
 __all__ = [
     "B3",
     "FORMATS",
-    "ID_BLOB",
-    "ID_CHUNK",
+    "ID_BATCH",
+    "ID_SLICES",
+    "ID_WIDTH",
     "TRACEPARENT",
     "TRACESTATE",
     "TRACE_HEADERS",
@@ -66,18 +67,44 @@ _B3_SAMPLED = {b"1": True, b"true": True, b"0": False, b"false": False}
 _B3_SINGLE_SAMPLED = {b"1": True, b"d": True, b"0": False}
 
 # Ids need randomness (W3C Trace Context 6.2) and uniqueness, not one system call each:
-# they are drawn from the OS in batches, as hex, and handed out in slices.
-ID_CHUNK = 64  # hex digits a request's trace takes: trace id, SERVER span id, first try's
-ID_BLOB = ID_CHUNK * 128  # hex digits per draw: 4 KiB from the OS, 128 requests' ids
+# they are drawn from the OS for `ID_BATCH` requests at once, each request's laid out as
+# `00-{trace id}-{first try's span id}-00{SERVER span id}`: the `traceparent` its first
+# try sends when not sampled, then its SERVER span's id. A request takes its ids by
+# index (`ID_SLICES`): slices of the text, the header a slice of its bytes, with no
+# arithmetic on offsets (every operation per request counts, `spans.Tracer.root`).
+ID_BATCH = 128  # requests' ids per draw (the index stays a small, preallocated int)
+ID_WIDTH = 71  # characters of one request's ids in that layout
+# A random byte's low four bits, as a hex digit: one uniform digit per byte.
+_NIBBLE = bytes(_HEX[b & 15] for b in range(256))
+# The fixed characters of the layout: the version, the separators, the flags.
+_FIXED = {0: b"0", 1: b"0", 2: b"-", 35: b"-", 52: b"-", 53: b"0", 54: b"0"}
 
 
-def draw_ids() -> str:
-    """`ID_BLOB` digits of random lowercase hex holding no sixteen zeros in a row: so no
-    id sliced from it at a multiple of 16 digits is all zeros (invalid)."""
+def _slices(k: int) -> tuple[slice, slice, slice, slice]:
+    at = k * ID_WIDTH
+    return (
+        slice(at + 3, at + 35),  # trace id
+        slice(at + 55, at + 71),  # SERVER span id
+        slice(at, at + 55),  # the first try's `traceparent`, not sampled
+        slice(at + 36, at + 52),  # the first try's span id
+    )
+
+
+ID_SLICES = tuple(_slices(k) for k in range(ID_BATCH))
+
+
+def draw_ids() -> tuple[str, bytes]:
+    """`ID_BATCH` requests' ids, as text and the same as bytes: random lowercase hex in
+    the layout above, no id all zeros (invalid). A handful of C calls for the batch."""
     while True:
-        text = os.urandom(ID_BLOB // 2).hex()
-        if _ZERO_HALF not in text:  # else: one chance in about 2**51, draw again
-            return text
+        out = bytearray(os.urandom(ID_BATCH * ID_WIDTH).translate(_NIBBLE))
+        for at, char in _FIXED.items():
+            out[at::ID_WIDTH] = char * ID_BATCH
+        text = out.decode("ascii")
+        # Sixteen zeros in a row hold every all-zero id (and, rarely, a valid one):
+        # one chance in about 2**50 per draw, drawn again.
+        if _ZERO_HALF not in text:
+            return text, bytes(out)
 
 
 def _hex_id(value: bytes, size: int) -> bool:

@@ -4,9 +4,10 @@ the context manager that give every upstream try and WebSocket handshake its spa
 
 Everything here is built only while the `tracing` block is set: the server makes the
 `Tracer`, the factory composes `client_spans` into each chain, and the traced data plane
-(`gateway/dataplane/traced.py`) starts a `RequestTrace` per request and keeps it in
-`CURRENT`, a context variable, for as long as the request's task serves it (the way
-OpenTelemetry itself carries the current span). A request that is not sampled only gets
+(`gateway/dataplane/traced.py`) starts a `RequestTrace` per request and hands it on
+with the request: on its `GatewayRequest` (`request.trace`) for every try, on its
+`Exchange` for the logging phase; a WebSocket session's is in `CURRENT`, a context
+variable, for the handshake. A request that is not sampled only gets
 ids: what its tries send upstream and what its access log line says. A sampled one also
 gets timestamps and attributes, handed as a plain `SpanRecord` to the sink (the
 exporter, `export.py`), which builds the SDK spans on its own thread.
@@ -29,8 +30,8 @@ from urllib.parse import urlsplit
 from gateway.errors import GatewayError
 from gateway.ops.logs import AccessLog, scrub
 from gateway.tracing.propagation import (
-    ID_BLOB,
-    ID_CHUNK,
+    ID_BATCH,
+    ID_SLICES,
     TRACE_HEADERS,
     TRACEPARENT,
     TRACESTATE,
@@ -118,12 +119,13 @@ class Tracer:
     `begin` starts one request's trace from its headers."""
 
     __slots__ = (
-        "_at",
-        "_blob",
         "_countdown",
+        "_data",
+        "_next",
         "_plain",
         "_random",
         "_ratio",
+        "_text",
         "b3",
         "rules",
         "sink",
@@ -140,88 +142,100 @@ class Tracer:
         self.tracecontext = "tracecontext" in rules.propagation  # tries get `traceparent`
         self.b3 = "b3" in rules.propagation  # tries get the X-B3-* headers
         self._plain = rules.propagation == ("tracecontext",)  # `traceparent` alone
-        # Random hex, `ID_CHUNK` digits per request from offset `_at`, drawn from the OS
-        # on first use (in the serving process: a worker never shares its parent's).
-        self._blob = ""
-        self._at = ID_BLOB
+        # `ID_BATCH` requests' ids (`propagation.draw_ids`), the next one's at index
+        # `_next`: drawn from the OS on first use (in the serving process: a worker never
+        # shares its parent's).
+        self._text = ""
+        self._data = b""
+        self._next = ID_BATCH
         # Roots not sampled before the next one is: a geometric draw, the same odds as
         # one draw per request, for a decrement per request.
         self._countdown = self._gap()
 
     def begin(self, raw: Headers) -> tuple[RequestTrace, bool]:
-        """A request's trace from its headers: the parent (the first listed format that
-        is present and valid), a new SERVER span id, the sampling decision (the parent's
-        when it made one, else `sample_ratio`), and the id and headers of its first try.
-        The flag says whether any trace header was present, which then must not be
-        forwarded as it came.
+        """A request's trace from its headers (`continued` when some trace header is
+        present, else `root`), and whether one was: the trace headers must then not
+        be forwarded as they came. The HTTP path reads its headers once, in
+        `parse_incoming`, and calls `root` or `continued` itself."""
+        for name, _ in raw:
+            if name in TRACE_HEADERS:
+                return self.continued(raw), True
+        return self.root(), False
+
+    def root(self) -> RequestTrace:
+        """The trace of a request that sent no trace header: new ids, the first try's
+        among them, the sampling decision by `sample_ratio`, and the first try's
+        headers.
 
         Most requests carry no trace header, and most of those are not sampled: that
         path is written for the fewest instructions (the ids sliced from one random
         string, no call of `__init__`, the first try's `traceparent` built here, once),
         as it is the whole cost of tracing for them."""
-        for name, _ in raw:
-            if name in TRACE_HEADERS:
-                return self._begin_from(raw), True
-        at = self._at
-        if at == ID_BLOB:
-            self._blob = draw_ids()
-            at = 0
-        self._at = at + ID_CHUNK
-        blob = self._blob
+        k = self._next
+        if k == ID_BATCH:
+            self._text, self._data = draw_ids()
+            k = 0
+        self._next = k + 1
+        text = self._text
+        trace_id, span_id, traceparent, first_id = ID_SLICES[k]
         trace = _new(RequestTrace)
         trace.tracer = self
-        trace.trace_id = trace_id = blob[at : at + 32]
-        trace.span_id = blob[at + 32 : at + 48]
-        trace.first_id = first_id = blob[at + 48 : at + 64]
+        trace.trace_id = text[trace_id]
+        trace.span_id = text[span_id]
         countdown = self._countdown
         if countdown and self._plain:  # not sampled, `traceparent` alone: the usual case
             self._countdown = countdown - 1
             trace.sampled = False
-            trace.first = [(TRACEPARENT, f"00-{trace_id}-{first_id}-00".encode())]
-            return trace, False
+            trace.first = [(TRACEPARENT, self._data[traceparent])]
+            return trace  # `first_id` unset: it is in the header (`start_try`)
+        trace.first_id = text[first_id]
         trace.sampled = sampled = self._sample_root()
         if sampled:
             trace.server = None
             trace.start_ns = time.time_ns()
-        trace.first = trace.headers_for(first_id)
-        return trace, False
+        trace.first = trace.headers_for(trace.first_id)
+        return trace
 
-    def _begin_from(self, raw: Headers) -> RequestTrace:
-        """`begin` for a request that sent some trace header."""
+    def continued(self, raw: Headers) -> RequestTrace:
+        """The trace of a request that sent some trace header: the parent is the first
+        listed format that is present and valid (none: a root, as `root` makes), the
+        sampling decision the parent's when it made one, else `sample_ratio`'s."""
         extracted = extract(raw, self.rules.propagation)
         parent = extracted.parent
-        text = self._chunk()
+        trace_id, span_id, _, first_id = ID_SLICES[self._take()]
+        text = self._text
         if parent is None or parent.trace_id is None:
-            trace_id, parent_id = text[:32], None
+            tid, parent_id = text[trace_id], None
         else:
-            trace_id, parent_id = parent.trace_id, parent.span_id
+            tid, parent_id = parent.trace_id, parent.span_id
         if parent is not None and parent.sampled is not None:
             sampled = parent.sampled
         else:
             sampled = self._sample_root()
         return ContinuedTrace(
             self,
-            trace_id,
-            text[32:48],
+            tid,
+            text[span_id],
             parent_id,
             sampled,
-            text[48:],
+            text[first_id],
             extracted.tracestate,
             extracted.single,
         )
 
     def new_span_id(self) -> str:
         """A span id for a try after a request's first."""
-        return self._chunk()[:16]
+        k = self._take()
+        return self._text[ID_SLICES[k][3]]
 
-    def _chunk(self) -> str:
-        """The next `ID_CHUNK` digits of random hex."""
-        at = self._at
-        if at == ID_BLOB:
-            self._blob = draw_ids()
-            at = 0
-        self._at = at + ID_CHUNK
-        return self._blob[at : at + ID_CHUNK]
+    def _take(self) -> int:
+        """The index of the next request's ids in `_text` (a new draw when used up)."""
+        k = self._next
+        if k == ID_BATCH:
+            self._text, self._data = draw_ids()
+            k = 0
+        self._next = k + 1
+        return k
 
     def _sample_root(self) -> bool:
         """The decision for a request the caller left it to: a step of the countdown
@@ -269,9 +283,11 @@ class RequestTrace:
     and, when the caller sent a trace (`ContinuedTrace`), the caller's span (the
     parent) and `tracestate`. `first_id` and `first` are the span id of the request's
     first try and the headers naming it, drawn and built with the trace (a request has
-    one try, most of the time); a try after it gets a new id. `server` is what the data
-    plane noted at the start for the SERVER span's attributes and `start_ns` its start
-    (sampled requests only). `Tracer.begin` fills a root's slots without `__init__`."""
+    one try, most of the time); a try after it gets a new id. An unsampled root leaves
+    `first_id` unset: it is in its `traceparent` (`first_span_id`). `server` is what the
+    data plane noted at the start for the SERVER span's attributes and `start_ns` its
+    start (sampled requests only). `Tracer.root` fills a root's slots without
+    `__init__`."""
 
     __slots__ = (
         "first",
@@ -305,9 +321,17 @@ class RequestTrace:
         first = self.first
         if first is not None:
             self.first = None
-            return TrySpan(self, self.first_id, first)
+            return TrySpan(self, self.first_span_id(first), first)
         span_id = self.tracer.new_span_id()
         return TrySpan(self, span_id, self.headers_for(span_id))
+
+    def first_span_id(self, first: Headers) -> str:
+        """The first try's span id: an unsampled root's is only in its `traceparent`
+        (`Tracer.root` takes no slice it may not need)."""
+        try:
+            return self.first_id
+        except AttributeError:
+            return first[0][1][36:52].decode("ascii")
 
     def headers_for(self, span_id: str) -> Headers:
         """The trace headers a try sends: every listed format, naming `span_id` as the
@@ -415,7 +439,7 @@ class TrySpan:
         return f"TrySpan({self.trace.trace_id}/{self.span_id})"
 
 
-# The request being served by the current task, while tracing is on.
+# The WebSocket session being served by the current task, while tracing is on.
 CURRENT: ContextVar[RequestTrace | None] = ContextVar("gateway_trace", default=None)
 
 
@@ -472,7 +496,7 @@ def client_spans(upstream: str, protocol: str = "1.1") -> Policy:
         def handle(request: GatewayRequest) -> Awaitable[GatewayResponse]:
             # A plain function, not a coroutine: an unsampled try (nearly all of them)
             # is handed to `inner` with its headers and no frame of ours around it.
-            trace = CURRENT.get()
+            trace: RequestTrace | None = request.trace
             if trace is None:  # a backend call outside a traced request (none today)
                 return inner(request)
             if trace.sampled:
@@ -581,16 +605,9 @@ class handshake_span:
 
 class TracedAccessLog(AccessLog):
     """The access log while tracing is on: every line carries `trace_id` and the SERVER
-    span's `span_id`, sampled or not; `null` for an answer the HTTP protocol made
-    before any request reached the data plane (no trace was started for it)."""
+    span's `span_id`, sampled or not (the logging phase writes them from the request's
+    trace); `null` for an answer the HTTP protocol made before any request reached the
+    data plane (no trace was started for it)."""
 
     __slots__ = ()
-
-    def write(self, record: dict[str, object]) -> None:
-        trace = CURRENT.get()
-        if trace is None:
-            record["trace_id"] = record["span_id"] = None
-        else:
-            record["trace_id"] = trace.trace_id
-            record["span_id"] = trace.span_id
-        AccessLog.write(self, record)  # cheaper than super()
+    traced = True

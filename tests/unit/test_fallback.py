@@ -24,7 +24,7 @@ from gateway.errors import (
 )
 from gateway.ops.metrics import Metrics
 from gateway.policies.fallback import fallback
-from gateway.tracing.spans import CLIENT, CURRENT, Tracer, TracingRules
+from gateway.tracing.spans import CLIENT, Tracer, TracingRules
 from gateway.types import GatewayRequest, GatewayResponse, Handler
 from tests.unit.fakes import Recorder, connect_error, make_request
 from tests.unit.test_trace_context import Sink
@@ -298,12 +298,12 @@ async def test_with_tracing_the_fallback_try_gets_its_client_span() -> None:
     backup = upstream("spare", spare, metrics)
     handler = build_route_handler(ROUTE, primary, fallback=backup, traced=True)
     trace, _ = Tracer(TracingRules("http://collector:4318", 1.0, ("tracecontext",)), sink).begin([])
-    token = CURRENT.set(trace)
+    req = make_request()
+    req.trace = trace
     try:
-        response = await handler(make_request())
+        response = await handler(req)
         await response.close()
     finally:
-        CURRENT.reset(token)
         await primary.aclose()
         await backup.aclose()
     spans = [s for s in sink.spans if s.kind == CLIENT]

@@ -16,7 +16,7 @@ from gateway.policies.deadline import deadline
 from gateway.policies.hedge import HedgeRules, hedge
 from gateway.policies.latency import LatencyRecord
 from gateway.policies.retry import RetryRules, retry
-from gateway.tracing.spans import CURRENT, Tracer, TracingRules, client_spans
+from gateway.tracing.spans import Tracer, TracingRules, client_spans
 from gateway.types import GatewayRequest, GatewayResponse, Handler
 from tests.unit.fakes import connect_error, make_request, make_response
 from tests.unit.test_trace_context import Sink
@@ -328,11 +328,9 @@ async def test_each_try_has_its_own_client_span_and_the_hedge_a_resend_count() -
     trace, _ = Tracer(rules, sink).begin([])
     tries = Tries([(5.0, 200), (0.0, 201)])
     handler = hedged(client_spans("u")(tries), after=0.02)
-    token = CURRENT.set(trace)
-    try:
-        await handler(make_request())
-    finally:
-        CURRENT.reset(token)
+    req = make_request()
+    req.trace = trace
+    await handler(req)
     first, second = sorted(
         sink.spans, key=lambda s: s.attributes.get("http.request.resend_count", 0)
     )

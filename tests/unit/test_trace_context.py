@@ -8,7 +8,9 @@ import random
 import pytest
 
 from gateway.tracing.propagation import (
-    ID_BLOB,
+    ID_BATCH,
+    ID_SLICES,
+    ID_WIDTH,
     Extracted,
     Parent,
     b3_headers,
@@ -68,20 +70,31 @@ def test_malformed_traceparent_is_refused(value: bytes) -> None:
 def test_traceparent_written_fixed_width() -> None:
     assert format_traceparent(TRACE, SPAN, True) == GOOD
     assert format_traceparent(TRACE, SPAN, False) == f"00-{TRACE}-{SPAN}-00".encode()
-    chunk = draw_ids()[:64]
-    assert len(format_traceparent(chunk[:32], chunk[32:48], True)) == 55
 
 
-def test_new_ids_are_lowercase_hex_of_their_width() -> None:
-    text = draw_ids()
-    assert len(text) == ID_BLOB == 128 * 64 and not text.strip("0123456789abcdef")
-    for chunk in (text[i : i + 64] for i in range(0, ID_BLOB, 64)):
-        assert parse_traceparent(format_traceparent(chunk[:32], chunk[48:], False)) is not None
-        assert all(chunk[i : i + 16] != "0" * 16 for i in range(0, 64, 16))
+def test_a_draw_holds_each_requests_ids_and_unsampled_traceparent() -> None:
+    text, data = draw_ids()
+    assert len(text) == ID_BATCH * ID_WIDTH and data == text.encode()
+    for trace_id, span_id, traceparent, first_id in ID_SLICES:
+        header = data[traceparent]
+        parent = parse_traceparent(header)
+        assert parent == Parent(text[trace_id], text[first_id], False)
+        assert header == format_traceparent(text[trace_id], text[first_id], False)
+        for value, width in ((text[trace_id], 32), (text[span_id], 16), (text[first_id], 16)):
+            assert len(value) == width and not value.strip("0123456789abcdef")
+            assert value != "0" * width
+    # No 64-bit half of an id is zero: a draw that would have one is drawn again.
+    halves = [text[s][i : i + 16] for ids in ID_SLICES for s in ids[:2] for i in (0, 16)]
+    assert "0" * 16 not in halves
+
+
+def test_new_ids_are_unique_across_draws() -> None:
     t, _ = tracer()
     traces = [t.begin([])[0] for _ in range(1000)]  # several draws from the OS
+    firsts = [x.first_span_id(x.first) for x in traces if x.first is not None]
     ids = [x.trace_id for x in traces] + [x.span_id for x in traces]
-    ids += [x.first_id for x in traces] + [t.new_span_id() for _ in range(300)]
+    ids += firsts + [t.new_span_id() for _ in range(300)]
+    assert len(firsts) == 1000
     assert len(set(ids)) == len(ids)
     assert {len(x.trace_id) for x in traces} == {32}
     assert {len(i) for i in ids[1000:]} == {16}

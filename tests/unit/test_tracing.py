@@ -24,7 +24,6 @@ from gateway.ops.metrics import Metrics
 from gateway.tracing.export import BatchExporter
 from gateway.tracing.spans import (
     CLIENT,
-    CURRENT,
     SERVER,
     SpanRecord,
     Tracer,
@@ -234,11 +233,8 @@ async def test_try_span_headers_are_sent_then_taken_back() -> None:
 
     handler = client_spans("u")(upstream)
     req = request()
-    token = CURRENT.set(trace)
-    try:
-        await handler(req)
-    finally:
-        CURRENT.reset(token)
+    req.trace = trace
+    await handler(req)
     assert req.headers == [(b"x-request-id", b"r")]  # the next try gets its own
     (span,) = sink.spans
     assert sent[0][-1] == (b"traceparent", f"00-{TRACE}-{span.span_id}-01".encode())
@@ -258,12 +254,9 @@ async def test_failed_try_span_names_its_target_and_error_code() -> None:
 
     req = request()
     req.attempt = 2
-    token = CURRENT.set(trace)
-    try:
-        with pytest.raises(UpstreamUnavailable):
-            await client_spans("u")(upstream)(req)
-    finally:
-        CURRENT.reset(token)
+    req.trace = trace
+    with pytest.raises(UpstreamUnavailable):
+        await client_spans("u")(upstream)(req)
     (span,) = sink.spans
     assert span.attributes["error.type"] == "upstream_unavailable"
     assert span.attributes["http.request.resend_count"] == 2
@@ -281,15 +274,12 @@ async def test_unsampled_tries_each_send_one_traceparent_of_their_own() -> None:
         return GatewayResponse(200, [], WholeBody(b""), closed)
 
     handler = client_spans("u")(upstream)
-    req = request()
-    token = CURRENT.set(trace)
-    try:
-        await handler(req)
-        req.attempt = 1  # a retry of the same request
-        await handler(req)
-        await handler(request())  # another backend of the same request
-    finally:
-        CURRENT.reset(token)
+    req, backend = request(), request()
+    req.trace = backend.trace = trace
+    await handler(req)
+    req.attempt = 1  # a retry of the same request
+    await handler(req)
+    await handler(backend)  # another backend of the same request
     ids = []
     for headers in sent:
         assert headers[0] == (b"x-request-id", b"r")
