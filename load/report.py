@@ -898,6 +898,13 @@ def tracing_section(data: dict[str, Any], table: Table) -> list[str]:
         "a shared machine.",
         "",
     ]
+    if data["meta"].get("tracing_restart"):
+        lines += [
+            "Each tracing gateway is a new process in every round (`BENCH_TRACING_RESTART`): "
+            "two processes of one gateway and config differ by a few percent for as long as "
+            "they live, so the medians are over processes, not one process's luck.",
+            "",
+        ]
     lines += _md_table(*tracing_rows(table))
     same = table.get("simple", "gateway")
     off = table.get("tracing", "gateway-trace-off")

@@ -89,7 +89,7 @@ class TracedDataPlane(DataPlane):
         return f"TracedDataPlane({self.tracer!r})"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs more
 class ServerFacts:
     """What a sampled request's SERVER span needs of its scope, noted at the start."""
 

@@ -458,9 +458,18 @@ def error_type(exc: BaseException, *, timed_out: bool = False) -> tuple[str, str
 
 
 def _server(url: str) -> tuple[str, int]:
-    """`server.address` and `server.port` of a target URL."""
-    parts = urlsplit(url)
-    return parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+    """`server.address` and `server.port` of a target URL (parsed once per target)."""
+    found = _SERVERS.get(url)
+    if found is None:
+        parts = urlsplit(url)
+        found = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+        if len(_SERVERS) < _MAX_SERVERS:
+            _SERVERS[url] = found
+    return found
+
+
+_SERVERS: dict[str, tuple[str, int]] = {}  # target URL: (server.address, server.port)
+_MAX_SERVERS = 4096  # targets come from config (and health changes): bounds a bug
 
 
 def _try_attributes(
@@ -504,7 +513,9 @@ def client_spans(upstream: str, protocol: str = "1.1") -> Policy:
             first = trace.first
             if first is not None:  # the first try: its headers were built with the trace
                 trace.first = None
-                request.headers = request.headers + first
+                # In place: the list is this request's own (`parse_incoming` built it),
+                # and a later try takes these out (below; a hedge's copy too).
+                request.headers.extend(first)
             else:  # a retry, a hedge, another backend: the last try's headers out
                 request.headers = [
                     h for h in request.headers if h[0] not in TRACE_HEADERS
