@@ -171,8 +171,10 @@ class _Race:
     ) -> None:
         self._inner = inner
         self._request = request
-        # Every try gets these headers: a traced try swaps the list on its request while
-        # it runs, and a hedge must not inherit the first try's span.
+        # Every try gets these headers. With tracing on, the first try's own trace
+        # headers may be added to this very list (an unsampled try's, in place); a
+        # hedge's try is not the first, so `client_spans` takes them out of its copy
+        # and writes the hedge's own span.
         self._headers = request.headers
         self._delay = delay
         self._budget = budget
