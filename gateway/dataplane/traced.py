@@ -14,7 +14,6 @@ with tracing off the request path is the untraced one.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from operator import itemgetter
 
 from gateway.dataplane.app import DataPlane
 from gateway.dataplane.headers import DROP_UP, parse_incoming
@@ -24,15 +23,13 @@ from gateway.dataplane.routing import Router
 from gateway.dataplane.state import Exchange, GatewayState, TraceIds
 from gateway.dataplane.view import RuntimeView
 from gateway.edge.client_ip import real_client_ip
-from gateway.tracing.propagation import TRACE_HEADERS
+from gateway.tracing.propagation import HEADER_NAME, NO_TRACE_HEADER_IN, TRACE_HEADERS
 from gateway.tracing.spans import CURRENT, RequestTrace, Tracer
 from gateway.types import Receive, Scope, Send
 
 __all__ = ["ServerFacts", "TracedDataPlane", "TracedLoggingPhase"]
 
 _HTTP_SCHEME = {"ws": "http", "wss": "https"}  # a WebSocket's upgrade is an HTTP request
-_NO_TRACE_HEADER = TRACE_HEADERS.isdisjoint
-_NAME = itemgetter(0)
 
 
 class TracedDataPlane(DataPlane):
@@ -57,11 +54,11 @@ class TracedDataPlane(DataPlane):
             raw = scope["headers"]
             # The client's trace headers are never forwarded as they came, or the
             # upstream's spans would hang off the caller's instead of the gateway's: they
-            # are dropped with the hop-by-hop ones. Whether one came is one C-level pass
-            # over the names (most requests bring none).
+            # are dropped with the hop-by-hop ones.
             incoming = parse_incoming(raw, self._drop)
             tracer = self.tracer
-            if _NO_TRACE_HEADER(map(_NAME, raw)):
+            # `Tracer.begin` less its tuple: this runs for every request.
+            if NO_TRACE_HEADER_IN(map(HEADER_NAME, raw)):
                 trace = tracer.root()
             else:
                 trace = tracer.continued(raw)

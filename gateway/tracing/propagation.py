@@ -14,13 +14,16 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
+from operator import itemgetter
 
 __all__ = [
     "B3",
     "FORMATS",
+    "HEADER_NAME",
     "ID_BATCH",
     "ID_SLICES",
     "ID_WIDTH",
+    "NO_TRACE_HEADER_IN",
     "TRACEPARENT",
     "TRACESTATE",
     "TRACE_HEADERS",
@@ -105,6 +108,12 @@ def draw_ids() -> tuple[str, bytes]:
         # one chance in about 2**50 per draw, drawn again.
         if _ZERO_HALF not in text:
             return text, bytes(out)
+
+
+# Whether an ASGI header list `raw` carries no trace header, in one pass in C and no
+# call of ours (it runs for every request): `NO_TRACE_HEADER_IN(map(HEADER_NAME, raw))`.
+NO_TRACE_HEADER_IN = TRACE_HEADERS.isdisjoint
+HEADER_NAME = itemgetter(0)
 
 
 def _hex_id(value: bytes, size: int) -> bool:
