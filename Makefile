@@ -42,11 +42,15 @@ unit: $(STAMP)
 bench: $(BENCH_STAMP)
 	QUICK="$(QUICK)" bash load/bench.sh
 
-.PHONY: profile load instructions
+.PHONY: profile load instructions corun
 
 ## instructions: CPU instructions per proxied request under callgrind (INSTR_ARGS="--path /profile/1")
 instructions: $(BENCH_STAMP)
 	bash load/instructions.sh $(INSTR_ARGS)
+
+## corun: CPU per request of gateways loaded at once on one CPU (CORUN_ARGS="off=off 1pct=0.01")
+corun: $(BENCH_STAMP)
+	bash load/corun.sh $(CORUN_ARGS)
 
 ## profile: py-spy flame graph (SVG + raw) of the gateway under the simple-GET wrk load, top frames
 profile: $(BENCH_STAMP)

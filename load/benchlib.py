@@ -72,6 +72,12 @@ LOAD_DIR = ROOT / "load"
 WRK_SCRIPT = LOAD_DIR / "wrk_stats.lua"
 HANDSHAKE_CLIENT = LOAD_DIR / "handshake.py"
 COLLECTOR = LOAD_DIR / "collector.py"
+# `python -c CHECKOUT_LAUNCH run -c FILE`: the gateway's CLI from the source tree named by
+# $GATEWAY_CHECKOUT (first on sys.path), whatever is installed in the virtualenv.
+CHECKOUT_LAUNCH = (
+    "import os, sys; sys.path.insert(0, os.environ['GATEWAY_CHECKOUT']); "
+    "from gateway.cli import main; sys.argv[0] = 'gateway'; sys.exit(main())"
+)
 GRPC_ECHO = LOAD_DIR / "refs" / "grpc_echo.py"
 
 # Payloads the upstream serves; the scenarios and the report share them.

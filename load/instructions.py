@@ -57,18 +57,12 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchlib
-from benchlib import ROOT, Procs
+from benchlib import CHECKOUT_LAUNCH, ROOT, Procs
 
 _LENGTH = re.compile(rb"content-length:\s*(\d+)")
 PREFIX = "/gateway"  # the collector counts this gateway's exports under it
 GRPC_PATH = "/test.Echo/Unary"
 GRPC_BYTES = 100  # the bench's grpc scenario: a 100-byte message each way
-# Runs the gateway's CLI from the given checkout (first on sys.path), whatever is
-# installed in the virtualenv.
-_LAUNCH = (
-    "import os, sys; sys.path.insert(0, os.environ['GATEWAY_CHECKOUT']); "
-    "from gateway.cli import main; sys.argv[0] = 'gateway'; sys.exit(main())"
-)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -236,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"--callgrind-out-file={work}/callgrind.out",
                     str(ROOT / ".venv" / "bin" / "python"),
                     "-c",
-                    _LAUNCH,
+                    CHECKOUT_LAUNCH,
                     "run",
                     "-c",
                     str(work / "gateway.yaml"),
