@@ -944,11 +944,7 @@ def restart_gateway(bench: Bench, system: System) -> None:
     tracing gateway is a new process, and the median over rounds is over processes,
     not over one process's luck. (`BENCH_TRACING_RESTART=0` keeps one per system.)"""
     if system.proc is not None:
-        old = system.proc
-        bench.procs.stop(old)
-        # Forgotten once stopped: `stop_all` must not signal a process group whose id
-        # the system may have handed to another process since.
-        bench.procs.started = [(n, p) for n, p in bench.procs.started if p is not old]
+        bench.procs.retire(system.proc)
         system.proc = None
     proxy_cpu = str(bench.args.proxy_cpu) if bench.pin else None
     start_gateway(bench, system, proxy_cpu if system.pinned else bench.all_cpus)

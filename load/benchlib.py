@@ -225,6 +225,12 @@ class Procs:
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=2)
 
+    def retire(self, proc: subprocess.Popen[bytes]) -> None:
+        """Stop `proc` and forget it: `stop_all` must not signal a process group whose
+        id the system may have handed to another process since."""
+        self.stop(proc)
+        self.started = [(n, p) for n, p in self.started if p is not proc]
+
     def stop_all(self) -> None:
         for _, proc in reversed(self.started):
             with contextlib.suppress(ProcessLookupError, PermissionError):

@@ -86,9 +86,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of process `pid`, every thread of it."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """utime + stime of `pid`'s process tree, every thread of it."""
+    return sum(benchlib.cpu_ticks(pid).values()) / benchlib.RssSampler.TICKS
 
 
 def load_all(urls: list[str], connections: int, seconds: int) -> list[benchlib.WrkResult]:
@@ -113,24 +112,33 @@ def load_all(urls: list[str], connections: int, seconds: int) -> list[benchlib.W
     return results
 
 
+def start_upstream(work: Path, procs: Procs) -> tuple[int, int]:
+    """nginx (the bench's upstream) and the OTLP collector on the client CPU, for every
+    round: (the upstream's port, the collector's)."""
+    up, sink, collector = benchlib.free_ports(3)
+    (work / "upstream.conf").write_text(benchlib.nginx_upstream_conf(work, up, sink))
+    procs.start("upstream", ["nginx", "-c", str(work / "upstream.conf")], cpus=CLIENT_CPU)
+    sink_proc = procs.start("collector", benchlib.collector_argv(collector), cpus=CLIENT_CPU)
+    problem = benchlib.wait_http(f"http://127.0.0.1:{collector}/stats", 10, sink_proc.pid)
+    if problem is not None:
+        raise SystemExit(f"corun: the collector did not start: {problem}")
+    return up, collector
+
+
 def one_round(
-    args: argparse.Namespace, work: Path, procs: Procs, variants: list[Variant], rnd: int
+    args: argparse.Namespace,
+    work: Path,
+    procs: Procs,
+    variants: list[Variant],
+    ports: tuple[int, int],
+    rnd: int,
 ) -> str | None:
     """Start every gateway afresh, load them together, note CPU per request; None, or
-    why the round has no figures."""
-    up, sink, collector = benchlib.free_ports(3)
-    started = []
+    why the round has no figures. `ports`: the upstream's and the collector's."""
+    up, collector = ports
+    gateways = []
     try:
-        (work / "upstream.conf").write_text(benchlib.nginx_upstream_conf(work, up, sink))
-        started.append(
-            procs.start("upstream", ["nginx", "-c", str(work / "upstream.conf")], cpus=CLIENT_CPU)
-        )
-        sink_proc = procs.start("collector", benchlib.collector_argv(collector), cpus=CLIENT_CPU)
-        started.append(sink_proc)
-        problem = benchlib.wait_http(f"http://127.0.0.1:{collector}/stats", 10, sink_proc.pid)
-        if problem is not None:
-            return f"the collector did not start: {problem}"
-        gateways, urls = [], []
+        urls = []
         for variant in variants:
             port, admin = benchlib.free_ports(2)
             tracing = None
@@ -152,7 +160,6 @@ def one_round(
                 env={"GATEWAY_CHECKOUT": str(variant.checkout)},
                 stdout=work / f"{variant.name}.access.log",
             )
-            started.append(gateway)
             gateways.append(gateway)
             urls.append(f"http://127.0.0.1:{port}/hello")
             problem = benchlib.wait_http(f"http://127.0.0.1:{admin}/readyz", 30, gateway.pid)
@@ -175,9 +182,8 @@ def one_round(
         print(f"round {rnd}: {line}", flush=True)
         return None
     finally:
-        for proc in reversed(started):
-            procs.stop(proc)
-        procs.started = [(n, p) for n, p in procs.started if p not in started]
+        for gateway in gateways:
+            procs.retire(gateway)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,8 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         work.chmod(0o755)  # nginx workers run as nobody
         procs = Procs(work)
         try:
+            ports = start_upstream(work, procs)
             for rnd in range(1, args.rounds + 1):
-                problem = one_round(args, work, procs, variants, rnd)
+                problem = one_round(args, work, procs, variants, ports, rnd)
                 if problem is not None:
                     print(f"round {rnd}: no figures: {problem}", file=sys.stderr)
         finally:
