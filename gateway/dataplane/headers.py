@@ -117,7 +117,9 @@ class IncomingHeaders:
 
 
 def parse_incoming(
-    raw: list[tuple[bytes, bytes]], drop: frozenset[bytes] = DROP_UP
+    raw: list[tuple[bytes, bytes]],
+    drop: frozenset[bytes] = DROP_UP,
+    fresh_id: str | None = None,
 ) -> IncomingHeaders:
     """Split the client's headers into what goes upstream and what the gateway needs.
 
@@ -125,7 +127,8 @@ def parse_incoming(
     replaced by the canonical form of the one value it gave, Transfer-Encoding is
     dropped (the transport chunks a body of unknown length itself). `drop`: the names
     never forwarded, `DROP_UP` and any the caller adds (the traced data plane adds the
-    trace headers)."""
+    trace headers). `fresh_id`: the request id when the client sent no sane one (the
+    traced data plane gives a new trace's id), else a new one is drawn."""
     for name, value in raw:
         if name == b"connection":
             # Connection may not strip what frames the request: Content-Length stays
@@ -189,7 +192,7 @@ def parse_incoming(
     return IncomingHeaders(
         upstream=upstream,
         host=host,
-        request_id=request_id or new_request_id(),
+        request_id=request_id or fresh_id or new_request_id(),
         content_length=content_length,
         chunked=chunked,
         timeout_ms=timeout_ms,

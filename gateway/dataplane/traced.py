@@ -52,16 +52,19 @@ class TracedDataPlane(DataPlane):
         kind = scope["type"]
         if kind == "http":
             raw = scope["headers"]
-            # The client's trace headers are never forwarded as they came, or the
-            # upstream's spans would hang off the caller's instead of the gateway's: they
-            # are dropped with the hop-by-hop ones.
-            incoming = parse_incoming(raw, self._drop)
             tracer = self.tracer
-            # `Tracer.begin` less its tuple: this runs for every request.
+            # `Tracer.begin` less its tuple: this runs for every request. The client's
+            # trace headers are never forwarded as they came, or the upstream's spans
+            # would hang off the caller's instead of the gateway's: they are dropped
+            # with the hop-by-hop ones.
             if NO_TRACE_HEADER_IN(map(HEADER_NAME, raw)):
                 trace = tracer.root()
+                # A request the gateway starts a trace for is known by its trace id: its
+                # X-Request-ID when the client sent none (one random id drawn, not two).
+                incoming = parse_incoming(raw, self._drop, trace.trace_id)
             else:
                 trace = tracer.continued(raw)
+                incoming = parse_incoming(raw, self._drop)
             if trace.sampled:
                 trace.server = ServerFacts.of(scope)
             # The trace goes with the request's `Exchange` and `GatewayRequest`, which

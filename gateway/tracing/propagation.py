@@ -75,10 +75,8 @@ _B3_SINGLE_SAMPLED = {b"1": True, b"d": True, b"0": False}
 # try sends when not sampled, then its SERVER span's id. A request takes its ids by
 # index (`ID_SLICES`): slices of the text, the header a slice of its bytes, with no
 # arithmetic on offsets (every operation per request counts, `spans.Tracer.root`).
-ID_BATCH = 128  # requests' ids per draw (the index stays a small, preallocated int)
+ID_BATCH = 128  # requests' ids per draw (even: `draw_ids` draws whole bytes; a small int index)
 ID_WIDTH = 71  # characters of one request's ids in that layout
-# A random byte's low four bits, as a hex digit: one uniform digit per byte.
-_NIBBLE = bytes(_HEX[b & 15] for b in range(256))
 # The fixed characters of the layout: the version, the separators, the flags.
 _FIXED = {0: b"0", 1: b"0", 2: b"-", 35: b"-", 52: b"-", 53: b"0", 54: b"0"}
 
@@ -98,9 +96,10 @@ ID_SLICES = tuple(_slices(k) for k in range(ID_BATCH))
 
 def draw_ids() -> tuple[str, bytes]:
     """`ID_BATCH` requests' ids, as text and the same as bytes: random lowercase hex in
-    the layout above, no id all zeros (invalid). A handful of C calls for the batch."""
+    the layout above, no id all zeros (invalid). A handful of C calls for the batch:
+    random bytes as hex (two digits a byte), then the fixed characters written over."""
     while True:
-        out = bytearray(os.urandom(ID_BATCH * ID_WIDTH).translate(_NIBBLE))
+        out = bytearray(os.urandom(ID_BATCH * ID_WIDTH // 2).hex(), "ascii")
         for at, char in _FIXED.items():
             out[at::ID_WIDTH] = char * ID_BATCH
         text = out.decode("ascii")

@@ -315,6 +315,27 @@ def test_no_parent_with_sample_ratio_0_starts_an_unsampled_trace(
     assert access_log(gw, "root-0")["trace_id"] == trace_id
 
 
+def test_a_new_trace_names_the_request_when_the_client_gave_no_id(
+    setup: tuple[Collector, GatewayProcess],
+) -> None:
+    _, gw = setup
+    r = httpx.get(gw.url + "/items/4")
+    seen = got(r)
+    trace_id = seen["traceparent"][0].split("-")[1]
+    assert r.headers["x-request-id"] == trace_id  # the answer's id is the trace's
+    assert seen["x-request-id"] == [trace_id]  # and so is the one sent upstream
+    assert access_log(gw, trace_id)["trace_id"] == trace_id
+    # A caller's trace spans many requests: each still gets an id of its own.
+    trace = new_trace()
+    r = httpx.get(gw.url + "/items/4", headers={"traceparent": f"00-{trace}-{CALLER}-00"})
+    request_id = r.headers["x-request-id"]
+    assert got(r)["traceparent"][0].split("-")[1] == trace
+    assert len(request_id) == 32 and request_id != trace
+    # A client's own id is kept.
+    r = httpx.get(gw.url + "/items/4", headers={"x-request-id": "mine-4"})
+    assert r.headers["x-request-id"] == "mine-4"
+
+
 @pytest.mark.parametrize(
     "traceparent",
     [
