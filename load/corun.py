@@ -173,11 +173,11 @@ def one_round(
         for variant, result in zip(variants, results, strict=True):
             if result.failure or not result.requests:
                 return f"{variant.name}: {result.failure or 'no requests completed'}"
-            if result.non_2xx or result.connect or result.read or result.write or result.timeout:
+            if result.non_2xx or result.socket_errors:
                 return f"{variant.name}: errors under load ({result.non_2xx} non-2xx)"
         for variant, result, b, a in zip(variants, results, before, after, strict=True):
             variant.cpu_us.append((a - b) / result.requests * 1e6)
-            variant.rps.append(result.requests / result.seconds)
+            variant.rps.append(result.rps)
         line = "  ".join(f"{v.name} {v.cpu_us[-1]:.1f} us ({v.rps[-1]:,.0f}/s)" for v in variants)
         print(f"round {rnd}: {line}", flush=True)
         return None

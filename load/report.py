@@ -454,14 +454,20 @@ def per_round_ratios(table: Table, scenario: str, system: str, base: str) -> lis
     ]
 
 
+def _spread(ratios: list[float]) -> tuple[float, float, float] | None:
+    """Median, lowest and highest of per-round ratios (None under two rounds)."""
+    if len(ratios) < 2:
+        return None
+    return statistics.median(ratios), min(ratios), max(ratios)
+
+
 def _rounds_text(ratios: list[float]) -> str:
     """'median 0.95x, 0.91x-1.02x over 6 rounds' (empty under two rounds)."""
-    if len(ratios) < 2:
+    spread = _spread(ratios)
+    if spread is None:
         return ""
-    return (
-        f"median {statistics.median(ratios):.2f}x, {min(ratios):.2f}x-{max(ratios):.2f}x "
-        f"over {len(ratios)} rounds"
-    )
+    median, low, high = spread
+    return f"median {median:.2f}x, {low:.2f}x-{high:.2f}x over {len(ratios)} rounds"
 
 
 def tracing_costs(table: Table) -> dict[str, dict[str, Any]]:
@@ -907,12 +913,11 @@ def tracing_rows(table: Table) -> tuple[list[str], list[list[str]]]:
         cells.append("-" if entry["cpu_us"] is None else f"{entry['cpu_us']:.0f} us")
         cells += [_x(entry["x_off"]), _x(entry["x_off_cpu"])]
         if multi:
-            by_round = entry["x_off_rounds"]
-            median = statistics.median(by_round) if len(by_round) > 1 else None
+            spread = _spread(entry["x_off_rounds"])
             cells.append(
                 "-"
-                if name == "gateway-trace-off" or median is None
-                else f"{median:.2f}x ({min(by_round):.2f}-{max(by_round):.2f}x)"
+                if name == "gateway-trace-off" or spread is None
+                else "{:.2f}x ({:.2f}-{:.2f}x)".format(*spread)
             )
         cells.append("-" if per is None else _num(per * row["rps"]))
         cells.append("-" if per is None else f"{per:.3f}")
